@@ -1,0 +1,14 @@
+"""TA-LoRA (Task-Adaptive Low-Rank Representation) as a PEFT method for any transformers causal LM.
+
+``import peft_talora`` registers the method with PEFT; importing it again is harmless.
+"""
+
+from .config import TALoraConfig
+from .model import TALoraModel
+from .peft_integration import register_tuner, route_task_ids_through_peft_forward
+
+register_tuner("talora", TALoraConfig, TALoraModel)
+route_task_ids_through_peft_forward()
+
+__all__ = ["TALoraConfig", "TALoraModel"]
+__version__ = "0.1.0"

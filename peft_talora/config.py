@@ -1,0 +1,93 @@
+"""Configuration of a TA-LoRA adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from peft.config import PeftConfig
+
+from .peft_integration import PeftModelDispatch, add_peft_type
+
+TALORA = add_peft_type("TALORA")
+
+
+@dataclass
+class TALoraConfig(PeftModelDispatch, PeftConfig):
+    """Configuration of a [`TALoraModel`]: a shared prompt plus per-task rank-1 factors, fed
+    into every adapted decoder layer through zero-initialised gated prefix attention.
+
+    Give the tasks either as a count (``num_tasks=3``, ids ``0..2``) or by name
+    (``task_names=["sst2", "trec"]``, ids in list order); names travel with the saved adapter
+    and are accepted wherever task ids are.
+    """
+
+    num_tasks: Optional[int] = field(
+        default=None, metadata={"help": "Number of tasks; inferred from `task_names` when omitted."}
+    )
+    task_names: Optional[list[str]] = field(
+        default=None, metadata={"help": "Task names, in id order. Optional; must be unique."}
+    )
+    num_virtual_tokens: int = field(default=10, metadata={"help": "Prefix length n (virtual tokens per layer)."})
+    r: int = field(default=8, metadata={"help": "Rank of the shared basis B (n x r) of the task-specific part."})
+    alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: the task part is scaled by alpha / r."})
+    adapter_layers: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Indices of the decoder layers to adapt (negative counts from the end). Default: all."},
+    )
+    prompt_init_std: float = field(
+        default=1.0,
+        metadata={"help": "Std of the shared prompt's normal init; 1.0 matches normalised hidden states."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = TALORA
+        if self.task_names is not None:
+            self.task_names = list(self.task_names)
+            duplicates = sorted({n for n in self.task_names if self.task_names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"TALoraConfig.task_names has duplicates {duplicates}; give every task a unique name.")
+            if not all(isinstance(n, str) and n for n in self.task_names):
+                raise ValueError("TALoraConfig.task_names must be non-empty strings.")
+            if self.num_tasks is None:
+                self.num_tasks = len(self.task_names)
+            elif self.num_tasks != len(self.task_names):
+                raise ValueError(
+                    f"TALoraConfig.num_tasks={self.num_tasks} disagrees with the {len(self.task_names)} task_names; "
+                    "drop num_tasks or make them match."
+                )
+        if self.num_tasks is None or isinstance(self.num_tasks, bool) or int(self.num_tasks) != self.num_tasks:
+            raise ValueError("TALoraConfig needs tasks: pass num_tasks=<int >= 1> or task_names=[...].")
+        if self.num_tasks < 1:
+            raise ValueError(f"TALoraConfig.num_tasks must be >= 1 (got {self.num_tasks}); pass at least one task.")
+        if self.r < 1:
+            raise ValueError(f"TALoraConfig.r must be >= 1 (got {self.r}); the rank of the shared basis B.")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"TALoraConfig.num_virtual_tokens must be >= 1 (got {self.num_virtual_tokens}).")
+        if self.adapter_layers is not None:
+            self.adapter_layers = [int(i) for i in self.adapter_layers]
+            if not self.adapter_layers:
+                raise ValueError("TALoraConfig.adapter_layers is empty; pass None to adapt every layer.")
+            if len(set(self.adapter_layers)) != len(self.adapter_layers):
+                raise ValueError(f"TALoraConfig.adapter_layers has repeated indices: {self.adapter_layers}.")
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``s = alpha / r`` applied to the task-specific part ``B @ A_t``."""
+        return self.alpha / self.r
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The adapted layer indices in ``[0, num_layers)``, sorted; raises if any is out of range."""
+        if self.adapter_layers is None:
+            return list(range(num_layers))
+        bad = [i for i in self.adapter_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"TALoraConfig.adapter_layers {bad} out of range for a model with {num_layers} decoder layers; "
+                f"use indices in [{-num_layers}, {num_layers - 1}]."
+            )
+        layers = sorted(i % num_layers for i in self.adapter_layers)
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"TALoraConfig.adapter_layers {self.adapter_layers} name the same layer twice.")
+        return layers

@@ -1,0 +1,74 @@
+"""The trainable parameters of one TA-LoRA adapter and the gated prefix attention they feed.
+
+Shapes (``L`` adapted layers, ``T`` tasks, ``n`` virtual tokens, ``d`` hidden size, ``r`` rank,
+``H`` attention heads):
+
+- ``shared_prompt``  ``theta0``  ``(L, n, d)``  slow, shared by all tasks
+- ``shared_basis``   ``B``       ``(L, n, r)``  slow, shared by all tasks
+- ``task_u``         ``u``       ``(L, T, r)``  fast, one row per task
+- ``task_v``         ``v``       ``(L, T, d)``  fast, one row per task
+- ``gate``           ``g``       ``(L, H)``     zero-init, one per head
+
+Task ``t``'s prompt at layer ``l`` is ``theta0[l] + s * B[l] @ outer(u[l, t], v[l, t])``. The
+parameters of all layers are stacked so that one batched op builds every layer's prompt.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TALoraPromptBank(nn.Module):
+    """All parameters of one adapter; see the module docstring for shapes."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_tasks: int,
+        num_virtual_tokens: int,
+        hidden_size: int,
+        r: int,
+        num_heads: int,
+        scaling: float,
+        prompt_init_std: float = 1.0,
+    ):
+        super().__init__()
+        self.scaling = scaling
+        L, T, n, d = num_layers, num_tasks, num_virtual_tokens, hidden_size
+        self.shared_prompt = nn.Parameter(torch.randn(L, n, d) * prompt_init_std)
+        self.shared_basis = nn.Parameter(torch.randn(L, n, r) / math.sqrt(r))
+        self.task_u = nn.Parameter(torch.randn(L, T, r) / math.sqrt(r))
+        # v starts at zero (like LoRA's B), so every task's prompt starts at the shared prompt.
+        self.task_v = nn.Parameter(torch.zeros(L, T, d))
+        self.gate = nn.Parameter(torch.zeros(L, num_heads))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.task_u.shape[1]
+
+    def task_prompts(self, tasks: torch.Tensor) -> torch.Tensor:
+        """Prompts of the given task ids ``(U,)`` for every adapted layer: ``(L, U, n, d)``."""
+        coefficients = torch.einsum("lnr,lur->lun", self.shared_basis, self.task_u[:, tasks])  # B @ u: (L, U, n)
+        task_part = coefficients.unsqueeze(-1) * self.task_v[:, tasks].unsqueeze(2)  # (L, U, n, d)
+        return self.shared_prompt.unsqueeze(1) + self.scaling * task_part
+
+
+def gated_prefix_attention(
+    query: torch.Tensor, prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``tanh(g) * softmax(Q K_p^T * scaling) V_p`` per head, laid out like attention outputs.
+
+    query ``(B, H, q, hd)``; prefix key/value ``(B, H_kv, n, hd)`` (grouped-query heads are
+    shared as in the base attention); gate ``(H,)``. Returns ``(B, q, H, hd)``. Every query sees
+    every prefix position: the prefix has no position and no mask.
+    """
+    out = F.scaled_dot_product_attention(
+        query, prefix_key, prefix_value, scale=scaling, enable_gqa=query.shape[1] != prefix_key.shape[1]
+    )
+    out = out * torch.tanh(gate).to(out.dtype).view(1, -1, 1, 1)
+    return out.transpose(1, 2)

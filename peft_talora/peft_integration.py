@@ -1,0 +1,92 @@
+"""Every place where peft-talora touches PEFT internals, in one module.
+
+PEFT 0.21 has no public plugin API for a tuner that lives outside its source tree, so a
+few internals have to be touched. Each touch is a small function here with its own test in
+``tests/test_peft_integration.py``, so that a PEFT upgrade that moves one of them fails
+loudly in one place instead of silently in many.
+
+The touches:
+
+1. ``add_peft_type`` adds a member to the ``PeftType`` enum, because ``register_peft_method``
+   refuses names that are not enum members.
+2. ``register_tuner`` calls ``peft.utils.register_peft_method`` (public) once per method.
+3. ``PeftModelDispatch`` makes ``PeftModel`` treat the config like AdaptionPrompt's (the peer with
+   the same gated-prefix mechanism and a plain ``nn.Module`` tuner): ``disable_adapter``,
+   ``add_adapter`` and ``load_adapter`` then call the tuner's own methods instead of
+   ``BaseTuner``-only helpers such as ``get_model_status``.
+4. ``route_task_ids_through_peft_forward`` wraps ``PeftModelForCausalLM.forward``: in PEFT 0.21
+   it drops ``task_ids`` for every non-prompt method except Poly. The wrapper hands the ids to
+   tuners that declare ``routes_task_ids = True`` under a private keyword and leaves every other
+   method's call untouched.
+
+The state-dict hooks (``_get_adapter_state_dict`` and friends) are the supported extension point
+and live on the tuner classes themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+from peft import PeftModelForCausalLM
+from peft.utils import PeftType, register_peft_method
+
+#: Keyword under which the wrapped ``PeftModelForCausalLM.forward`` passes task ids to a tuner.
+ROUTED_TASK_IDS_KWARG = "_peft_talora_task_ids"
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Return ``PeftType[name]``, adding the member to PEFT's ``str`` enum first if missing."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member._sort_order_ = len(PeftType._member_names_)
+    # The enum metaclass blocks plain setattr on members, so write through ``type``.
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    if not isinstance(PeftType[name], enum.Enum) or PeftType(name) is not member:
+        raise RuntimeError(f"Could not add {name!r} to peft.utils.PeftType; this PEFT version is not supported.")
+    return member
+
+
+def register_tuner(name: str, config_cls, model_cls) -> None:
+    """Register a tuner with PEFT once; a second import of the package is a no-op."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    peft_type = add_peft_type(name.upper())
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
+        return
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+
+
+class PeftModelDispatch:
+    """Mixin for a tuner config: ``PeftModel`` dispatches to the tuner as for AdaptionPrompt.
+
+    The tuner must then provide ``add_adapter``, ``set_adapter``, ``delete_adapter``,
+    ``enable_adapter_layers``, ``disable_adapter_layers`` and ``_temporarily_active``.
+    """
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return True
+
+
+def route_task_ids_through_peft_forward() -> None:
+    """Make ``PeftModelForCausalLM.forward(task_ids=...)`` reach tuners that route task ids."""
+    original = PeftModelForCausalLM.forward
+    if getattr(original, "_peft_talora_routes_task_ids", False):
+        return
+
+    @functools.wraps(original)
+    def forward(self, *args, task_ids=None, **kwargs):
+        if task_ids is not None and getattr(self.base_model, "routes_task_ids", False):
+            kwargs[ROUTED_TASK_IDS_KWARG] = task_ids
+            task_ids = None
+        return original(self, *args, task_ids=task_ids, **kwargs)
+
+    forward._peft_talora_routes_task_ids = True
+    PeftModelForCausalLM.forward = forward
