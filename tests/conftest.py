@@ -1,0 +1,62 @@
+"""Tiny random causal LMs built from configs: fast, offline, one per architecture family."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+
+# model_type -> config kwargs. Heads: GQA where the family has it; key norms (qwen3, olmo2, gemma3); fused
+# projections (phi3 qkv_proj, gpt2 c_attn Conv1D, gpt_neox query_key_value with partial rotary).
+ARCHITECTURES = {
+    "llama": dict(**_DECODER, num_key_value_heads=2),
+    "qwen2": dict(**_DECODER, num_key_value_heads=2),
+    "qwen3": dict(**_DECODER, num_key_value_heads=2, head_dim=16),
+    "mistral": dict(**_DECODER, num_key_value_heads=2, sliding_window=None),
+    "gemma2": dict(**_DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "gemma3_text": dict(**_DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "phi3": dict(**_DECODER, num_key_value_heads=2),
+    "olmo2": dict(**_DECODER, num_key_value_heads=2),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "gpt_neox": dict(**_DECODER, rotary_pct=0.25),
+}
+# transformers' Gemma2 does not support sdpa.
+ATTN_IMPLEMENTATIONS = {name: ("eager",) if name == "gemma2" else ("eager", "sdpa") for name in ARCHITECTURES}
+ARCH_ATTN = [(arch, attn) for arch in ARCHITECTURES for attn in ATTN_IMPLEMENTATIONS[arch]]
+
+
+def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides):
+    """A randomly initialised ``arch`` causal LM in eval mode; the same seed gives the same weights."""
+    config = AutoConfig.for_model(arch, **{**_COMMON, **ARCHITECTURES[arch], **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def batch(batch_size: int = 3, length: int = 7, seed: int = 1, left_pad: int = 0):
+    """``input_ids`` and ``attention_mask``; the first example is left-padded by ``left_pad`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    if left_pad:
+        input_ids[0, :left_pad] = 0
+        attention_mask[0, :left_pad] = 0
+    return input_ids, attention_mask
+
+
+def perturb(peft_model, seed: int = 0, scale: float = 1.0):
+    """Stand-in for training: open the gates and give every task its own factors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bank in peft_model.base_model.talora_banks.values():
+            for p in bank.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return peft_model
+
+
+@pytest.fixture(params=ARCH_ATTN, ids=[f"{a}-{i}" for a, i in ARCH_ATTN])
+def arch_attn(request):
+    return request.param
