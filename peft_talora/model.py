@@ -49,14 +49,21 @@ class TALoraModel(nn.Module):
         text_config = _text_config(model)
         self._num_layers = text_config.num_hidden_layers
         self._hidden_size = text_config.hidden_size
-        for param in model.parameters():
-            param.requires_grad_(False)
+        config = peft_config[adapter_name]
+        config.resolve_layers(self._num_layers)  # fail on bad layers before touching the model
+        trainable = [p for p in model.parameters() if p.requires_grad]
         self._sites: list[AttentionSite] = install_sites(model, self._num_layers)
         self._hook = model.register_forward_pre_hook(self._route_pre_hook, with_kwargs=True)
-
-        self.peft_config[adapter_name] = peft_config[adapter_name]
-        self.inject_adapter(model, adapter_name)
-        self.set_adapter(adapter_name, inference_mode=peft_config[adapter_name].inference_mode)
+        try:
+            model.requires_grad_(False)
+            self.peft_config[adapter_name] = config
+            self.inject_adapter(model, adapter_name)
+            self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+        except Exception:  # leave the user's model as it was
+            self.unload()
+            for param in trainable:
+                param.requires_grad_(True)
+            raise
 
     # ----------------------------------------------------------------- adapters
     def inject_adapter(self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool = False, **kwargs) -> None:

@@ -54,13 +54,19 @@ def add_peft_type(name: str) -> PeftType:
 
 
 def register_tuner(name: str, config_cls, model_cls) -> None:
-    """Register a tuner with PEFT once; a second import of the package is a no-op."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    """Register a tuner with PEFT; importing or reloading the package again is a no-op."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = add_peft_type(name.upper())
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
-        return
-    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    if registered is None:
+        register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+    elif registered.__qualname__ == model_cls.__qualname__ and registered.__module__ == model_cls.__module__:
+        # importlib.reload made new class objects: point PEFT at them
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    else:
+        raise KeyError(f"PEFT already has a method {name!r} registered by {registered.__module__}.")
 
 
 class PeftModelDispatch:

@@ -67,7 +67,7 @@ def resolve_task_ids(
     if task_ids.dim() != 1 or task_ids.shape[0] != batch_size:
         raise ValueError(
             f"`task_ids` must have shape (batch,) = ({batch_size},), one task per example; got shape "
-            f"{tuple(task_ids.shape)}."
+            f"{tuple(task_ids.shape)}; valid tasks are {_valid(num_tasks, task_names)}."
         )
     task_ids = task_ids.to(device=device, dtype=torch.long)
     if batch_size and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):

