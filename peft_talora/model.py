@@ -9,6 +9,8 @@ decoding step.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from typing import Optional
 
@@ -54,6 +56,7 @@ class TALoraModel(nn.Module):
         trainable = [p for p in model.parameters() if p.requires_grad]
         self._sites: list[AttentionSite] = install_sites(model, self._num_layers)
         self._hook = model.register_forward_pre_hook(self._route_pre_hook, with_kwargs=True)
+        _declare_task_ids_parameter(model)
         try:
             model.requires_grad_(False)
             self.peft_config[adapter_name] = config
@@ -143,6 +146,8 @@ class TALoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove TA-LoRA from the model and return the untouched base model."""
         self._hook.remove()
+        if getattr(self.model.__dict__.get("forward"), "_talora_declares_task_ids", False):
+            del self.model.forward
         for site in self._sites:
             remove_site(site)
         self._sites = []
@@ -262,6 +267,28 @@ class TALoraModel(nn.Module):
         if missing:
             raise ValueError(f"The TA-LoRA adapter file lacks {missing}; it is incomplete or corrupt.")
         return remapped
+
+
+def _declare_task_ids_parameter(model: nn.Module) -> None:
+    """Give the wrapped model's ``forward`` a visible ``task_ids`` parameter.
+
+    The pre-hook removes ``task_ids`` before ``forward`` runs, but two callers decide by signature
+    which inputs a model takes: ``Trainer(remove_unused_columns=True)`` (which inspects the *base*
+    model of a PEFT model) and ``generate``'s check of model kwargs. Only the signature changes.
+    """
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_with_task_ids(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    signature = inspect.signature(forward)
+    parameters = list(signature.parameters.values())
+    position = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+    parameters.insert(position, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward_with_task_ids.__signature__ = signature.replace(parameters=parameters)
+    forward_with_task_ids._talora_declares_task_ids = True
+    model.forward = forward_with_task_ids
 
 
 class _GenerationRouting:
