@@ -3,12 +3,20 @@
 ``import peft_talora`` registers the method with PEFT; importing it again is harmless.
 """
 
+from .callbacks import OrthogonalityLogCallback
 from .config import TALoraConfig
 from .model import TALoraModel
+from .optim import talora_optimizer, talora_parameter_groups
 from .peft_integration import register_tuner, route_task_ids_through_peft_forward
 
 register_tuner("talora", TALoraConfig, TALoraModel)
 route_task_ids_through_peft_forward()
 
-__all__ = ["TALoraConfig", "TALoraModel"]
+__all__ = [
+    "OrthogonalityLogCallback",
+    "TALoraConfig",
+    "TALoraModel",
+    "talora_optimizer",
+    "talora_parameter_groups",
+]
 __version__ = "0.1.0"

@@ -35,6 +35,13 @@ class TALoraConfig(PeftModelDispatch, PeftConfig):
         default=None,
         metadata={"help": "Indices of the decoder layers to adapt (negative counts from the end). Default: all."},
     )
+    orthogonality_weight: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Weight lambda of the penalty sum_{i != j} ||A_i A_j^T||_F^2 that pushes tasks' factors apart; "
+            "added to the loss in training mode when labels are given. 0 turns it off."
+        },
+    )
     prompt_init_std: float = field(
         default=1.0,
         metadata={"help": "Std of the shared prompt's normal init; 1.0 matches normalised hidden states."},
@@ -65,6 +72,10 @@ class TALoraConfig(PeftModelDispatch, PeftConfig):
             raise ValueError(f"TALoraConfig.r must be >= 1 (got {self.r}); the rank of the shared basis B.")
         if self.num_virtual_tokens < 1:
             raise ValueError(f"TALoraConfig.num_virtual_tokens must be >= 1 (got {self.num_virtual_tokens}).")
+        if self.orthogonality_weight < 0:
+            raise ValueError(
+                f"TALoraConfig.orthogonality_weight must be >= 0 (got {self.orthogonality_weight}); 0 turns it off."
+            )
         if self.adapter_layers is not None:
             self.adapter_layers = [int(i) for i in self.adapter_layers]
             if not self.adapter_layers:

@@ -58,6 +58,18 @@ class TALoraPromptBank(nn.Module):
         return self.shared_prompt.unsqueeze(1) + self.scaling * task_part
 
 
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """``sum_l sum_{i != j} ||A_i A_j^T||_F^2`` with ``A_t = outer(u_t, v_t)``: a scalar.
+
+        For rank-1 factors ``A_i A_j^T = (v_i . v_j) u_i u_j^T``, so each term is
+        ``(v_i . v_j)^2 ||u_i||^2 ||u_j||^2``; all pairs of all layers in one batched product.
+        """
+        v_overlap = self.task_v @ self.task_v.transpose(1, 2)  # (L, T, T)
+        u_norms = self.task_u.pow(2).sum(-1)  # (L, T)
+        terms = v_overlap.pow(2) * u_norms.unsqueeze(2) * u_norms.unsqueeze(1)
+        return terms.sum() - terms.diagonal(dim1=1, dim2=2).sum()
+
+
 def gated_prefix_attention(
     query: torch.Tensor, prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor, scaling: float
 ) -> torch.Tensor:

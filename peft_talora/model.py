@@ -47,6 +47,7 @@ class TALoraModel(nn.Module):
         self.active_adapter: str = adapter_name
         self._enabled = True
         self._generation: Optional[_GenerationRouting] = None  # set during a generate call
+        self.orthogonality_log = RunningMean()  # read by OrthogonalityLogCallback
 
         text_config = _text_config(model)
         self._num_layers = text_config.num_hidden_layers
@@ -213,7 +214,14 @@ class TALoraModel(nn.Module):
         task_ids = routed if task_ids is None else task_ids
         if task_ids is not None:
             kwargs["task_ids"] = task_ids
-        return self.model(*args, **kwargs)
+        output = self.model(*args, **kwargs)
+        bank = self.active_bank
+        weight = self.peft_config[self.active_adapter].orthogonality_weight if bank is not None else 0.0
+        if self.training and weight > 0 and getattr(output, "loss", None) is not None:
+            penalty = bank.orthogonality_penalty()
+            output.loss = output.loss + weight * penalty
+            self.orthogonality_log.add(penalty.detach())
+        return output
 
     def generate(self, *args, task_ids: TaskIds = None, **kwargs):
         """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences."""
@@ -289,6 +297,22 @@ def _declare_task_ids_parameter(model: nn.Module) -> None:
     forward_with_task_ids.__signature__ = signature.replace(parameters=parameters)
     forward_with_task_ids._talora_declares_task_ids = True
     model.forward = forward_with_task_ids
+
+
+class RunningMean:
+    """Mean of the values added since the last ``pop`` (the orthogonality penalty between Trainer logs)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: torch.Tensor) -> None:
+        self.total += float(value)
+        self.count += 1
+
+    def pop(self) -> Optional[float]:
+        mean = self.total / self.count if self.count else None
+        self.total, self.count = 0.0, 0
+        return mean
 
 
 class _GenerationRouting:
