@@ -1,0 +1,319 @@
+"""Multi-task sampling for imbalanced tasks, and a ``Trainer`` that uses it.
+
+Each draw first picks a task ``t`` with probability ``p_t``, then an example of that task
+uniformly. With ``n_t`` examples of task ``t``:
+
+- ``"proportional"``: ``p_t = n_t / sum n``  (what uniform sampling over examples gives),
+- ``"temperature"`` (T5): ``p_t ∝ n_t ** (1 / T)``; ``T = 1`` is proportional, large ``T`` tends to uniform,
+- ``"uncertainty"`` (in the spirit of CA-MTL): ``p_t ∝ U_t``, the mean normalised prediction
+  entropy ``H / log(num_classes)`` of task ``t``, fed with :meth:`MultiTaskSampler.update_uncertainties`.
+  Before any update every task has ``U_t = 1`` (uniform over tasks). ``U_t`` is floored at
+  ``min_uncertainty`` so that a task the model is sure about is still visited now and then.
+
+:class:`MultiTaskSampler` is a ``torch.utils.data.Sampler`` (vectorised, seeded by ``seed`` and the
+epoch); :class:`MultiTaskTrainer` is ``transformers.Trainer`` with a ``task_sampling=`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer
+
+STRATEGIES = ("proportional", "temperature", "uncertainty")
+
+
+def task_sampling_probabilities(
+    task_counts: Union[Sequence[int], torch.Tensor],
+    strategy: str = "temperature",
+    *,
+    temperature: float = 2.0,
+    uncertainties: Optional[Union[Sequence[float], torch.Tensor]] = None,
+    min_uncertainty: float = 1e-3,
+) -> torch.Tensor:
+    """Per-task sampling probabilities ``(T,)`` (float64) of ``strategy``; tasks with no examples get 0."""
+    counts = torch.as_tensor(task_counts, dtype=torch.float64)
+    if counts.dim() != 1 or (counts < 0).any():
+        raise ValueError(f"task_counts must be a 1-d sequence of non-negative counts, got {task_counts}.")
+    present = counts > 0
+    if not present.any():
+        raise ValueError("No task has any example.")
+    if strategy == "proportional":
+        weights = counts
+    elif strategy == "temperature":
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        weights = torch.where(present, counts.clamp(min=1) ** (1.0 / temperature), torch.zeros_like(counts))
+    elif strategy == "uncertainty":
+        u = torch.ones_like(counts) if uncertainties is None else torch.as_tensor(uncertainties, dtype=torch.float64)
+        if u.shape != counts.shape:
+            raise ValueError(f"uncertainties has shape {tuple(u.shape)}, expected one value per task {tuple(counts.shape)}.")
+        weights = torch.where(present, u.clamp(min=min_uncertainty), torch.zeros_like(counts))
+    else:
+        raise ValueError(f"Unknown task sampling strategy {strategy!r}; choose one of {list(STRATEGIES)}.")
+    return weights / weights.sum()
+
+
+def _entropy(logits: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Entropy in nats over the last dim (float64) of ``softmax(logits)`` or of ``probs``."""
+    if (logits is None) == (probs is None):
+        raise ValueError("Pass exactly one of logits= or probs=.")
+    if logits is not None:
+        log_p = torch.log_softmax(logits.double(), dim=-1)
+        return -(log_p.exp() * log_p).sum(-1)
+    p = probs.double()
+    return -torch.where(p > 0, p * p.clamp(min=1e-300).log(), torch.zeros_like(p)).sum(-1)
+
+
+def normalized_entropy(
+    logits: Optional[torch.Tensor] = None, *, probs: Optional[torch.Tensor] = None, num_classes: Optional[int] = None
+) -> torch.Tensor:
+    """Entropy of the predictive distribution over the last dim, divided by ``log(num_classes)`` (in ``[0, 1]``).
+
+    ``num_classes`` defaults to the size of the last dim; pass the task's own number of classes
+    when the distribution covers a larger space (e.g. a vocabulary).
+    """
+    entropy = _entropy(logits, probs)
+    classes = num_classes if num_classes is not None else (logits if logits is not None else probs).shape[-1]
+    if classes < 2:
+        return torch.zeros_like(entropy)
+    return entropy / math.log(classes)
+
+
+class MultiTaskSampler(Sampler[int]):
+    """Samples example indices task-first: task ``t`` with probability ``p_t``, then an example of ``t``.
+
+    ``task_ids``: the task id of every example (ints ``0..T-1``). ``num_samples`` draws per epoch
+    (default: the number of examples), with replacement. Epoch ``e`` draws with a generator seeded
+    by ``seed + e``, so the order is reproducible (and identical on every process of a distributed
+    run). ``Trainer`` calls :meth:`set_epoch`; iterating also advances the epoch.
+    For ``"uncertainty"`` the probabilities are recomputed every ``refresh_every`` draws from the
+    current uncertainties (default: at the start of every epoch).
+    """
+
+    def __init__(
+        self,
+        task_ids: Union[Sequence[int], torch.Tensor],
+        strategy: str = "temperature",
+        *,
+        temperature: float = 2.0,
+        num_tasks: Optional[int] = None,
+        num_samples: Optional[int] = None,
+        seed: int = 0,
+        min_uncertainty: float = 1e-3,
+        uncertainty_momentum: float = 0.0,
+        refresh_every: Optional[int] = None,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown task sampling strategy {strategy!r}; choose one of {list(STRATEGIES)}.")
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long).flatten()
+        if task_ids.numel() == 0:
+            raise ValueError("MultiTaskSampler got no examples.")
+        if (task_ids < 0).any():
+            raise ValueError("task_ids must be non-negative ints.")
+        self.num_tasks = int(num_tasks) if num_tasks is not None else int(task_ids.max()) + 1
+        if int(task_ids.max()) >= self.num_tasks:
+            raise ValueError(f"task_ids has id {int(task_ids.max())} but num_tasks={self.num_tasks}.")
+        if not 0.0 <= uncertainty_momentum < 1.0:
+            raise ValueError(f"uncertainty_momentum must be in [0, 1), got {uncertainty_momentum}.")
+        self.strategy = strategy
+        self.temperature = temperature
+        self.seed = int(seed)
+        self.epoch = 0
+        self.min_uncertainty = min_uncertainty
+        self.uncertainty_momentum = uncertainty_momentum
+        self.num_samples = int(num_samples) if num_samples is not None else task_ids.numel()
+        self.refresh_every = refresh_every
+        self.task_ids = task_ids
+        self.task_counts = torch.bincount(task_ids, minlength=self.num_tasks)
+        # examples grouped by task: indices of task t are _order[_starts[t] : _starts[t] + n_t]
+        self._order = torch.argsort(task_ids, stable=True)
+        self._starts = torch.cumsum(self.task_counts, 0) - self.task_counts
+        self.uncertainties = torch.ones(self.num_tasks, dtype=torch.float64)
+        task_sampling_probabilities(self.task_counts, strategy, temperature=temperature)  # validate early
+
+    # ----------------------------------------------------------------- probabilities
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """The current per-task probabilities ``p_t`` (float64, sums to 1)."""
+        return task_sampling_probabilities(
+            self.task_counts,
+            self.strategy,
+            temperature=self.temperature,
+            uncertainties=self.uncertainties,
+            min_uncertainty=self.min_uncertainty,
+        )
+
+    @torch.no_grad()
+    def update_uncertainties(
+        self,
+        task_ids: Union[Sequence[int], torch.Tensor],
+        logits: Optional[torch.Tensor] = None,
+        *,
+        probs: Optional[torch.Tensor] = None,
+        entropies: Optional[torch.Tensor] = None,
+        num_classes: Optional[Union[int, Sequence[int]]] = None,
+    ) -> torch.Tensor:
+        """Set each task's uncertainty to the mean normalised entropy of its predictions in this call.
+
+        Give per-example predictions as ``logits`` or ``probs`` ``(N, C)``, or already normalised
+        ``entropies`` ``(N,)``; ``task_ids`` ``(N,)``. ``num_classes``: one int for all tasks, one per
+        task, or ``None`` for ``C``. Tasks absent from the call keep their value. With
+        ``uncertainty_momentum = m`` the stored value becomes ``m * old + (1 - m) * new``.
+        Returns the uncertainties.
+        """
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long).flatten().cpu()
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
+            raise ValueError(f"task_ids must be in 0..{self.num_tasks - 1}.")
+        if entropies is None:
+            if num_classes is None or isinstance(num_classes, int):
+                entropies = normalized_entropy(logits, probs=probs, num_classes=num_classes)
+            else:
+                per_task = torch.as_tensor(list(num_classes), dtype=torch.float64)
+                if per_task.numel() != self.num_tasks:
+                    raise ValueError(f"num_classes has {per_task.numel()} entries for {self.num_tasks} tasks.")
+                raw = _entropy(logits, probs).cpu()
+                classes = per_task[task_ids]
+                entropies = torch.where(classes > 1, raw / classes.clamp(min=2).log(), torch.zeros_like(raw))
+        entropies = torch.as_tensor(entropies, dtype=torch.float64).flatten().cpu()
+        if entropies.shape != task_ids.shape:
+            raise ValueError(f"Got {entropies.numel()} predictions for {task_ids.numel()} task ids.")
+        sums = torch.zeros(self.num_tasks, dtype=torch.float64).index_add_(0, task_ids, entropies)
+        counts = torch.bincount(task_ids, minlength=self.num_tasks)
+        seen = counts > 0
+        means = sums[seen] / counts[seen]
+        m = self.uncertainty_momentum
+        self.uncertainties[seen] = m * self.uncertainties[seen] + (1 - m) * means
+        return self.uncertainties.clone()
+
+    # ----------------------------------------------------------------- sampling
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """``num_samples`` example indices drawn with the current probabilities (vectorised)."""
+        tasks = torch.multinomial(self.probabilities, num_samples, replacement=True, generator=generator)
+        counts = self.task_counts[tasks]
+        offsets = (torch.rand(num_samples, generator=generator, dtype=torch.float64) * counts).long()
+        offsets = torch.minimum(offsets, counts - 1)
+        return self._order[self._starts[tasks] + offsets]
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        chunk = self.num_samples
+        if self.strategy == "uncertainty" and self.refresh_every:
+            chunk = max(1, int(self.refresh_every))
+        remaining = self.num_samples
+        while remaining > 0:
+            size = min(chunk, remaining)
+            yield from self.sample(size, generator).tolist()
+            remaining -= size
+        self.epoch += 1
+
+
+def _column_values(dataset, column: str) -> list:
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        if column not in names:
+            raise ValueError(
+                f"task_sampling needs a {column!r} column in the training set; its columns are {names}."
+            )
+        return list(dataset[column])
+    return [dataset[i][column] for i in range(len(dataset))]
+
+
+def _next_token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean normalised entropy of a causal LM's predictions at its target tokens ``(B,)``."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    entropy = normalized_entropy(logits.float())  # (B, L-1), normalised by log(vocab)
+    counts = mask.sum(-1)
+    means = (entropy * mask).sum(-1) / counts.clamp(min=1)
+    return torch.where(counts > 0, means, torch.zeros_like(means))
+
+
+class MultiTaskTrainer(Trainer):
+    """``transformers.Trainer`` whose training order follows a multi-task sampling strategy.
+
+    ``task_sampling``: ``None`` (the stock sampler), ``"proportional"``, ``"temperature"`` or
+    ``"uncertainty"`` (see :mod:`peft_talora.sampling`); ``task_sampling_temperature`` is ``T``;
+    the sampler is seeded with ``args.data_seed`` (else ``args.seed``). The training set needs a
+    ``task_column`` column (int ids, or task names of the adapter). With ``"uncertainty"`` every
+    training batch updates its tasks' uncertainties from the model's own predictions at the
+    target tokens (entropy normalised by the vocabulary size; on several processes each keeps
+    its own estimate); the probabilities are refreshed every ``uncertainty_refresh_every``
+    examples drawn. The sampler in use is ``trainer.task_sampler``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        task_sampling: Optional[str] = None,
+        task_sampling_temperature: float = 2.0,
+        task_column: str = "task_ids",
+        uncertainty_momentum: float = 0.0,
+        uncertainty_refresh_every: Optional[int] = None,
+        **kwargs,
+    ):
+        if task_sampling is not None and task_sampling not in STRATEGIES:
+            raise ValueError(f"Unknown task_sampling {task_sampling!r}; choose None or one of {list(STRATEGIES)}.")
+        self.task_sampling = task_sampling
+        self.task_sampling_temperature = task_sampling_temperature
+        self.task_column = task_column
+        self.uncertainty_momentum = uncertainty_momentum
+        self.uncertainty_refresh_every = uncertainty_refresh_every
+        self.task_sampler: Optional[MultiTaskSampler] = None
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.task_sampling is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        values = _column_values(dataset, self.task_column)
+        num_tasks = None
+        try:
+            from .data import TaskIdEncoder
+
+            encoder = TaskIdEncoder.from_config(self.accelerator.unwrap_model(self.model))
+            values, num_tasks = encoder.encode(values), encoder.num_tasks
+        except TypeError:  # not a TA-LoRA model: take the ids as they are
+            values = [int(v) for v in values]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.task_sampler = MultiTaskSampler(
+            values,
+            self.task_sampling,
+            temperature=self.task_sampling_temperature,
+            num_tasks=num_tasks,
+            seed=seed,
+            uncertainty_momentum=self.uncertainty_momentum,
+            refresh_every=self.uncertainty_refresh_every,
+        )
+        return self.task_sampler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sampler = self.task_sampler
+        track = (
+            sampler is not None
+            and sampler.strategy == "uncertainty"
+            and model.training
+            and inputs.get("labels") is not None
+            and inputs.get(self.task_column) is not None
+        )
+        if not track:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels, task_ids = inputs["labels"], inputs[self.task_column]
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        with torch.no_grad():
+            entropies = _next_token_entropies(logits.detach(), labels)
+            has_targets = (labels[:, 1:] != -100).any(-1)
+            if has_targets.any() and isinstance(task_ids, torch.Tensor):
+                sampler.update_uncertainties(task_ids[has_targets].cpu(), entropies=entropies[has_targets].cpu())
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,256 @@
+"""TA-LoRA with the real ``transformers.Trainer`` (default ``remove_unused_columns=True``), on CPU.
+
+Routing proof: two tasks share every input and differ only in the answer, so both can be right
+only if the task id reaches the adapter through Trainer.
+"""
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from datasets import Dataset
+from peft import get_peft_model
+from talora_text import ids, tiny_tokenizer
+from torch.utils.data import RandomSampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peft_talora import TALoraConfig
+from peft_talora.data import TALoraDataCollator, tokenize_for_causal_lm
+from peft_talora.metrics import load_metric
+from peft_talora.sampling import MultiTaskSampler, MultiTaskTrainer
+
+TASKS = ["first", "second"]
+ANSWERS = ["A", "B"]  # same prompts, task 0 answers A, task 1 answers B
+PROMPTS = [f"question w{i}" for i in range(4)]
+
+
+def talora(seed=0):
+    torch.manual_seed(seed)  # the adapter's initialisation; the base model is always tiny_model(seed=0)
+    return get_peft_model(tiny_model(), TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4))
+
+
+def raw(task_as_names: bool) -> Dataset:
+    rows = [(p, ANSWERS[t], TASKS[t] if task_as_names else t) for t in range(2) for p in PROMPTS]
+    return Dataset.from_dict({k: list(v) for k, v in zip(("prompt", "completion", "task_ids"), zip(*rows))})
+
+
+def arguments(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=0.05, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, max_steps=30, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    return TrainingArguments(**{**defaults, **overrides})
+
+
+def adapter_state(model):
+    bank = model.base_model.talora_banks[model.active_adapter]
+    return {k: v.detach().clone() for k, v in bank.state_dict().items()}
+
+
+def losses(trainer):
+    return {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+
+
+def token_accuracy(eval_pred):
+    """Next-token accuracy on the target tokens, with the package's local accuracy metric."""
+    predictions, labels = eval_pred.predictions[:, :-1], eval_pred.label_ids[:, 1:]
+    mask = labels != -100
+    return load_metric("accuracy").compute(predictions=predictions[mask], references=labels[mask])
+
+
+def greedy_next_token(model, task):
+    model.eval()
+    with torch.no_grad():
+        input_ids = torch.tensor([ids(*p.split()) for p in PROMPTS])
+        return model(input_ids=input_ids, task_ids=[task] * len(PROMPTS)).logits[:, -1].argmax(-1).tolist()
+
+
+def test_trainer_keeps_the_task_ids_column(tmp_path):
+    model = talora()
+    assert "task_ids" in inspect.signature(model.get_base_model().forward).parameters
+    data = tokenize_for_causal_lm(raw(True), tiny_tokenizer(), task_names=model, remove_columns=False)
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data)
+    assert trainer.args.remove_unused_columns is True
+    kept = trainer._remove_unused_columns(data)
+    assert sorted(kept.column_names) == ["attention_mask", "input_ids", "labels", "task_ids"]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch["task_ids"].tolist()) == [0] * 4 + [1] * 4
+
+
+@pytest.mark.parametrize("task_as_names", [False, True], ids=["int-ids+default-collator", "names+talora-collator"])
+def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path, task_as_names):
+    model, tokenizer = talora(), tiny_tokenizer()
+    if task_as_names:
+        # the names column reaches the collator untouched (Trainer keeps `task_ids`, drops the text columns)
+        data = tokenize_for_causal_lm(raw(True), tokenizer, task_column=None, remove_columns=False, add_eos=False)
+        assert data["task_ids"][:4] == ["first"] * 4
+        collator = TALoraDataCollator(tokenizer=tokenizer, task_names=model)
+    else:
+        data = tokenize_for_causal_lm(raw(False), tokenizer, padding="longest", add_eos=False)
+        collator = None  # transformers' default_data_collator
+    before = greedy_next_token(model, 0)
+    assert before == greedy_next_token(model, 1)  # identical inputs: untrained tasks cannot differ
+    trainer = Trainer(
+        model=model, args=arguments(tmp_path, learning_rate=0.2, max_steps=20), train_dataset=data, eval_dataset=data,
+        data_collator=collator, compute_metrics=token_accuracy,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+    )
+    assert trainer.evaluate()["eval_accuracy"] <= 0.5  # one prediction per prompt: right for one task at most
+    trainer.train()
+    assert greedy_next_token(model, 0) == ids("A") * len(PROMPTS)
+    assert greedy_next_token(model, "second") == ids("B") * len(PROMPTS)
+    metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] == 1.0  # the answers of all 8 examples (4 prompts x 2 tasks)
+    logged = losses(trainer)
+    assert logged[20] < logged[1] and math.isfinite(metrics["eval_loss"])
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interrupted run: stop after ``step`` optimizer steps (a checkpoint is saved there)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_continues_the_same_loss_curve(tmp_path):
+    n = 3  # 8 examples, batch 4: the checkpoint falls in the middle of the second epoch
+    data = tokenize_for_causal_lm(raw(False), tiny_tokenizer(), padding="longest")
+
+    def trainer(model, folder, callbacks=()):
+        args = arguments(
+            tmp_path / folder, max_steps=2 * n, per_device_train_batch_size=4, save_strategy="steps", save_steps=n
+        )
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+
+    whole = trainer(talora(), "whole")
+    whole.train()
+    interrupted = trainer(talora(), "interrupted", [StopAt(n)])
+    interrupted.train()
+    assert interrupted.state.global_step == n and (tmp_path / "interrupted" / f"checkpoint-{n}").is_dir()
+
+    fresh = talora(seed=123)  # different initial adapter: everything must come from the checkpoint
+    assert not torch.equal(adapter_state(fresh)["shared_prompt"], adapter_state(whole.model)["shared_prompt"])
+    resumed = trainer(fresh, "interrupted")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "interrupted" / f"checkpoint-{n}"))
+
+    expected, got = losses(whole), losses(resumed)  # the resumed history starts with the checkpoint's steps 1..n
+    assert sorted(got) == sorted(expected) == list(range(1, 2 * n + 1))
+    assert [got[s] for s in range(n + 1, 2 * n + 1)] == pytest.approx([expected[s] for s in range(n + 1, 2 * n + 1)], rel=1e-5)
+    assert [losses(interrupted)[s] for s in range(1, n + 1)] == pytest.approx([expected[s] for s in range(1, n + 1)], rel=1e-6)
+    final, reference = adapter_state(resumed.model), adapter_state(whole.model)
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def train_briefly(tmp_path, steps=8, **overrides):
+    """Train a fresh adapter ``steps`` steps; returns the trainer, the adapter before, and what hooks saw."""
+    model = talora()
+    start = adapter_state(model)
+    base = model.get_base_model()
+    seen = {"mlp_calls": 0, "logits_dtypes": set()}
+    mlp = base.model.layers[0].mlp
+    mlp_forward = mlp.forward
+
+    def counting_forward(*args, **kwargs):  # module hooks do not fire on checkpoint recomputation; this does
+        seen["mlp_calls"] += 1
+        return mlp_forward(*args, **kwargs)
+
+    mlp.forward = counting_forward
+    base.lm_head.register_forward_hook(lambda module, args, out: seen["logits_dtypes"].add(out.dtype))
+    data = tokenize_for_causal_lm(raw(False), tiny_tokenizer(), padding="longest")
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=steps, **overrides), train_dataset=data)
+    trainer.train()
+    return trainer, start, seen
+
+
+@pytest.mark.parametrize(
+    "overrides, mlp_calls, logits_dtype",
+    [({}, 8, torch.float32), ({"bf16": True}, 8, torch.bfloat16), ({"gradient_checkpointing": True}, 16, torch.float32)],
+    ids=["fp32", "bf16-autocast", "gradient-checkpointing"],
+)
+def test_precision_and_memory_modes_train(tmp_path, overrides, mlp_calls, logits_dtype):
+    base = {k: v.clone() for k, v in tiny_model().state_dict().items()}
+    trainer, start, seen = train_briefly(tmp_path, **overrides)
+    # the mode is really on: autocast computes in bf16; checkpointing recomputes every layer in backward
+    assert seen["logits_dtypes"] == {logits_dtype} and seen["mlp_calls"] == mlp_calls
+    logged = losses(trainer)
+    assert len(logged) == 8 and all(math.isfinite(v) for v in logged.values())
+    assert logged[8] < logged[1]
+    model = trainer.model
+    end = adapter_state(model)
+    for key in start:  # every adapter tensor (prompt, basis, u, v, gate) was trained, and stays float32
+        assert not torch.equal(start[key], end[key]), f"{key} did not change"
+        assert end[key].dtype == torch.float32
+    for key, value in model.get_base_model().state_dict().items():
+        if "talora" not in key:
+            assert torch.equal(value, base[key]), f"frozen base weight {key} changed"
+
+
+def test_gradient_checkpointing_gives_the_same_training_as_without(tmp_path):
+    plain, _, _ = train_briefly(tmp_path / "plain", steps=5)
+    checkpointed, _, _ = train_briefly(tmp_path / "checkpointed", steps=5, gradient_checkpointing=True)
+    assert list(losses(checkpointed).values()) == pytest.approx(list(losses(plain).values()), rel=1e-6)
+    reference, got = adapter_state(plain.model), adapter_state(checkpointed.model)
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- MultiTaskTrainer
+def imbalanced(task_as_names=False, counts=(40, 16, 8)):
+    task_ids = [t for t, n in enumerate(counts) for _ in range(n)]
+    names = ["big", "mid", "small"]
+    return Dataset.from_dict({
+        "input_ids": [[4 + t, 5, 6 + (i % 3)] for i, t in enumerate(task_ids)],
+        "labels": [[-100, 5, 6 + (i % 3)] for i, t in enumerate(task_ids)],
+        "task_ids": [names[t] for t in task_ids] if task_as_names else task_ids,
+    })
+
+
+def three_task_model():
+    torch.manual_seed(0)
+    config = TALoraConfig(task_type="CAUSAL_LM", task_names=["big", "mid", "small"], num_virtual_tokens=2, r=2)
+    return get_peft_model(tiny_model(), config)
+
+
+def test_multitask_trainer_default_is_the_stock_sampler(tmp_path):
+    trainer = MultiTaskTrainer(model=three_task_model(), args=arguments(tmp_path), train_dataset=imbalanced())
+    assert type(trainer._get_train_sampler()) is RandomSampler and trainer.task_sampler is None
+    with pytest.raises(ValueError, match="Unknown task_sampling 'uniform'"):
+        MultiTaskTrainer(model=three_task_model(), args=arguments(tmp_path), task_sampling="uniform")
+
+
+def test_multitask_trainer_draws_batches_from_the_temperature_sampler(tmp_path):
+    data = imbalanced(task_as_names=True)
+    trainer = MultiTaskTrainer(
+        model=three_task_model(), args=arguments(tmp_path, per_device_train_batch_size=4, seed=7), train_dataset=data,
+        data_collator=TALoraDataCollator(pad_token_id=0, task_names=["big", "mid", "small"]),
+        task_sampling="temperature", task_sampling_temperature=2.0,
+    )
+    loader = trainer.get_train_dataloader()
+    sampler = trainer.task_sampler
+    assert isinstance(sampler, MultiTaskSampler) and sampler.seed == 7
+    sqrt_counts = torch.tensor([40, 16, 8], dtype=torch.float64).sqrt()
+    torch.testing.assert_close(sampler.probabilities, sqrt_counts / sqrt_counts.sum())
+    drawn = torch.cat([batch["task_ids"] for batch in loader])
+    reference = MultiTaskSampler([0] * 40 + [1] * 16 + [2] * 8, "temperature", temperature=2.0, seed=7)
+    assert drawn.tolist() == reference.task_ids[torch.tensor(list(reference))].tolist()
+
+
+def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
+    trainer = MultiTaskTrainer(
+        model=three_task_model(), args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8),
+        train_dataset=imbalanced(), data_collator=TALoraDataCollator(pad_token_id=0), task_sampling="uncertainty",
+        uncertainty_refresh_every=8,
+    )
+    trainer.train()
+    u = trainer.task_sampler.uncertainties
+    # a random tiny LM is nearly uniform over its 128-token vocabulary: entropies close to (but below) 1
+    assert u.shape == (3,) and bool(((u > 0.8) & (u < 1.0)).all()), u
+    torch.testing.assert_close(trainer.task_sampler.probabilities, u / u.sum())
