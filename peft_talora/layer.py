@@ -57,7 +57,6 @@ class TALoraPromptBank(nn.Module):
         task_part = coefficients.unsqueeze(-1) * self.task_v[:, tasks].unsqueeze(2)  # (L, U, n, d)
         return self.shared_prompt.unsqueeze(1) + self.scaling * task_part
 
-
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_l sum_{i != j} ||A_i A_j^T||_F^2`` with ``A_t = outer(u_t, v_t)``: a scalar.
 

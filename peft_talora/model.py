@@ -300,18 +300,22 @@ def _declare_task_ids_parameter(model: nn.Module) -> None:
 
 
 class RunningMean:
-    """Mean of the values added since the last ``pop`` (the orthogonality penalty between Trainer logs)."""
+    """Mean of the values added since the last ``pop`` (the orthogonality penalty between Trainer logs).
+
+    Values are summed as tensors, so a training step never waits for the device; only ``pop``
+    (once per log) reads the number.
+    """
 
     def __init__(self):
-        self.total, self.count = 0.0, 0
+        self.total, self.count = None, 0
 
     def add(self, value: torch.Tensor) -> None:
-        self.total += float(value)
+        self.total = value if self.total is None else self.total + value
         self.count += 1
 
     def pop(self) -> Optional[float]:
-        mean = self.total / self.count if self.count else None
-        self.total, self.count = 0.0, 0
+        mean = float(self.total) / self.count if self.count else None
+        self.total, self.count = None, 0
         return mean
 
 
