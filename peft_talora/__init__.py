@@ -7,10 +7,17 @@ from .callbacks import OrthogonalityLogCallback
 from .config import TALoraConfig
 from .model import TALoraModel
 from .optim import talora_optimizer, talora_parameter_groups
-from .peft_integration import register_tuner, route_task_ids_through_peft_forward
+from .peft_integration import (
+    complete_model_cards,
+    export_tasks_through_save_and_push,
+    register_tuner,
+    route_task_ids_through_peft_forward,
+)
 
 register_tuner("talora", TALoraConfig, TALoraModel)
 route_task_ids_through_peft_forward()
+export_tasks_through_save_and_push()
+complete_model_cards()
 
 __all__ = [
     "OrthogonalityLogCallback",

@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from peft.config import PeftConfig
-
+from .multitask import MultiTaskConfig
 from .peft_integration import PeftModelDispatch, add_peft_type
 
 TALORA = add_peft_type("TALORA")
 
 
 @dataclass
-class TALoraConfig(PeftModelDispatch, PeftConfig):
+class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
     """Configuration of a [`TALoraModel`]: a shared prompt plus per-task rank-1 factors, fed
     into every adapted decoder layer through zero-initialised gated prefix attention.
 
@@ -22,12 +21,6 @@ class TALoraConfig(PeftModelDispatch, PeftConfig):
     and are accepted wherever task ids are.
     """
 
-    num_tasks: Optional[int] = field(
-        default=None, metadata={"help": "Number of tasks; inferred from `task_names` when omitted."}
-    )
-    task_names: Optional[list[str]] = field(
-        default=None, metadata={"help": "Task names, in id order. Optional; must be unique."}
-    )
     num_virtual_tokens: int = field(default=10, metadata={"help": "Prefix length n (virtual tokens per layer)."})
     r: int = field(default=8, metadata={"help": "Rank of the shared basis B (n x r) of the task-specific part."})
     alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: the task part is scaled by alpha / r."})
@@ -50,24 +43,7 @@ class TALoraConfig(PeftModelDispatch, PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = TALORA
-        if self.task_names is not None:
-            self.task_names = list(self.task_names)
-            duplicates = sorted({n for n in self.task_names if self.task_names.count(n) > 1})
-            if duplicates:
-                raise ValueError(f"TALoraConfig.task_names has duplicates {duplicates}; give every task a unique name.")
-            if not all(isinstance(n, str) and n for n in self.task_names):
-                raise ValueError("TALoraConfig.task_names must be non-empty strings.")
-            if self.num_tasks is None:
-                self.num_tasks = len(self.task_names)
-            elif self.num_tasks != len(self.task_names):
-                raise ValueError(
-                    f"TALoraConfig.num_tasks={self.num_tasks} disagrees with the {len(self.task_names)} task_names; "
-                    "drop num_tasks or make them match."
-                )
-        if self.num_tasks is None or isinstance(self.num_tasks, bool) or int(self.num_tasks) != self.num_tasks:
-            raise ValueError("TALoraConfig needs tasks: pass num_tasks=<int >= 1> or task_names=[...].")
-        if self.num_tasks < 1:
-            raise ValueError(f"TALoraConfig.num_tasks must be >= 1 (got {self.num_tasks}); pass at least one task.")
+        self._validate_tasks()
         if self.r < 1:
             raise ValueError(f"TALoraConfig.r must be >= 1 (got {self.r}); the rank of the shared basis B.")
         if self.num_virtual_tokens < 1:

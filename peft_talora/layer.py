@@ -11,6 +11,11 @@ Shapes (``L`` adapted layers, ``T`` tasks, ``n`` virtual tokens, ``d`` hidden si
 
 Task ``t``'s prompt at layer ``l`` is ``theta0[l] + s * B[l] @ outer(u[l, t], v[l, t])``. The
 parameters of all layers are stacked so that one batched op builds every layer's prompt.
+
+The task factors are kept in blocks, one per ``add_tasks`` call (``task_u_blocks[i]`` of shape
+``(L, T_i, r)``), and read as one ``(L, T, r)`` tensor. Tasks added later are separate
+parameters, so training only them (with any optimizer, weight decay included) cannot move a
+single bit of the earlier tasks. Saved adapters hold the concatenated ``task_u``/``task_v``.
 """
 
 from __future__ import annotations
@@ -42,14 +47,38 @@ class TALoraPromptBank(nn.Module):
         L, T, n, d = num_layers, num_tasks, num_virtual_tokens, hidden_size
         self.shared_prompt = nn.Parameter(torch.randn(L, n, d) * prompt_init_std)
         self.shared_basis = nn.Parameter(torch.randn(L, n, r) / math.sqrt(r))
-        self.task_u = nn.Parameter(torch.randn(L, T, r) / math.sqrt(r))
-        # v starts at zero (like LoRA's B), so every task's prompt starts at the shared prompt.
-        self.task_v = nn.Parameter(torch.zeros(L, T, d))
+        self.task_u_blocks = nn.ParameterList()
+        self.task_v_blocks = nn.ParameterList()
+        self.add_task_block(T)
         self.gate = nn.Parameter(torch.zeros(L, num_heads))
+
+    def add_task_block(self, num_new_tasks: int) -> None:
+        """Append factors for ``num_new_tasks`` tasks; their prompts start equal to the shared prompt."""
+        L, _, r = self.shared_basis.shape
+        reference = self.shared_prompt
+        u = torch.randn(L, num_new_tasks, r, device=reference.device).to(reference.dtype) / math.sqrt(r)
+        self.task_u_blocks.append(nn.Parameter(u, requires_grad=reference.requires_grad))
+        # v starts at zero (like LoRA's B), so every task's prompt starts at the shared prompt.
+        v = torch.zeros(L, num_new_tasks, reference.shape[-1], device=reference.device, dtype=reference.dtype)
+        self.task_v_blocks.append(nn.Parameter(v, requires_grad=reference.requires_grad))
+
+    @property
+    def task_u(self) -> torch.Tensor:
+        """``u`` of every task, ``(L, T, r)``."""
+        return _concat(self.task_u_blocks)
+
+    @property
+    def task_v(self) -> torch.Tensor:
+        """``v`` of every task, ``(L, T, d)``."""
+        return _concat(self.task_v_blocks)
 
     @property
     def num_tasks(self) -> int:
-        return self.task_u.shape[1]
+        return sum(block.shape[1] for block in self.task_u_blocks)
+
+    def shared_prompts(self) -> torch.Tensor:
+        """The prompt with the task part switched off (shared warm-up), for every layer: ``(L, 1, n, d)``."""
+        return self.shared_prompt.unsqueeze(1)
 
     def task_prompts(self, tasks: torch.Tensor) -> torch.Tensor:
         """Prompts of the given task ids ``(U,)`` for every adapted layer: ``(L, U, n, d)``."""
@@ -67,6 +96,15 @@ class TALoraPromptBank(nn.Module):
         u_norms = self.task_u.pow(2).sum(-1)  # (L, T)
         terms = v_overlap.pow(2) * u_norms.unsqueeze(2) * u_norms.unsqueeze(1)
         return terms.sum() - terms.diagonal(dim1=1, dim2=2).sum()
+
+
+def _concat(blocks: nn.ParameterList) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=1)
+
+
+def is_fast_parameter(name: str) -> bool:
+    """Whether the parameter called ``name`` is a task factor (``u`` or ``v``) of a TA-LoRA bank."""
+    return ".task_u_blocks." in name or ".task_v_blocks." in name
 
 
 def gated_prefix_attention(

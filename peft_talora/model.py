@@ -9,10 +9,10 @@ decoding step.
 
 from __future__ import annotations
 
-import functools
-import inspect
+import os
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -20,8 +20,13 @@ from torch import nn
 from .attention import AttentionSite, install_sites, remove_site
 from .config import TALoraConfig
 from .layer import TALoraPromptBank
+from .multitask import TaskList
 from .peft_integration import ROUTED_TASK_IDS_KWARG
 from .routing import TaskIds, resolve_task_ids
+from .task_routing import TaskRouter
+
+#: Training stages (see ``set_training_stage``) and the bank parameters each one trains.
+STAGES = ("shared_warmup", "multi_task", "new_tasks")
 
 
 def _text_config(model: nn.Module):
@@ -46,7 +51,8 @@ class TALoraModel(nn.Module):
         self.talora_banks = nn.ModuleDict()
         self.active_adapter: str = adapter_name
         self._enabled = True
-        self._generation: Optional[_GenerationRouting] = None  # set during a generate call
+        self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
+        self._exported_tasks: dict[str, list[int]] = {}  # set inside exporting_tasks()
         self.orthogonality_log = RunningMean()  # read by OrthogonalityLogCallback
 
         text_config = _text_config(model)
@@ -56,8 +62,7 @@ class TALoraModel(nn.Module):
         config.resolve_layers(self._num_layers)  # fail on bad layers before touching the model
         trainable = [p for p in model.parameters() if p.requires_grad]
         self._sites: list[AttentionSite] = install_sites(model, self._num_layers)
-        self._hook = model.register_forward_pre_hook(self._route_pre_hook, with_kwargs=True)
-        _declare_task_ids_parameter(model)
+        self._router = TaskRouter(model, self)
         try:
             model.requires_grad_(False)
             self.peft_config[adapter_name] = config
@@ -117,12 +122,124 @@ class TALoraModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}.")
         self.active_adapter = adapter_name
         for name, bank in self.talora_banks.items():
-            bank.requires_grad_(name == adapter_name and not inference_mode)
+            bank.requires_grad_(False)
+        if not inference_mode:
+            self._apply_stage(adapter_name)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            self.talora_banks[name].requires_grad_(requires_grad)
+            if requires_grad:
+                self._apply_stage(name)
+            else:
+                self.talora_banks[name].requires_grad_(False)
+
+    # ----------------------------------------------------------------- stages and tasks
+    def set_training_stage(self, stage: str, adapter_name: Optional[str] = None) -> None:
+        """Choose what trains (and how prompts are built) for ``adapter_name`` (default: the active one).
+
+        - ``"shared_warmup"``: the task part is switched off; every example gets the shared prompt,
+          and only the shared prompt and the gates train (``task_ids`` are optional).
+        - ``"multi_task"`` (the default): everything trains; each example gets its task's prompt.
+        - ``"new_tasks"``: only the factors of tasks added by :meth:`add_tasks` train; the shared
+          parts and the earlier tasks are frozen and stay bit-identical.
+
+        Setting a stage makes the adapter trainable, even if it was loaded for inference.
+        """
+        name = adapter_name or self.active_adapter
+        if name not in self.peft_config:
+            raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
+        if stage not in STAGES:
+            raise ValueError(f"Unknown training stage {stage!r}; choose one of {list(STAGES)}.")
+        if stage == "new_tasks" and len(self.talora_banks[name].task_u_blocks) == 1:
+            raise ValueError(
+                f"Adapter {name!r} has no added tasks to train: call add_tasks([...]) first, which also selects "
+                "the 'new_tasks' stage."
+            )
+        self._stages[name] = stage
+        self.peft_config[name].inference_mode = False
+        self._apply_stage(name)
+
+    def training_stage(self, adapter_name: Optional[str] = None) -> str:
+        """The training stage of ``adapter_name`` (default: the active adapter)."""
+        return self._stages.get(adapter_name or self.active_adapter, "multi_task")
+
+    def _apply_stage(self, adapter_name: str) -> None:
+        bank = self.talora_banks[adapter_name]
+        stage = self.training_stage(adapter_name)
+        bank.requires_grad_(stage == "multi_task")
+        if stage == "shared_warmup":
+            bank.shared_prompt.requires_grad_(True)
+            bank.gate.requires_grad_(True)
+        elif stage == "new_tasks":
+            for block in (*bank.task_u_blocks[1:], *bank.task_v_blocks[1:]):
+                block.requires_grad_(True)
+
+    def add_tasks(
+        self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
+    ) -> list[int]:
+        """Add tasks (new names, or a count for unnamed adapters) and return their ids.
+
+        New tasks get fresh factors whose prompts start equal to the shared prompt, so every
+        existing task's outputs are unchanged. With ``freeze=True`` (the default) the adapter moves
+        to the ``"new_tasks"`` stage: only the new tasks' factors train. With ``freeze=False``
+        the current stage stays. Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
+        """
+        name = adapter_name or self.active_adapter
+        if name not in self.peft_config:
+            raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
+        config = self.peft_config[name]
+        names = config.new_task_names(tasks)  # validates before anything changes
+        first = config.num_tasks
+        count = tasks if names is None else len(names) - first
+        self.talora_banks[name].add_task_block(count)
+        config.num_tasks = first + count
+        config.task_names = names
+        if freeze:
+            self.set_training_stage("new_tasks", name)
+        elif not config.inference_mode and name == self.active_adapter:
+            self._apply_stage(name)
+        return list(range(first, first + count))
+
+    @contextmanager
+    def exporting_tasks(self, tasks: TaskList, adapter_names: Sequence[str]):
+        """Within this context the adapters' configs and saved tensors hold only ``tasks`` (ids or names).
+
+        Used by ``save_pretrained(path, tasks=[...])`` and ``push_to_hub(repo, tasks=[...])``.
+        Tasks are renumbered ``0..k-1`` in the order given; with one task the export needs no ``task_ids``.
+        """
+        selections = {
+            name: self.peft_config[name].resolve_task_list(tasks, f"export of adapter {name!r}")
+            for name in adapter_names
+        }
+        configs = dict(self.peft_config)
+        try:
+            for name, ids in selections.items():
+                self.peft_config[name] = configs[name].restricted_to(ids)
+                self._exported_tasks[name] = ids
+            yield
+        finally:
+            self.peft_config.update(configs)
+            self._exported_tasks.clear()
+
+    def update_model_card(self, output_dir: str) -> None:
+        """Add the ``ta-lora`` tag and each adapter's tasks to the ``README.md`` PEFT wrote in ``output_dir``."""
+        from huggingface_hub import ModelCard
+
+        path = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(path)
+        card.data.tags = sorted({*(card.data.tags or []), "ta-lora", "multi-task", "peft-talora"})
+        heading = "## TA-LoRA tasks"
+        lines = []
+        for name, config in self.peft_config.items():
+            tasks = [config.task_label(i) for i in range(config.num_tasks)]
+            lines.append(f"- adapter `{name}`: {len(tasks)} task(s), ids in this order: " + ", ".join(f"`{t}`" for t in tasks))
+        section = "\n".join([heading, "", "Route each example with `task_ids` (ids or these names):", "", *lines, ""])
+        text = card.text
+        if heading in text:
+            text = text[: text.index(heading)].rstrip() + "\n"
+        card.text = text.rstrip() + "\n\n" + section
+        card.save(path)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -146,9 +263,7 @@ class TALoraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove TA-LoRA from the model and return the untouched base model."""
-        self._hook.remove()
-        if getattr(self.model.__dict__.get("forward"), "_talora_declares_task_ids", False):
-            del self.model.forward
+        self._router.remove()
         for site in self._sites:
             remove_site(site)
         self._sites = []
@@ -163,40 +278,38 @@ class TALoraModel(nn.Module):
         return self.talora_banks[self.active_adapter]
 
     def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device=None) -> torch.Tensor:
-        """Validate ``task_ids`` against the active adapter's tasks; see :func:`routing.resolve_task_ids`."""
+        """Validate ``task_ids`` against the active adapter's tasks; see :func:`routing.resolve_task_ids`.
+
+        In the shared warm-up stage the task part is off, so ``task_ids`` may be omitted.
+        """
         config = self.peft_config[self.active_adapter]
+        if task_ids is None and self.training_stage() == "shared_warmup":
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
         return resolve_task_ids(
             task_ids, batch_size=batch_size, num_tasks=config.num_tasks, task_names=config.task_names, device=device
         )
 
-    def _route_pre_hook(self, module, args, kwargs):
-        """Forward pre-hook of the wrapped model: take ``task_ids`` and set every site's prefix for this call."""
-        task_ids = kwargs.pop("task_ids", None)
+    @property
+    def routing_enabled(self) -> bool:
+        return self.active_bank is not None
+
+    def route(self, task_ids: Optional[torch.Tensor]) -> None:
+        """Set every site's prefix for this call from resolved ``task_ids`` ``(B,)`` (``None``: no prefix)."""
         bank = self.active_bank
-        if bank is None:
+        if task_ids is None or bank is None:
             for site in self._sites:
                 site.clear_prefix()
-            return args, kwargs
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs["inputs_embeds"]
-        batch_size = inputs.shape[0]
-        generation = self._generation
-        if task_ids is None and generation is not None:
-            if generation.prefix_batch_size == batch_size:
-                return args, kwargs  # a decoding step: this generate call's prefixes are already set
-            task_ids = generation.expand_to(batch_size)
-            generation.prefix_batch_size = batch_size
-        else:
-            task_ids = self.resolve_task_ids(task_ids, batch_size, device=inputs.device)
+            return
         self._set_prefixes(bank, task_ids)
-        return args, kwargs
 
     def _set_prefixes(self, bank: TALoraPromptBank, task_ids: torch.Tensor) -> None:
         """Compute the prefix keys/values of the tasks in ``task_ids`` ``(B,)`` and give each example its own."""
         config = self.peft_config[self.active_adapter]
-        tasks, inverse = torch.unique(task_ids, return_inverse=True)
-        prompts = bank.task_prompts(tasks)  # (L, U, n, d)
+        if self.training_stage() == "shared_warmup":
+            prompts, inverse = bank.shared_prompts(), torch.zeros_like(task_ids)  # (L, 1, n, d)
+        else:
+            tasks, inverse = torch.unique(task_ids, return_inverse=True)
+            prompts = bank.task_prompts(tasks)  # (L, U, n, d)
         adapted = config.resolve_layers(self._num_layers)
         position = {layer: i for i, layer in enumerate(adapted)}
         for site in self._sites:
@@ -228,12 +341,8 @@ class TALoraModel(nn.Module):
         if self.active_bank is None:
             return self.model.generate(*args, **kwargs)
         inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        task_ids = self.resolve_task_ids(task_ids, inputs.shape[0], device=inputs.device)
-        self._generation = _GenerationRouting(task_ids)
-        try:
+        with self._router.generation(task_ids, inputs):
             return self.model.generate(*args, **kwargs)
-        finally:
-            self._generation = None
 
     def __getattr__(self, name: str):
         """Forward missing attributes to the wrapped model, as PEFT tuners do."""
@@ -247,8 +356,26 @@ class TALoraModel(nn.Module):
     # ------------------------------------------------- PEFT state-dict extension points
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The adapter's tensors with the task blocks joined into ``task_u``/``task_v`` (only the exported tasks)."""
         marker = f"talora_banks.{adapter_name}."
-        return {k: v for k, v in state_dict.items() if marker in k}
+        own = {k: v for k, v in state_dict.items() if marker in k}
+        exported = getattr(model.base_model, "_exported_tasks", {}).get(adapter_name)
+        result = {}
+        for key, tensor in own.items():
+            stem, _, rest = key.partition(marker)
+            factor = rest.split(".", 1)[0]
+            if factor in _TASK_BLOCKS:
+                continue
+            result[key] = tensor
+        for factor, saved_name in _TASK_BLOCKS.items():
+            blocks = sorted((k for k in own if f"{marker}{factor}." in k), key=lambda k: int(k.rsplit(".", 1)[-1]))
+            if not blocks:
+                continue
+            joined = torch.cat([own[k] for k in blocks], dim=1)  # (L, T, r | d)
+            if exported is not None:
+                joined = joined[:, exported]
+            result[blocks[0].split(marker)[0] + marker + saved_name] = joined.contiguous()
+        return result
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -256,47 +383,66 @@ class TALoraModel(nn.Module):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = {k.replace("talora_banks.", f"talora_banks.{adapter_name}.", 1): v for k, v in state_dict.items()}
-        expected = {k: p for k, p in model.state_dict().items() if f"talora_banks.{adapter_name}." in k}
-        for key, tensor in remapped.items():
-            if key not in expected:
-                raise ValueError(
-                    f"The TA-LoRA adapter file has a tensor {key!r} that this model has no place for; "
-                    "it was not saved from a TA-LoRA adapter of this package version."
-                )
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"TA-LoRA adapter does not fit this base model: {key.rsplit('.', 1)[-1]} has shape "
-                    f"{tuple(tensor.shape)} in the adapter but {tuple(expected[key].shape)} here "
-                    "(layers, virtual tokens / tasks, hidden size / rank / heads). Load it onto the base model it was "
-                    f"trained on ({config.base_model_name_or_path or 'see adapter_config.json'})."
-                )
-        missing = sorted(k.rsplit(".", 1)[-1] for k in set(expected) - set(remapped))
+        """Saved keys to this model's keys, splitting ``task_u``/``task_v`` into the live task blocks."""
+        marker = f"talora_banks.{adapter_name}."
+        live = {k: p for k, p in model.state_dict().items() if marker in k}
+        remapped = {}
+        for key, tensor in state_dict.items():
+            key = key.replace("talora_banks.", marker, 1)
+            stem, _, name = key.rpartition(".")
+            block_factor = next((f for f, saved in _TASK_BLOCKS.items() if saved == name), None)
+            if block_factor is None:
+                _check_saved_shape(key, tensor, live, config)
+                remapped[key] = tensor
+                continue
+            blocks = sorted((k for k in live if k.startswith(f"{stem}.{block_factor}.")), key=lambda k: int(k.rsplit(".", 1)[-1]))
+            expected = (live[blocks[0]].shape[0], sum(live[k].shape[1] for k in blocks), live[blocks[0]].shape[2])
+            _check_saved_shape(key, tensor, {key: torch.empty(expected, device="meta")}, config)
+            sizes = [live[k].shape[1] for k in blocks]
+            remapped.update(zip(blocks, torch.split(tensor, sizes, dim=1)))
+        missing = sorted({k.split(marker, 1)[1].split(".", 1)[0] for k in set(live) - set(remapped)})
         if missing:
-            raise ValueError(f"The TA-LoRA adapter file lacks {missing}; it is incomplete or corrupt.")
+            names = [_TASK_BLOCKS.get(m, m) for m in missing]
+            raise ValueError(f"The TA-LoRA adapter file lacks {names}; it is incomplete or corrupt.")
         return remapped
 
 
-def _declare_task_ids_parameter(model: nn.Module) -> None:
-    """Give the wrapped model's ``forward`` a visible ``task_ids`` parameter.
+#: Task-factor blocks in the model and the single tensor each is saved as.
+_TASK_BLOCKS = {"task_u_blocks": "task_u", "task_v_blocks": "task_v"}
 
-    The pre-hook removes ``task_ids`` before ``forward`` runs, but two callers decide by signature
-    which inputs a model takes: ``Trainer(remove_unused_columns=True)`` (which inspects the *base*
-    model of a PEFT model) and ``generate``'s check of model kwargs. Only the signature changes.
-    """
-    forward = model.forward
+#: For each saved tensor, the config field (or base-model property) behind each dimension.
+_SHAPE_MEANING = {
+    "shared_prompt": ("adapted layers (adapter_layers)", "num_virtual_tokens", "hidden size of the base model"),
+    "shared_basis": ("adapted layers (adapter_layers)", "num_virtual_tokens", "r"),
+    "task_u": ("adapted layers (adapter_layers)", "tasks (num_tasks / task_names)", "r"),
+    "task_v": ("adapted layers (adapter_layers)", "tasks (num_tasks / task_names)", "hidden size of the base model"),
+    "gate": ("adapted layers (adapter_layers)", "attention heads of the base model"),
+}
 
-    @functools.wraps(forward)
-    def forward_with_task_ids(*args, **kwargs):
-        return forward(*args, **kwargs)
 
-    signature = inspect.signature(forward)
-    parameters = list(signature.parameters.values())
-    position = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
-    parameters.insert(position, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
-    forward_with_task_ids.__signature__ = signature.replace(parameters=parameters)
-    forward_with_task_ids._talora_declares_task_ids = True
-    model.forward = forward_with_task_ids
+def _check_saved_shape(key: str, tensor: torch.Tensor, live: dict, config) -> None:
+    """Raise a ``ValueError`` naming the differing setting when a saved tensor does not fit the model."""
+    name = key.rsplit(".", 1)[-1]
+    if key not in live:
+        raise ValueError(
+            f"The TA-LoRA adapter file has a tensor {name!r} that this model has no place for; "
+            "it was not saved from a TA-LoRA adapter of this package."
+        )
+    saved, here = tuple(tensor.shape), tuple(live[key].shape)
+    if saved == here:
+        return
+    meanings = _SHAPE_MEANING.get(name, ())
+    differences = [
+        f"{meanings[i] if i < len(meanings) else f'dim {i}'}: {a} in the file, {b} here"
+        for i, (a, b) in enumerate(zip(saved, here))
+        if a != b
+    ] or [f"rank: {len(saved)} in the file, {len(here)} here"]
+    raise ValueError(
+        f"TA-LoRA adapter file does not fit this model: {name} has shape {saved} in the file but {here} here "
+        f"({'; '.join(differences)}). Load or resume it into a model built with the TALoraConfig it was saved "
+        f"with (its adapter_config.json) on the base model it was trained on "
+        f"({config.base_model_name_or_path or 'see adapter_config.json'})."
+    )
 
 
 class RunningMean:
@@ -317,27 +463,6 @@ class RunningMean:
         mean = float(self.total) / self.count if self.count else None
         self.total, self.count = None, 0
         return mean
-
-
-class _GenerationRouting:
-    """Task ids of one ``generate`` call, and the batch size its prefixes were last computed for.
-
-    transformers expands every per-example input with ``repeat_interleave`` for beams and
-    ``num_return_sequences``; the task ids are expanded the same way when the batch grows.
-    """
-
-    def __init__(self, task_ids: torch.Tensor):
-        self.task_ids = task_ids
-        self.prefix_batch_size: Optional[int] = None
-
-    def expand_to(self, batch_size: int) -> torch.Tensor:
-        given = self.task_ids.shape[0]
-        if batch_size % given:
-            raise ValueError(
-                f"generate ran a batch of {batch_size} rows for {given} task ids; task ids can only follow an "
-                "expansion of each example into equal groups (beams, num_return_sequences)."
-            )
-        return self.task_ids.repeat_interleave(batch_size // given)
 
 
 def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:

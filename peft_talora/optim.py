@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-FAST_PARAMETERS = ("task_u", "task_v")
+from .layer import is_fast_parameter
+
 #: Default ratio of the fast to the slow learning rate; see docs/training.md for the measurement.
 DEFAULT_FAST_LR_RATIO = 4.0
 
@@ -36,7 +37,7 @@ def talora_parameter_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        fast = name.rsplit(".", 1)[-1] in FAST_PARAMETERS
+        fast = is_fast_parameter(name)
         key = (fast, name in decay)
         if key not in groups:
             groups[key] = {

@@ -18,6 +18,13 @@ The touches:
    it drops ``task_ids`` for every non-prompt method except Poly. The wrapper hands the ids to
    tuners that declare ``routes_task_ids = True`` under a private keyword and leaves every other
    method's call untouched.
+5. ``export_tasks_through_save_and_push`` gives ``PeftModel.save_pretrained`` and ``push_to_hub`` a
+   ``tasks=`` argument, for tuners with ``exporting_tasks``: inside that context the tuner swaps
+   in a config and state dict restricted to those tasks, and PEFT's own saving does the rest.
+6. ``complete_model_cards`` extends ``PeftModel.create_or_update_model_card`` with the tuner's
+   ``update_model_card`` (method tag, task names), and re-applies both cards before a
+   ``push_to_hub`` upload: transformers' ``push_to_hub`` replaces the README that
+   ``save_pretrained`` wrote with a generic ``library_name: transformers`` card.
 
 The state-dict hooks (``_get_adapter_state_dict`` and friends) are the supported extension point
 and live on the tuner classes themselves.
@@ -28,7 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 
-from peft import PeftModelForCausalLM
+from peft import PeftModel, PeftModelForCausalLM
 from peft.utils import PeftType, register_peft_method
 
 #: Keyword under which the wrapped ``PeftModelForCausalLM.forward`` passes task ids to a tuner.
@@ -96,3 +103,65 @@ def route_task_ids_through_peft_forward() -> None:
 
     forward._peft_talora_routes_task_ids = True
     PeftModelForCausalLM.forward = forward
+
+
+def _exports_tasks(peft_model) -> bool:
+    return hasattr(peft_model.base_model, "exporting_tasks")
+
+
+def export_tasks_through_save_and_push() -> None:
+    """``PeftModel.save_pretrained(path, tasks=[...])`` and ``push_to_hub(repo, tasks=[...])``."""
+    save, push = PeftModel.save_pretrained, PeftModel.push_to_hub
+    if getattr(save, "_peft_talora_exports_tasks", False):
+        return
+
+    def _check(self, tasks):
+        if tasks is not None and not _exports_tasks(self):
+            raise TypeError(
+                f"`tasks=` selects tasks of a multi-task adapter (TA-LoRA, MTL-LoRA); this model's tuner "
+                f"{type(self.base_model).__name__} has no tasks to select."
+            )
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, tasks=None, **kwargs):
+        _check(self, tasks)
+        if tasks is None:
+            return save(self, save_directory, *args, **kwargs)
+        selected = kwargs.get("selected_adapters") or list(self.peft_config)
+        with self.base_model.exporting_tasks(tasks, selected):
+            return save(self, save_directory, *args, **kwargs)
+
+    @functools.wraps(push)
+    def push_to_hub(self, repo_id, *args, tasks=None, **kwargs):
+        _check(self, tasks)
+        if tasks is None:
+            return push(self, repo_id, *args, **kwargs)
+        with self.base_model.exporting_tasks(tasks, list(self.peft_config)):
+            return push(self, repo_id, *args, **kwargs)
+
+    save_pretrained._peft_talora_exports_tasks = True
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel.push_to_hub = push_to_hub
+
+
+def complete_model_cards() -> None:
+    """Model cards of multi-task adapters: PEFT's card plus the tuner's, also on ``push_to_hub``."""
+    create, upload = PeftModel.create_or_update_model_card, PeftModel._upload_modified_files
+    if getattr(create, "_peft_talora_cards", False):
+        return
+
+    @functools.wraps(create)
+    def create_or_update_model_card(self, output_dir):
+        create(self, output_dir)
+        if hasattr(self.base_model, "update_model_card"):
+            self.base_model.update_model_card(output_dir)
+
+    @functools.wraps(upload)
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        if hasattr(self.base_model, "update_model_card"):
+            self.create_or_update_model_card(working_dir)
+        return upload(self, working_dir, *args, **kwargs)
+
+    create_or_update_model_card._peft_talora_cards = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel._upload_modified_files = _upload_modified_files

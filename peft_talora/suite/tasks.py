@@ -1,0 +1,270 @@
+"""Task specifications, the task registry, and reading a registered task's source into a checked pool.
+
+A task is a :class:`TaskSpec` (name, instruction, label words) plus a *source*: a
+``datasets.Dataset``, a ``.csv``/``.tsv``/``.jsonl``/``.json`` path, or a function returning a
+``Dataset``. Built-in tasks and user tasks go through the same :meth:`RegisteredTask.read`, which
+returns a ``Dataset`` with ``text`` (str) and ``label`` (int index into ``label_names``) and
+raises a ``ValueError`` naming the task and the column for any bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import datasets
+
+Source = Union[datasets.Dataset, str, os.PathLike, Callable[[], datasets.Dataset]]
+
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHOWN = 5  # how many offending values an error message lists
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task asks and which words answer it.
+
+    ``label_names`` are the label words the model is trained to emit, in label-id order
+    (``label`` ``i`` is ``label_names[i]``). ``text_field`` names the text in the prompt
+    ("Review: ..."). ``description`` says where the data comes from.
+    """
+
+    name: str
+    instruction: str
+    label_names: tuple[str, ...]
+    text_field: str = "Text"
+    description: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
+            raise ValueError(
+                f"Task name {self.name!r} is not valid: use letters, digits, '_', '-' or '.', starting with a "
+                "letter or digit (it names the task's cache folder)."
+            )
+        if not isinstance(self.instruction, str) or not self.instruction.strip():
+            raise ValueError(f"Task {self.name!r}: instruction must be a non-empty string.")
+        words = self.label_names
+        if len(words) < 2:
+            raise ValueError(f"Task {self.name!r}: label_names needs at least 2 label words, got {list(words)}.")
+        if not all(isinstance(w, str) and w.strip() and w == w.strip() for w in words):
+            raise ValueError(
+                f"Task {self.name!r}: every label name must be a non-empty string without surrounding spaces, "
+                f"got {list(words)}."
+            )
+        folded = [w.casefold() for w in words]
+        repeated = sorted({w for w in words if folded.count(w.casefold()) > 1})
+        if repeated:
+            raise ValueError(f"Task {self.name!r}: label_names must be distinct (ignoring case); repeated: {repeated}.")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class RegisteredTask:
+    """A spec with its source and the columns holding the text and the label."""
+
+    spec: TaskSpec
+    source: Source
+    text_column: str = "text"
+    label_column: str = "label"
+    label_map: Optional[Mapping[Any, str]] = field(default=None)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def read(self) -> datasets.Dataset:
+        """The source as a ``Dataset`` of ``text`` (str) and ``label`` (int), every value checked."""
+        raw = _read_source(self.spec.name, self.source)
+        return _checked_pool(self, raw)
+
+    def source_key(self) -> str:
+        """A short hash that changes when the source, its columns or the label words change (for the cache)."""
+        parts = {
+            "source": _source_identity(self.source),
+            "text_column": self.text_column,
+            "label_column": self.label_column,
+            "label_names": list(self.spec.label_names),
+            "label_map": sorted((repr(k), v) for k, v in (self.label_map or {}).items()),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_REGISTRY: dict[str, RegisteredTask] = {}
+
+
+def register_task(
+    spec: TaskSpec,
+    source: Source,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: Optional[Mapping[Any, str]] = None,
+    overwrite: bool = False,
+) -> RegisteredTask:
+    """Add a task to the registry; :func:`peft_talora.suite.load_task` then builds and caches it.
+
+    ``source`` is a ``datasets.Dataset``, a path to a ``.csv``/``.tsv``/``.jsonl``/``.json`` file,
+    or a function returning a ``Dataset``. ``label_column`` holds ints (indices into
+    ``spec.label_names``) or strings (label words; ``label_map`` may translate raw values such as
+    ``{"pos": "positive"}`` first). A ``Dataset`` is checked here, a file when it is read.
+    """
+    if not isinstance(spec, TaskSpec):
+        raise TypeError(f"register_task needs a TaskSpec, got {type(spec).__name__}.")
+    if spec.name in _REGISTRY and not overwrite:
+        raise ValueError(f"Task {spec.name!r} is already registered; pick another name or pass overwrite=True.")
+    if label_map is not None:
+        unknown = sorted({str(v) for v in label_map.values() if v not in spec.label_names})
+        if unknown:
+            raise ValueError(
+                f"Task {spec.name!r}: label_map maps to {unknown}, which are not in label_names {list(spec.label_names)}."
+            )
+    if isinstance(source, (str, os.PathLike)):
+        _check_path(spec.name, Path(source))
+    elif not isinstance(source, datasets.Dataset) and not callable(source):
+        raise TypeError(
+            f"Task {spec.name!r}: source must be a datasets.Dataset, a file path or a function returning a Dataset, "
+            f"got {type(source).__name__}."
+        )
+    task = RegisteredTask(spec, source, text_column, label_column, dict(label_map) if label_map else None)
+    if isinstance(source, datasets.Dataset):
+        task.read()  # fail now, not at the first load
+    _REGISTRY[spec.name] = task
+    return task
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task from the registry (its cache, if any, stays on disk)."""
+    registered_task(name)
+    del _REGISTRY[name]
+
+
+def registered_task(name: str) -> RegisteredTask:
+    """The registered task called ``name``; a ``ValueError`` lists the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Unknown task {name!r}; registered tasks are {sorted(_REGISTRY)}.") from None
+
+
+def get_task(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` of the registered task ``name``."""
+    return registered_task(name).spec
+
+
+def task_names() -> list[str]:
+    """Names of every registered task, built-in and user-registered, in registration order."""
+    return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- reading a source
+def _check_path(task: str, path: Path) -> None:
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise ValueError(f"Task {task!r}: cannot read {str(path)!r}; supported files end in {list(FILE_SUFFIXES)}.")
+    if not path.is_file():
+        raise ValueError(f"Task {task!r}: the source file {str(path)!r} does not exist.")
+
+
+def _read_file(task: str, path: Path) -> datasets.Dataset:
+    """A csv/tsv/jsonl/json file as a ``Dataset``; cells are read verbatim (no "NA" -> NaN guessing)."""
+    import pandas as pd
+
+    _check_path(task, path)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_filter=False)
+    else:
+        frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _read_source(task: str, source: Source) -> datasets.Dataset:
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return _read_file(task, Path(source))
+    dataset = source()
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"Task {task!r}: the source function returned {type(dataset).__name__}, not a datasets.Dataset.")
+    return dataset
+
+
+def _source_identity(source: Source) -> str:
+    if isinstance(source, datasets.Dataset):
+        return f"dataset:{source._fingerprint}"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).resolve()
+        stat = path.stat() if path.exists() else None
+        return f"file:{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}"
+    return f"function:{getattr(source, '__module__', '')}.{getattr(source, '__qualname__', repr(source))}"
+
+
+def _shown(values) -> str:
+    values = list(values)
+    more = f" (and {len(values) - _SHOWN} more)" if len(values) > _SHOWN else ""
+    return ", ".join(repr(v) for v in values[:_SHOWN]) + more
+
+
+def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Dataset:
+    """``text``/``label`` columns of ``raw`` with labels as ints; a ``ValueError`` for anything off."""
+    name, spec = task.name, task.spec
+    for role, column in (("text", task.text_column), ("label", task.label_column)):
+        if column not in raw.column_names:
+            raise ValueError(
+                f"Task {name!r}: the {role} column {column!r} does not exist; columns are {raw.column_names}."
+            )
+    if len(raw) == 0:
+        raise ValueError(f"Task {name!r}: the source dataset is empty (0 rows).")
+
+    texts = raw[task.text_column]
+    not_text = sorted({type(t).__name__ for t in texts if t is not None and not isinstance(t, str)})
+    if not_text:
+        raise ValueError(f"Task {name!r}: the text column {task.text_column!r} holds {not_text} values, not strings.")
+
+    feature = raw.features[task.label_column]
+    if isinstance(feature, datasets.ClassLabel) and feature.num_classes != spec.num_labels:
+        raise ValueError(
+            f"Task {name!r}: the label column {task.label_column!r} is a ClassLabel with {feature.num_classes} "
+            f"classes {feature.names}, but label_names has {spec.num_labels}: {list(spec.label_names)}."
+        )
+    labels = _label_ids(task, raw[task.label_column])
+    return datasets.Dataset.from_dict(
+        {"text": ["" if t is None else t for t in texts], "label": labels},
+        features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
+    )
+
+
+def _label_ids(task: RegisteredTask, values: Sequence) -> list[int]:
+    """Label ids for raw label values: ints index ``label_names``, strings are label words (after ``label_map``)."""
+    spec, column = task.spec, task.label_column
+    index = {word: i for i, word in enumerate(spec.label_names)}
+    label_map = task.label_map or {}
+    ids, bad = [], {}
+    for value in values:
+        value = label_map.get(value, value) if isinstance(value, (str, int)) else value
+        if isinstance(value, str):
+            label = index.get(value.strip())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            label = value if 0 <= value < spec.num_labels else None
+        else:
+            label = None
+        if label is None:
+            bad.setdefault(repr(value), value)
+        ids.append(label)
+    if bad:
+        raise ValueError(
+            f"Task {spec.name!r}: the label column {column!r} holds {_shown(bad.values())}, which "
+            f"{'is' if len(bad) == 1 else 'are'} not among label_names {list(spec.label_names)} "
+            f"(give label words, or int ids 0..{spec.num_labels - 1}; label_map= can translate raw labels)."
+        )
+    return ids
