@@ -9,7 +9,6 @@ decoding step.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Optional, Union
@@ -20,9 +19,9 @@ from torch import nn
 from .attention import AttentionSite, install_sites, remove_site
 from .config import TALoraConfig
 from .layer import TALoraPromptBank
-from .multitask import TaskList
+from .multitask import MultiTaskTunerMixin
 from .peft_integration import ROUTED_TASK_IDS_KWARG
-from .routing import TaskIds, resolve_task_ids
+from .routing import TaskIds
 from .task_routing import TaskRouter
 
 #: Training stages (see ``set_training_stage``) and the bank parameters each one trains.
@@ -34,7 +33,7 @@ def _text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-class TALoraModel(nn.Module):
+class TALoraModel(MultiTaskTunerMixin, nn.Module):
     """Adds one or more named TA-LoRA adapters to a causal LM; one is active at a time.
 
     ``model`` is a transformers ``PreTrainedModel``; ``peft_config`` maps adapter names to
@@ -43,6 +42,7 @@ class TALoraModel(nn.Module):
 
     prefix = "talora_"
     routes_task_ids = True  # read by peft_integration.route_task_ids_through_peft_forward
+    model_card_tags = ("ta-lora", "multi-task", "peft-talora")
 
     def __init__(self, model: nn.Module, peft_config: dict, adapter_name: str, low_cpu_mem_usage: bool = False):
         super().__init__()
@@ -188,58 +188,13 @@ class TALoraModel(nn.Module):
         name = adapter_name or self.active_adapter
         if name not in self.peft_config:
             raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
-        config = self.peft_config[name]
-        names = config.new_task_names(tasks)  # validates before anything changes
-        first = config.num_tasks
-        count = tasks if names is None else len(names) - first
+        first, count = self._extend_task_list(name, tasks)
         self.talora_banks[name].add_task_block(count)
-        config.num_tasks = first + count
-        config.task_names = names
         if freeze:
             self.set_training_stage("new_tasks", name)
         elif not config.inference_mode and name == self.active_adapter:
             self._apply_stage(name)
         return list(range(first, first + count))
-
-    @contextmanager
-    def exporting_tasks(self, tasks: TaskList, adapter_names: Sequence[str]):
-        """Within this context the adapters' configs and saved tensors hold only ``tasks`` (ids or names).
-
-        Used by ``save_pretrained(path, tasks=[...])`` and ``push_to_hub(repo, tasks=[...])``.
-        Tasks are renumbered ``0..k-1`` in the order given; with one task the export needs no ``task_ids``.
-        """
-        selections = {
-            name: self.peft_config[name].resolve_task_list(tasks, f"export of adapter {name!r}")
-            for name in adapter_names
-        }
-        configs = dict(self.peft_config)
-        try:
-            for name, ids in selections.items():
-                self.peft_config[name] = configs[name].restricted_to(ids)
-                self._exported_tasks[name] = ids
-            yield
-        finally:
-            self.peft_config.update(configs)
-            self._exported_tasks.clear()
-
-    def update_model_card(self, output_dir: str) -> None:
-        """Add the ``ta-lora`` tag and each adapter's tasks to the ``README.md`` PEFT wrote in ``output_dir``."""
-        from huggingface_hub import ModelCard
-
-        path = os.path.join(output_dir, "README.md")
-        card = ModelCard.load(path)
-        card.data.tags = sorted({*(card.data.tags or []), "ta-lora", "multi-task", "peft-talora"})
-        heading = "## TA-LoRA tasks"
-        lines = []
-        for name, config in self.peft_config.items():
-            tasks = [config.task_label(i) for i in range(config.num_tasks)]
-            lines.append(f"- adapter `{name}`: {len(tasks)} task(s), ids in this order: " + ", ".join(f"`{t}`" for t in tasks))
-        section = "\n".join([heading, "", "Route each example with `task_ids` (ids or these names):", "", *lines, ""])
-        text = card.text
-        if heading in text:
-            text = text[: text.index(heading)].rstrip() + "\n"
-        card.text = text.rstrip() + "\n\n" + section
-        card.save(path)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -282,12 +237,9 @@ class TALoraModel(nn.Module):
 
         In the shared warm-up stage the task part is off, so ``task_ids`` may be omitted.
         """
-        config = self.peft_config[self.active_adapter]
         if task_ids is None and self.training_stage() == "shared_warmup":
             return torch.zeros(batch_size, dtype=torch.long, device=device)
-        return resolve_task_ids(
-            task_ids, batch_size=batch_size, num_tasks=config.num_tasks, task_names=config.task_names, device=device
-        )
+        return super().resolve_task_ids(task_ids, batch_size, device)
 
     @property
     def routing_enabled(self) -> bool:

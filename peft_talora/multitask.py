@@ -9,13 +9,16 @@ MTL-LoRA validate the same way and fail with the same messages.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
-from .routing import task_index
+from .routing import TaskIds, resolve_task_ids, task_index
 
 TaskList = Union[int, str, Sequence[Union[int, str]]]
 
@@ -110,3 +113,71 @@ class MultiTaskConfig(PeftConfig):
         if repeated:
             raise ValueError(f"add_tasks: {repeated} appear more than once in the new task names.")
         return existing + names
+
+
+class MultiTaskTunerMixin:
+    """Task handling shared by the multi-task tuners: validation, adding, export, model card.
+
+    The tuner has ``peft_config`` (adapter name -> :class:`MultiTaskConfig`), ``active_adapter``,
+    ``_exported_tasks`` (a dict, empty outside an export) and a ``model_card_tags`` tuple. Its
+    ``_get_adapter_state_dict`` keeps only ``_exported_tasks[adapter]`` rows when that is set.
+    """
+
+    model_card_tags: tuple[str, ...] = ("multi-task", "peft-talora")
+
+    def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device=None) -> torch.Tensor:
+        """Validate ``task_ids`` against the active adapter's tasks; see :func:`routing.resolve_task_ids`."""
+        config = self.peft_config[self.active_adapter]
+        return resolve_task_ids(
+            task_ids, batch_size=batch_size, num_tasks=config.num_tasks, task_names=config.task_names, device=device
+        )
+
+    def _extend_task_list(self, adapter_name: str, tasks: Union[int, Sequence[str]]) -> tuple[int, int]:
+        """Grow the adapter's config by ``tasks`` (validated first); returns (first new id, count)."""
+        config = self.peft_config[adapter_name]
+        names = config.new_task_names(tasks)  # raises before anything changes
+        first = config.num_tasks
+        count = tasks if names is None else len(names) - first
+        config.num_tasks = first + count
+        config.task_names = names
+        return first, count
+
+    @contextmanager
+    def exporting_tasks(self, tasks: TaskList, adapter_names: Sequence[str]):
+        """Within this context the adapters' configs and saved tensors hold only ``tasks`` (ids or names).
+
+        Used by ``save_pretrained(path, tasks=[...])`` and ``push_to_hub(repo, tasks=[...])``. Tasks
+        are renumbered ``0..k-1`` in the order given; with one task the export needs no ``task_ids``.
+        """
+        selections = {
+            name: self.peft_config[name].resolve_task_list(tasks, f"export of adapter {name!r}")
+            for name in adapter_names
+        }
+        configs = dict(self.peft_config)
+        try:
+            for name, ids in selections.items():
+                self.peft_config[name] = configs[name].restricted_to(ids)
+                self._exported_tasks[name] = ids
+            yield
+        finally:
+            self.peft_config.update(configs)
+            self._exported_tasks.clear()
+
+    def update_model_card(self, output_dir: str) -> None:
+        """Add the method's tags and each adapter's tasks to the ``README.md`` PEFT wrote in ``output_dir``."""
+        from huggingface_hub import ModelCard
+
+        path = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(path)
+        card.data.tags = sorted({*(card.data.tags or []), *self.model_card_tags})
+        heading = "## Tasks"
+        lines = []
+        for name, config in self.peft_config.items():
+            tasks = [config.task_label(i) for i in range(config.num_tasks)]
+            lines.append(f"- adapter `{name}`: {len(tasks)} task(s), in id order: " + ", ".join(f"`{t}`" for t in tasks))
+        section = "\n".join([heading, "", "Route each example with `task_ids` (ids or these names):", "", *lines, ""])
+        text = card.text
+        if heading in text:
+            text = text[: text.index(heading)].rstrip() + "\n"
+        card.text = text.rstrip() + "\n\n" + section
+        card.save(path)
