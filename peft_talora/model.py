@@ -192,7 +192,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         self.talora_banks[name].add_task_block(count)
         if freeze:
             self.set_training_stage("new_tasks", name)
-        elif not config.inference_mode and name == self.active_adapter:
+        elif not self.peft_config[name].inference_mode and name == self.active_adapter:
             self._apply_stage(name)
         return list(range(first, first + count))
 

@@ -6,6 +6,7 @@ only if the task id reaches the adapter through Trainer.
 
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -254,3 +255,27 @@ def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
     # a random tiny LM is nearly uniform over its 128-token vocabulary: entropies close to (but below) 1
     assert u.shape == (3,) and bool(((u > 0.8) & (u < 1.0)).all()), u
     torch.testing.assert_close(trainer.task_sampler.probabilities, u / u.sum())
+
+
+@pytest.mark.parametrize(
+    "other_config, meaning",
+    [
+        (dict(task_names=[*TASKS, "third"]), "tasks (num_tasks / task_names): 2 in the file, 3 here"),
+        (dict(task_names=TASKS, r=2), "r: 4 in the file, 2 here"),
+        (dict(task_names=TASKS, num_virtual_tokens=6), "num_virtual_tokens: 4 in the file, 6 here"),
+    ],
+    ids=["tasks", "rank", "virtual-tokens"],
+)
+def test_resume_from_a_checkpoint_of_another_config_is_a_clear_error(tmp_path, other_config, meaning):
+    data = tokenize_for_causal_lm(raw(False), tiny_tokenizer(), padding="longest")
+    args = arguments(tmp_path / "run", max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
+    Trainer(model=talora(), args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+
+    config = {"num_virtual_tokens": 4, "r": 4, **other_config}
+    other = get_peft_model(tiny_model(), TALoraConfig(task_type="CAUSAL_LM", **config))
+    with pytest.raises(ValueError, match=re.escape(meaning)) as info:
+        Trainer(model=other, args=args, train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
+    assert "built with the TALoraConfig it was saved with" in str(info.value)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == saved
