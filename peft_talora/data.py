@@ -22,25 +22,25 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .config import TALoraConfig
+from .multitask import MultiTaskConfig
 from .routing import resolve_task_ids, task_index
 
 IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- task ids
-def _talora_config(source) -> TALoraConfig:
-    """The ``TALoraConfig`` of a config, a ``PeftModel``, or a ``TALoraModel`` (its active adapter)."""
-    if isinstance(source, TALoraConfig):
+def _talora_config(source) -> MultiTaskConfig:
+    """The multi-task config (TA-LoRA, MTL-LoRA) of a config, a ``PeftModel`` or a tuner (its active adapter)."""
+    if isinstance(source, MultiTaskConfig):
         return source
     configs = getattr(source, "peft_config", None)
     if isinstance(configs, dict):
         adapter = getattr(source, "active_adapter", None)
         config = configs.get(adapter) if adapter is not None else None
-        if isinstance(config, TALoraConfig):
+        if isinstance(config, MultiTaskConfig):
             return config
     raise TypeError(
-        f"Expected a TALoraConfig or a model with an active TA-LoRA adapter, got {type(source).__name__}."
+        f"Expected a TALoraConfig/MTLLoraConfig or a model with an active multi-task adapter, got {type(source).__name__}."
     )
 
 

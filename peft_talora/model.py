@@ -284,7 +284,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         weight = self.peft_config[self.active_adapter].orthogonality_weight if bank is not None else 0.0
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
             penalty = bank.orthogonality_penalty()
-            output.loss = output.loss + weight * penalty
+            share = _share_of_items(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
+            output.loss = output.loss + weight * share * penalty
             self.orthogonality_log.add(penalty.detach())
         return output
 
@@ -415,6 +416,20 @@ class RunningMean:
         mean = float(self.total) / self.count if self.count else None
         self.total, self.count = None, 0
         return mean
+
+
+def _share_of_items(labels: Optional[torch.Tensor], num_items_in_batch) -> float | torch.Tensor:
+    """This micro-batch's share of the target tokens of one optimizer step (1 outside ``Trainer``).
+
+    ``Trainer`` normalises the loss by ``num_items_in_batch``, the target tokens of all gradient
+    accumulation steps (and, with ``average_tokens_across_devices``, of all processes, then
+    multiplies by the process count). Weighting the penalty by each micro-batch's share of those
+    tokens makes it count exactly once per optimizer step, whatever the accumulation or the number
+    of processes.
+    """
+    if labels is None or num_items_in_batch is None:
+        return 1.0
+    return (labels[..., 1:] != -100).sum() / num_items_in_batch
 
 
 def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:

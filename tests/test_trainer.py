@@ -279,3 +279,27 @@ def test_resume_from_a_checkpoint_of_another_config_is_a_clear_error(tmp_path, o
         Trainer(model=other, args=args, train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
     assert "built with the TALoraConfig it was saved with" in str(info.value)
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == saved
+
+
+def test_training_helper_with_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """The orthogonality penalty counts once per optimizer step however the batch is split."""
+    from peft_talora.training import build_trainer
+
+    data = tokenize_for_causal_lm(raw(False), tiny_tokenizer())  # ragged: the collator pads
+    finals = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = get_peft_model(
+            tiny_model(),
+            TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4, orthogonality_weight=10.0),
+        )
+        torch.manual_seed(0)
+        args = arguments(tmp_path / str(batch_size), max_steps=4, per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation, learning_rate=0.05)
+        trainer = build_trainer(model, args, train_dataset=data, processing_class=tiny_tokenizer())
+        trainer.train()
+        assert {g["name"] for g in trainer.optimizer.param_groups} >= {"fast", "slow"}
+        assert any("orthogonality_loss" in log for log in trainer.state.log_history)
+        finals.append(adapter_state(model))
+    assert finals[0]["task_v_blocks.0"].abs().min() > 0  # the factors moved, so the penalty was active
+    for key in finals[0]:
+        torch.testing.assert_close(finals[1][key], finals[0][key], rtol=1e-4, atol=1e-6)

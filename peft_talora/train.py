@@ -1,0 +1,133 @@
+"""Command-line training entry point: ``python -m peft_talora.train``; the same under torchrun/accelerate.
+
+    python -m peft_talora.train --model_name_or_path MODEL --train_file train.jsonl --output_dir out
+    torchrun --nproc_per_node 2 -m peft_talora.train ...                 # DDP (gloo on CPU)
+    accelerate launch --num_processes 2 -m peft_talora.train ...        # DDP through accelerate
+
+The data file (JSON lines or CSV, read with ``datasets``) has ``prompt``, ``completion`` and a task
+column (names or ids). Every ``transformers.TrainingArguments`` flag works (``--max_steps``,
+``--per_device_train_batch_size``, ``--learning_rate``, ``--save_steps`` ...). A run pointed at an
+``output_dir`` that holds checkpoints resumes from the last one. The adapter is saved to
+``output_dir`` in the standard PEFT format.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+
+@dataclass
+class TALoraArguments:
+    """What the run trains and on which data; everything else is ``TrainingArguments``."""
+
+    model_name_or_path: str = field(metadata={"help": "Local folder (or cached Hub id) of the causal LM to adapt."})
+    train_file: str = field(metadata={"help": "JSON lines or CSV with prompt, completion and task columns."})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "Optional evaluation file, same columns."})
+    task_column: str = field(default="task", metadata={"help": "Column holding each example's task name or id."})
+    task_names: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated task names in id order; default: sorted names of the data."}
+    )
+    adapter_path: Optional[str] = field(
+        default=None, metadata={"help": "Continue from this saved adapter instead of creating a new one."}
+    )
+    training_stage: str = field(
+        default="multi_task", metadata={"help": "shared_warmup, multi_task or new_tasks (see set_training_stage)."}
+    )
+    num_virtual_tokens: int = 10
+    rank: int = field(default=8, metadata={"help": "TALoraConfig.r, the rank of the shared basis."})
+    alpha: float = 8.0
+    orthogonality_weight: float = 1e-3
+    fast_lr_ratio: float = 4.0
+    task_sampling: Optional[str] = field(
+        default=None, metadata={"help": "proportional, temperature or uncertainty; default: Trainer's own sampler."}
+    )
+    task_sampling_temperature: float = 2.0
+    max_length: Optional[int] = field(default=None, metadata={"help": "Truncate tokenised examples to this length."})
+
+
+def _read(path: str):
+    from datasets import load_dataset
+
+    kind = "csv" if path.endswith(".csv") else "json"
+    return load_dataset(kind, data_files=path, split="train")
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    """Train and save an adapter; returns the output directory."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import TALoraConfig
+    from .data import tokenize_for_causal_lm
+    from .training import build_trainer
+
+    parser = HfArgumentParser((TALoraArguments, TrainingArguments))
+    talora_args, args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(args.seed)
+
+    train = _read(talora_args.train_file)
+    if talora_args.task_column not in train.column_names:
+        raise ValueError(
+            f"{talora_args.train_file} has no task column {talora_args.task_column!r} (columns: {train.column_names}); "
+            "pass --task_column."
+        )
+    train = train.rename_column(talora_args.task_column, "task_ids") if talora_args.task_column != "task_ids" else train
+    tokenizer = AutoTokenizer.from_pretrained(talora_args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(talora_args.model_name_or_path)
+    if talora_args.adapter_path:
+        model = PeftModel.from_pretrained(model, talora_args.adapter_path, is_trainable=True)
+    else:
+        values = train.unique("task_ids")
+        if talora_args.task_names:
+            tasks = {"task_names": talora_args.task_names.split(",")}
+        elif all(isinstance(v, str) for v in values):
+            tasks = {"task_names": sorted(values)}
+        else:
+            tasks = {"num_tasks": int(max(values)) + 1}
+        config = TALoraConfig(
+            task_type="CAUSAL_LM",
+            **tasks,
+            num_virtual_tokens=talora_args.num_virtual_tokens,
+            r=talora_args.rank,
+            alpha=talora_args.alpha,
+            orthogonality_weight=talora_args.orthogonality_weight,
+        )
+        model = get_peft_model(model, config)
+    if talora_args.training_stage != "multi_task":
+        model.set_training_stage(talora_args.training_stage)
+
+    def prepare(dataset):
+        if dataset is None:
+            return None
+        return tokenize_for_causal_lm(dataset, tokenizer, task_names=model, max_length=talora_args.max_length)
+
+    eval_data = _read(talora_args.eval_file) if talora_args.eval_file else None
+    if eval_data is not None and talora_args.task_column != "task_ids":
+        eval_data = eval_data.rename_column(talora_args.task_column, "task_ids")
+    trainer = build_trainer(
+        model,
+        args,
+        train_dataset=prepare(train),
+        eval_dataset=prepare(eval_data),
+        processing_class=tokenizer,
+        fast_lr_ratio=talora_args.fast_lr_ratio,
+        task_sampling=talora_args.task_sampling,
+        task_sampling_temperature=talora_args.task_sampling_temperature,
+    )
+    resume = get_last_checkpoint(args.output_dir) if args.output_dir and os.path.isdir(args.output_dir) else None
+    if trainer.is_world_process_zero():
+        global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        print(f"peft_talora.train: world size {args.world_size}, global batch {global_batch}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
