@@ -22,7 +22,7 @@ from peft_talora import TALoraConfig, talora_optimizer
 from peft_talora.smollm2 import load_smollm2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import main_job  # noqa: E402
+import two_tasks_same_input as main_job  # noqa: E402
 
 
 def main(argv=None):

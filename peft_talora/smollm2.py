@@ -115,3 +115,23 @@ def load_smollm2(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer
+
+
+def load_model(tiny: bool = False, cache_dir: str | os.PathLike | None = None):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct, or with ``tiny`` a small random Llama with its tokenizer.
+
+    The tiny model (2 layers, hidden size 64) is for smoke runs of the examples: same tokenizer
+    and chat template, seconds instead of minutes.
+    """
+    if not tiny:
+        return load_smollm2(cache_dir)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path(cache_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from peft_talora import TALoraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import main_job  # noqa: E402
+import two_tasks_same_input as main_job  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
