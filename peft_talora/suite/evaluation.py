@@ -1,0 +1,360 @@
+"""Evaluating a causal LM on a task: rank classification by label log-likelihood, or greedy generation.
+
+Both work on any causal LM or ``PeftModel``. ``task_id`` routes multi-task adapters (TA-LoRA):
+an int (every row), a task name (TA-LoRA's ``task_names``), or one per row; ``None`` passes no
+``task_ids`` at all, as the base model, LoRA or prompt tuning need. The model runs under
+``torch.no_grad()`` in eval mode and every module's training flag is restored afterwards.
+Forward passes are batched (right-padded, sorted by length, only the needed logits computed);
+rank classification reads every one-token label word from one pass over the prompt and scores
+longer label words as (example, label) pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import string
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import datasets
+import numpy as np
+import torch
+
+from ..data import TaskIdEncoder
+from .prompts import DEFAULT_MAX_TEXT_TOKENS, PromptFormatter, resolve_spec
+from .tasks import TaskSpec, column_values
+
+TaskId = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
+
+
+@dataclass
+class EvalResult:
+    """Predictions and scores of one task. ``predictions`` are label ids, ``-1`` where generation matched none."""
+
+    task: str
+    method: str
+    accuracy: float
+    macro_f1: float
+    predictions: list[int]
+    references: list[int]
+    scores: Optional[torch.Tensor] = None  # (examples, labels) log-likelihoods, rank classification
+    answers: Optional[list[str]] = None  # generated text, generation
+
+    @property
+    def unmatched(self) -> int:
+        return sum(p < 0 for p in self.predictions)
+
+    def metrics(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "n": len(self.references),
+            "unmatched": self.unmatched,
+        }
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model.eval()`` under ``torch.no_grad()``; every module's ``training`` flag is put back on exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def _row_task_ids(model, task_id: TaskId, rows: int) -> Optional[torch.Tensor]:
+    """``task_id`` as a ``LongTensor`` of one id per row, or ``None`` (pass no ``task_ids``)."""
+    if task_id is None:
+        return None
+    if isinstance(task_id, torch.Tensor):
+        values = task_id.reshape(-1).tolist()
+    elif isinstance(task_id, (int, str)):
+        values = [task_id]
+    else:
+        values = list(task_id)
+    if any(isinstance(v, str) for v in values):
+        values = TaskIdEncoder.from_config(model).encode(values)
+    if len(values) == 1:
+        values = values * rows
+    if len(values) != rows:
+        raise ValueError(f"task_id must be one id or one per example ({rows}), got {len(values)}.")
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _keeps_last_logits(model) -> bool:
+    """Whether the (base) model's forward takes ``logits_to_keep``, so only the needed logits get computed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _batches(order: np.ndarray, batch_size: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield order[start : start + batch_size]
+
+
+# ----------------------------------------------------------------------------- rank classification
+def _log_probs_at(model, sequences, positions, row_tasks, pad: int, keep_logits: bool) -> torch.Tensor:
+    """Next-token log-probabilities after ``positions`` of right-padded ``sequences``: ``(B, P, vocab)``.
+
+    ``positions`` is ``(B, P)`` (input positions; the distribution *after* each). Only the logits
+    from the earliest needed position on are computed when ``keep_logits`` (the model takes ``logits_to_keep``).
+    """
+    device = _device(model)
+    rows = [torch.tensor(ids) for ids in sequences]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad).to(device)
+    width = input_ids.shape[1]
+    lengths = torch.tensor([len(ids) for ids in sequences], device=device)
+    attention_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    positions = positions.to(device)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if keep_logits:
+        kwargs["logits_to_keep"] = int(width - positions.min().item())
+    if row_tasks is not None:
+        kwargs["task_ids"] = row_tasks.to(device)
+    logits = model(**kwargs).logits
+    # the logits end where the input ends (prompt tuning prepends virtual tokens, logits_to_keep drops the start)
+    logit_index = positions - width + logits.shape[1]
+    picked = logits[torch.arange(len(rows), device=device)[:, None], logit_index]
+    return picked.float().log_softmax(-1)
+
+
+def score_choices(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    choices: Sequence[str],
+    *,
+    task_id: TaskId = None,
+    batch_size: int = 16,
+    length_normalize: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Log-likelihood of each choice after each prompt, shape ``(len(prompts), len(choices))``.
+
+    Prompts are tokenised with the tokenizer's special tokens and choices without, exactly as
+    :func:`peft_talora.data.tokenize_for_causal_lm` tokenises prompt and completion. A choice of
+    several tokens scores the sum of their log-probabilities (the mean with ``length_normalize``).
+    Choices of one token are all read from a single forward pass of the prompt; each choice of
+    several tokens gets a forward pass of prompt + choice, batched across examples.
+    """
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    choice_ids = tokenizer(list(choices), add_special_tokens=False)["input_ids"]
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise ValueError("A prompt tokenises to no tokens; there is nothing to condition the label on.")
+    empty = [c for c, ids in zip(choices, choice_ids) if not ids]
+    if empty:
+        raise ValueError(f"Choices {empty} tokenise to no tokens.")
+    n_examples, n_choices = len(prompt_ids), len(choice_ids)
+    row_tasks = _row_task_ids(model, task_id, n_examples)
+    pad, keep_logits = _pad_id(tokenizer), _keeps_last_logits(model)
+    prompt_lengths = np.array([len(ids) for ids in prompt_ids])
+    choice_lengths = np.array([len(ids) for ids in choice_ids])
+    scores = torch.empty(n_examples, n_choices, dtype=torch.float32)
+
+    def tasks_of(examples):
+        return None if row_tasks is None else row_tasks[torch.as_tensor(examples)]
+
+    with evaluating(model):
+        single = np.flatnonzero(choice_lengths == 1)
+        if len(single):  # one pass per example gives every one-token choice
+            single_tokens = torch.tensor([choice_ids[c][0] for c in single])
+            order = np.argsort(-prompt_lengths, kind="stable")  # similar lengths share a batch
+            for examples in _batches(order, batch_size, progress, "scoring labels"):
+                last = torch.as_tensor(prompt_lengths[examples] - 1)[:, None]
+                sequences = [prompt_ids[e] for e in examples]
+                log_probs = _log_probs_at(model, sequences, last, tasks_of(examples), pad, keep_logits)
+                single_scores = log_probs[:, 0, single_tokens.to(log_probs.device)].cpu()
+                scores[torch.as_tensor(examples)[:, None], torch.as_tensor(single)[None, :]] = single_scores
+
+        multi = np.flatnonzero(choice_lengths > 1)
+        if len(multi):  # (example, choice) pairs, longest first
+            pair_example = np.repeat(np.arange(n_examples), len(multi))
+            pair_choice = np.tile(multi, n_examples)
+            order = np.argsort(-(prompt_lengths[pair_example] + choice_lengths[pair_choice]), kind="stable")
+            for pairs in _batches(order, batch_size, progress, "scoring multi-token labels"):
+                examples, options = pair_example[pairs], pair_choice[pairs]
+                sizes = torch.as_tensor(choice_lengths[options])
+                steps = torch.arange(int(sizes.max()))
+                valid = steps[None, :] < sizes[:, None]
+                # the token at prompt_length + k is predicted after position prompt_length + k - 1
+                after = torch.as_tensor(prompt_lengths[examples] - 1)[:, None] + torch.where(valid, steps[None, :], 0)
+                sequences = [prompt_ids[e] + choice_ids[c] for e, c in zip(examples, options)]
+                targets = torch.tensor([choice_ids[c] + [pad] * (len(steps) - len(choice_ids[c])) for c in options])
+                log_probs = _log_probs_at(model, sequences, after, tasks_of(examples), pad, keep_logits)
+                token_scores = log_probs.gather(-1, targets.to(log_probs.device)[..., None]).squeeze(-1).cpu()
+                scores[torch.as_tensor(examples), torch.as_tensor(options)] = (token_scores * valid).sum(-1)
+    if length_normalize:
+        scores = scores / torch.as_tensor(choice_lengths, dtype=torch.float32)[None, :]
+    return scores
+
+
+# ----------------------------------------------------------------------------- generation
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    task_id: TaskId = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens."""
+    from transformers import GenerationConfig
+
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    row_tasks = _row_task_ids(model, task_id, len(prompt_ids))
+    order = np.argsort(-np.array([len(ids) for ids in prompt_ids]), kind="stable")
+    device, pad = _device(model), _pad_id(tokenizer)
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=model_eos if model_eos is not None else tokenizer.eos_token_id,
+    )
+    answers: list[Optional[str]] = [None] * len(prompt_ids)
+    with evaluating(model):
+        for rows in _batches(order, batch_size, progress, "generating"):
+            width = max(len(prompt_ids[r]) for r in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids = prompt_ids[r]
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[i, width - len(ids) :] = 1
+            kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            if row_tasks is not None:
+                kwargs["task_ids"] = row_tasks[torch.as_tensor(rows)].to(device)
+            output = model.generate(**kwargs, generation_config=config)
+            for r, text in zip(rows, tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)):
+                answers[r] = text
+    return answers
+
+
+_LEADING_NOISE = string.whitespace + string.punctuation
+
+
+def match_label(answer: str, label_names: Sequence[str]) -> int:
+    """The label whose word the answer starts with (longest word first), else the first one found in it; -1 if none.
+
+    Only the answer's first line counts (a base model may go on to invent another question).
+    """
+    text = answer.strip().split("\n", 1)[0].lower().lstrip(_LEADING_NOISE)
+    words = [w.lower() for w in label_names]
+    for i in sorted(range(len(words)), key=lambda i: -len(words[i])):
+        w = words[i]
+        if text.startswith(w) and (len(text) == len(w) or not text[len(w)].isalnum()):
+            return i
+    found = [(m.start(), i) for i, w in enumerate(words) if (m := re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text))]
+    return min(found)[1] if found else -1
+
+
+# ----------------------------------------------------------------------------- metrics and the task loop
+@functools.lru_cache(maxsize=None)
+def _metric(name: str):
+    from ..metrics import load_metric
+
+    return load_metric(name)
+
+
+def classification_metrics(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> dict:
+    """Accuracy and macro-F1 over the ``num_labels`` classes (a ``-1`` prediction counts as wrong)."""
+    predictions, references = [int(p) for p in predictions], [int(r) for r in references]
+    accuracy = _metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    macro_f1 = _metric("f1").compute(
+        predictions=predictions, references=references, labels=list(range(num_labels)), average="macro"
+    )["f1"]
+    return {"accuracy": float(accuracy), "macro_f1": float(macro_f1)}
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    dataset: datasets.Dataset,
+    *,
+    task: Union[str, TaskSpec, None] = None,
+    method: str = "rank",
+    task_id: TaskId = None,
+    batch_size: int = 16,
+    length_normalize: bool = False,
+    max_new_tokens: Optional[int] = None,
+    max_text_tokens: Optional[int] = DEFAULT_MAX_TEXT_TOKENS,
+    use_chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Accuracy and macro-F1 of ``model`` on one task's split (``text``/``label`` rows).
+
+        ``method="rank"`` picks the label word with the highest log-likelihood after the prompt;
+        ``"generate"`` decodes greedily (``max_new_tokens``, default: the longest label + 12 tokens,
+    room for an answer in a sentence)
+        and matches the answer to a label word with :func:`match_label`. The task's spec comes from
+        ``task`` or the dataset's ``task`` column; prompts are those of :class:`PromptFormatter`.
+    """
+    if method not in ("rank", "generate"):
+        raise ValueError(f"method must be 'rank' or 'generate', got {method!r}.")
+    spec = resolve_spec(dataset, task)
+    formatter = PromptFormatter(
+        tokenizer, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens, system_prompt=system_prompt
+    )
+    prompts = formatter.prompts(spec, column_values(dataset, "text"))
+    references = [int(label) for label in column_values(dataset, "label")]
+    choices = formatter.completions(spec)
+    scores, answers = None, None
+    if method == "rank":
+        scores = score_choices(
+            model,
+            tokenizer,
+            prompts,
+            choices,
+            task_id=task_id,
+            batch_size=batch_size,
+            length_normalize=length_normalize,
+            progress=progress,
+        )
+        predictions = scores.argmax(dim=1).tolist()
+    else:
+        if max_new_tokens is None:
+            max_new_tokens = max(len(ids) for ids in tokenizer(choices, add_special_tokens=False)["input_ids"]) + 12
+        answers = generate_answers(
+            model,
+            tokenizer,
+            prompts,
+            task_id=task_id,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
+        predictions = [match_label(answer, spec.label_names) for answer in answers]
+    metrics = classification_metrics(predictions, references, spec.num_labels)
+    return EvalResult(
+        spec.name, method, metrics["accuracy"], metrics["macro_f1"], predictions, references, scores, answers
+    )

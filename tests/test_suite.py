@@ -1,0 +1,427 @@
+"""The multi-task data suite: packaged tasks, dedup/split/cache, bring-your-own tasks, prompts, evaluation."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb, tiny_model
+from datasets import Dataset, DatasetDict
+from peft import PromptTuningConfig, get_peft_model
+from talora_text import ids, tiny_tokenizer
+
+from peft_talora import TALoraConfig
+from peft_talora.data import tokenize_for_causal_lm
+from peft_talora.suite import (
+    MIDDLE_MARKER,
+    SOURCE_TASKS,
+    SPLITS,
+    TARGET_TASKS,
+    PromptFormatter,
+    RegisteredTask,
+    TaskSpec,
+    deduplicate,
+    evaluate_task,
+    evaluating,
+    format_split,
+    get_task,
+    load_suite,
+    load_task,
+    match_label,
+    register_task,
+    registered_task,
+    score_choices,
+    stratified_split,
+    subsample,
+    suite_cache_dir,
+    task_stats,
+    truncate_middle,
+    unregister_task,
+)
+
+BUILTIN_NAMES = {
+    "movie_sentiment", "tweet_sentiment", "amazon_sentiment", "nyt_sentiment", "sms_spam", "trec", "bbc_topic",
+    "boolq", "drug_sentiment", "reuters_r8", "pubmedqa", "inews_sentiment",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Two real packaged tasks built once into a temporary cache: TREC (many duplicates) and PubMedQA (3 labels)."""
+    cache = tmp_path_factory.mktemp("suite")
+    return cache, load_suite(["trec", "pubmedqa"], cache_dir=cache, progress=False)
+
+
+@pytest.fixture
+def own_tasks():
+    """Register tasks in a test and have them removed afterwards."""
+    names = []
+
+    def register(spec, source, **kwargs):
+        task = register_task(spec, source, **kwargs)
+        names.append(spec.name)
+        return task
+
+    yield register
+    for name in names:
+        unregister_task(name)
+
+
+def yes_no_dataset(rows_per_label=10, text_column="text", label_column="label", labels=("no", "yes")):
+    texts = [f"example {label} number {i}" for label in labels for i in range(rows_per_label)]
+    words = [label for label in labels for _ in range(rows_per_label)]
+    return Dataset.from_dict({text_column: texts, label_column: words})
+
+
+YES_NO = TaskSpec(name="my_yes_no", instruction="Answer yes or no.", label_names=["no", "yes"])
+
+
+# ----------------------------------------------------------------------------- built-in specs (no data read)
+def test_the_twelve_builtin_tasks_are_registered_with_well_formed_specs():
+    assert len(SOURCE_TASKS) == 8 and len(TARGET_TASKS) == 4
+    assert set(SOURCE_TASKS) | set(TARGET_TASKS) == BUILTIN_NAMES
+    for name in BUILTIN_NAMES:
+        spec, task = get_task(name), registered_task(name)
+        assert spec.name == name and callable(task.source)
+        assert spec.instruction.strip() and spec.text_field.strip() and spec.description.strip()
+        words = [w.lower() for w in spec.label_names]
+        assert len(words) >= 2 and len(set(words)) == len(words), name
+        # a generated answer maps to one label only: no label word starts another one
+        assert not [(a, b) for a in words for b in words if a != b and b.startswith(a)], name
+    assert get_task("trec").label_names == ("abbreviation", "entity", "description", "human", "location", "number")
+    assert get_task("inews_sentiment").label_names == ("negative", "neutral", "positive")
+
+
+def test_unknown_task_name_lists_the_registered_tasks():
+    with pytest.raises(ValueError, match=r"Unknown task 'sst2'; registered tasks are \[.*'movie_sentiment'"):
+        load_task("sst2")
+
+
+# ----------------------------------------------------------------------------- real packaged data
+def test_real_tasks_are_deduplicated_with_disjoint_splits(built):
+    _, suite = built
+    for name, splits in suite.items():
+        assert isinstance(splits, DatasetDict) and list(splits) == list(SPLITS)
+        keys = {split: [" ".join(t.split()).casefold() for t in splits[split]["text"][:]] for split in SPLITS}
+        for split in SPLITS:
+            assert len(set(keys[split])) == len(keys[split]), f"{name}/{split} holds duplicate texts"
+        assert not set(keys["train"]) & set(keys["validation"])
+        assert not set(keys["train"]) & set(keys["test"])
+        assert not set(keys["validation"]) & set(keys["test"])
+        spec = get_task(name)
+        train = splits["train"]
+        assert train.features["label"].names == list(spec.label_names)
+        assert set(train["task"][:]) == {name}
+        assert train["label_word"][:] == [spec.label_names[i] for i in train["label"][:]]
+    trec = suite["trec"]
+    assert sum(len(trec[s]) for s in SPLITS) == 5380  # 15,452 lines, mostly repeats
+    stats = task_stats("trec", built[0])
+    assert stats["rows_read"] == 15452 and stats["duplicates_dropped"] > 10000
+    assert sum(len(suite["pubmedqa"][s]) for s in SPLITS) == 500
+
+
+def test_splits_are_stratified(built):
+    _, suite = built
+    for name, splits in suite.items():
+        num_labels = get_task(name).num_labels
+        shares = {s: np.bincount(splits[s]["label"][:], minlength=num_labels) / len(splits[s]) for s in SPLITS}
+        for split in ("validation", "test"):
+            assert np.abs(shares[split] - shares["train"]).max() < 0.02, (name, split)
+        sizes = np.array([len(splits[s]) for s in SPLITS]) / sum(len(splits[s]) for s in SPLITS)
+        assert np.allclose(sizes, [0.7, 0.1, 0.2], atol=0.01)
+
+
+def test_fixed_seed_gives_identical_splits_and_another_seed_does_not(built, tmp_path):
+    cache, suite = built
+    again = load_task("pubmedqa", cache_dir=tmp_path, progress=False)  # a fresh build elsewhere
+    for split in SPLITS:
+        assert again[split]["text"][:] == suite["pubmedqa"][split]["text"][:]
+    other = load_task("pubmedqa", cache_dir=tmp_path, seed=1, progress=False)
+    assert other["test"]["text"][:] != suite["pubmedqa"]["test"]["text"][:]
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    first, second = stratified_split(labels, seed=3), stratified_split(labels, seed=3)
+    assert all(np.array_equal(first[s], second[s]) for s in SPLITS)
+
+
+def test_second_load_reads_the_cache_not_the_source(built, monkeypatch):
+    cache, suite = built
+
+    def no_reading(self):
+        raise AssertionError(f"the source of {self.name} was read again")
+
+    monkeypatch.setattr(RegisteredTask, "read", no_reading)
+    again = load_task("trec", cache_dir=cache, progress=False)
+    assert again["test"]["text"][:] == suite["trec"]["test"]["text"][:]
+    assert (cache / "trec" / "suite_task.json").is_file()
+    with pytest.raises(AssertionError, match="read again"):  # another seed is another build
+        load_task("trec", cache_dir=cache, seed=5, progress=False)
+
+
+def test_default_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFT_TALORA_CACHE", str(tmp_path))
+    assert suite_cache_dir() == tmp_path / "suite" / "v1"
+    assert suite_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+
+
+def test_an_interrupted_build_leaves_no_cache_behind(own_tasks, tmp_path, monkeypatch):
+    own_tasks(YES_NO, yes_no_dataset())
+    original = DatasetDict.save_to_disk
+
+    def crash_half_way(self, path, **kwargs):
+        original(self, path, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        load_task("my_yes_no", cache_dir=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(DatasetDict, "save_to_disk", original)
+    assert len(load_task("my_yes_no", cache_dir=tmp_path, progress=False)["train"]) == 14
+
+
+# ----------------------------------------------------------------------------- bring your own task
+def test_register_a_dataset_with_string_or_int_labels(own_tasks, tmp_path):
+    words = yes_no_dataset(text_column="body", label_column="answer")
+    own_tasks(YES_NO, words, text_column="body", label_column="answer")
+    splits = load_task("my_yes_no", cache_dir=tmp_path, progress=False)
+    assert {len(splits[s]) for s in SPLITS} == {14, 2, 4}
+    row = splits["train"][0]
+    assert row["label_word"] == ["no", "yes"][row["label"]] and row["text"].startswith(f"example {row['label_word']}")
+
+    ints = Dataset.from_dict({"text": [f"t{i}" for i in range(12)], "label": [0, 1, 2] * 4})
+    spec = TaskSpec(name="my_ints", instruction="Which colour?", label_names=["red", "green", "blue"])
+    own_tasks(spec, ints)
+    assert load_task("my_ints", cache_dir=tmp_path, progress=False)["train"].features["label"].names == [
+        "red",
+        "green",
+        "blue",
+    ]
+
+    raw = Dataset.from_dict({"text": [f"t{i}" for i in range(12)], "label": ["Y", "N"] * 6})
+    own_tasks(TaskSpec("my_mapped", "Answer yes or no.", ["no", "yes"]), raw, label_map={"Y": "yes", "N": "no"})
+    assert sorted(load_task("my_mapped", cache_dir=tmp_path, progress=False)["train"]["label_word"][:])[-1] == "yes"
+
+
+def test_register_a_csv_and_a_jsonl_file(own_tasks, tmp_path):
+    frame = yes_no_dataset(rows_per_label=6, text_column="message", label_column="is_it").to_pandas()
+    frame.loc[0, "message"] = "NA, with a comma"  # read verbatim, not as a missing value
+    frame.to_csv(tmp_path / "mine.csv", index=False)
+    own_tasks(YES_NO, tmp_path / "mine.csv", text_column="message", label_column="is_it")
+    splits = load_task("my_yes_no", cache_dir=tmp_path / "cache", progress=False)
+    texts = [t for s in SPLITS for t in splits[s]["text"][:]]
+    assert len(texts) == 12 and "NA, with a comma" in texts
+
+    frame["is_it"] = (frame["is_it"] == "yes").astype(int)
+    frame.to_json(tmp_path / "mine.jsonl", orient="records", lines=True)
+    own_tasks(
+        TaskSpec("my_jsonl", "Answer yes or no.", ["no", "yes"]),
+        str(tmp_path / "mine.jsonl"),
+        text_column="message",
+        label_column="is_it",
+    )
+    assert sum(len(s) for s in load_task("my_jsonl", cache_dir=tmp_path / "cache", progress=False).values()) == 12
+
+
+def test_duplicates_are_dropped_and_conflicting_texts_removed():
+    texts = ["Good film", "good   FILM ", "bad film", "Bad film", "meh", "", "  "]
+    labels = [1, 1, 0, 1, 0, 0, 1]
+    kept, kept_labels, stats = deduplicate(texts, labels)
+    assert kept == ["Good film", "meh"] and kept_labels.tolist() == [1, 0]
+    assert stats == {
+        "rows_read": 7, "empty_dropped": 2, "duplicates_dropped": 1, "conflicting_texts_dropped": 1,
+        "conflicting_rows_dropped": 2, "rows_kept": 2,
+    }  # fmt: skip
+
+
+def test_bad_input_raises_clear_errors(own_tasks, tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Task 'my_yes_no': the label column 'label' holds 'maybe', which is not among label_names ['no', 'yes']"
+        ),
+    ):
+        own_tasks(YES_NO, yes_no_dataset(labels=("no", "yes", "maybe")))
+    with pytest.raises(
+        ValueError, match=re.escape("Task 'my_yes_no': the label column 'label' holds 2, -1, which are not among")
+    ):
+        own_tasks(YES_NO, Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 2, -1]}))
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Task 'my_yes_no': the text column 'body' does not exist; columns are ['text', 'label']"),
+    ):
+        own_tasks(YES_NO, yes_no_dataset(), text_column="body")
+    with pytest.raises(ValueError, match=re.escape("Task 'my_yes_no': the label column 'answer' does not exist")):
+        own_tasks(YES_NO, yes_no_dataset(), label_column="answer")
+    with pytest.raises(ValueError, match=re.escape("Task 'my_yes_no': the source dataset is empty (0 rows).")):
+        own_tasks(YES_NO, Dataset.from_dict({"text": [], "label": []}))
+    with pytest.raises(ValueError, match=re.escape("Task 'movie_sentiment' is already registered")):
+        own_tasks(TaskSpec("movie_sentiment", "Is it positive?", ["negative", "positive"]), yes_no_dataset())
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Task 'twice': label_names must be distinct (ignoring case); repeated: ['Yes', 'yes']"),
+    ):
+        TaskSpec("twice", "Answer.", ["yes", "Yes"])
+    with pytest.raises(ValueError, match=re.escape("Task 'my_yes_no': the source file")):
+        own_tasks(YES_NO, tmp_path / "missing.csv")
+
+    own_tasks(YES_NO, yes_no_dataset(rows_per_label=2))  # valid rows, but too few to split
+    with pytest.raises(
+        ValueError, match=re.escape("Task 'my_yes_no': label 'no' has 2 example(s) after deduplication")
+    ):
+        load_task("my_yes_no", cache_dir=tmp_path, progress=False)
+    yes_no_dataset().to_pandas().rename(columns={"text": "body"}).to_csv(tmp_path / "renamed.csv", index=False)
+    own_tasks(TaskSpec("my_csv", "Answer yes or no.", ["no", "yes"]), tmp_path / "renamed.csv")
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Task 'my_csv': the text column 'text' does not exist; columns are ['body', 'label']"),
+    ):
+        load_task("my_csv", cache_dir=tmp_path, progress=False)
+
+
+def test_subsample_is_stratified_and_fixed_by_seed():
+    data = Dataset.from_dict({"text": [str(i) for i in range(100)], "label": [0] * 70 + [1] * 27 + [2] * 3})
+    small = subsample(data, 20, seed=1)
+    assert len(small) == 20 and np.bincount(small["label"][:]).tolist() == [14, 5, 1]
+    assert small["text"][:] == subsample(data, 20, seed=1)["text"][:]
+    assert sorted(subsample(data, 3, seed=0)["label"][:]) == [0, 1, 2]
+    assert subsample(data, 500) is data
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_middle_truncation_keeps_both_ends_and_the_marker():
+    tokenizer = tiny_tokenizer()
+    text = " ".join(f"w{i}" for i in range(40))
+    short, cut = truncate_middle(["w1 w2 w3", text], tokenizer, max_tokens=10)
+    assert short == "w1 w2 w3"
+    head, tail = cut.split(MIDDLE_MARKER)
+    assert head == "w0 w1 w2 w3 w4" and tail == "w35 w36 w37 w38 w39"
+    prompt = PromptFormatter(tokenizer, max_text_tokens=10).prompts(get_task("trec"), [text])[0]
+    assert "w0 w1" in prompt and "w38 w39" in prompt and MIDDLE_MARKER in prompt
+
+
+def test_prompts_use_the_chat_template_when_there_is_one():
+    tokenizer = tiny_tokenizer()
+    spec = get_task("boolq")
+    plain = PromptFormatter(tokenizer)
+    assert not plain.use_chat_template
+    prompt = plain.prompts(spec, ["blue sky\nQuestion: is it blue?"])[0]
+    assert prompt.startswith(spec.instruction) and prompt.endswith("Answer with one of: no, yes.\nAnswer:")
+    assert plain.completions(spec) == [" no", " yes"]
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    chat = PromptFormatter(tokenizer, system_prompt="Be brief.")
+    prompt = chat.prompts(spec, ["blue sky"])[0]
+    assert prompt.startswith("<system>Be brief.<user>" + spec.instruction) and prompt.endswith("<assistant>")
+    assert chat.completions(spec) == ["no", "yes"]
+
+
+def test_format_split_feeds_tokenize_for_causal_lm():
+    tokenizer = tiny_tokenizer()
+    data = Dataset.from_dict(
+        {"text": ["red", "blue", "green"], "label": [1, 0, 2], "task": ["boolq", "boolq", "pubmedqa"]}
+    )
+    rows = format_split(data, tokenizer)
+    assert rows.column_names == ["prompt", "completion", "task_ids", "label"]
+    assert rows["completion"][:] == [" yes", " no", " maybe"] and rows["task_ids"][:] == ["boolq", "boolq", "pubmedqa"]
+    tokens = tokenize_for_causal_lm(rows, tokenizer, task_names=["boolq", "pubmedqa"])
+    assert tokens["task_ids"][:] == [0, 0, 1]
+    assert tokens[0]["labels"][-2:] == ids("yes") + [tokenizer.eos_token_id]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def reference_scores(model, tokenizer, prompts, choices, offset=0):
+    """One unbatched forward per (prompt, choice): the sum of the choice tokens' log-probabilities."""
+    scores = torch.zeros(len(prompts), len(choices))
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            for j, choice in enumerate(choices):
+                p, c = tokenizer(prompt)["input_ids"], tokenizer(choice, add_special_tokens=False)["input_ids"]
+                log_probs = model(input_ids=torch.tensor([p + c])).logits[0, offset:].log_softmax(-1)
+                scores[i, j] = sum(log_probs[len(p) - 1 + k, t] for k, t in enumerate(c))
+    return scores
+
+
+PROMPTS = ["question red blue", "question w1 w2 w3 w4 w5 w6 answer", "answer", "question green"]
+CHOICES = [" yes", " no", " red blue green", " A B"]  # one-token and several-token choices
+
+
+def test_batched_rank_scores_match_one_forward_per_pair():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    expected = reference_scores(model, tokenizer, PROMPTS, CHOICES)
+    scores = score_choices(model, tokenizer, PROMPTS, CHOICES, batch_size=3)
+    assert torch.allclose(scores, expected, atol=1e-4)
+    normalised = score_choices(model, tokenizer, PROMPTS, CHOICES, length_normalize=True)
+    assert torch.allclose(normalised, expected / torch.tensor([1.0, 1.0, 3.0, 2.0]), atol=1e-4)
+    # prompt tuning prepends virtual tokens to the logits: scores still line up
+    tuned = get_peft_model(tiny_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    expected = reference_scores(tuned, tokenizer, PROMPTS, CHOICES, offset=3)
+    assert torch.allclose(score_choices(tuned, tokenizer, PROMPTS, CHOICES, batch_size=2), expected, atol=1e-4)
+
+
+def forced_model(word: str):
+    """A tiny llama whose next token is always ``word`` (zero output weights, a bias on its id)."""
+    model = tiny_model()
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[ids(word)[0]] = 10.0
+    model.lm_head = head
+    return model
+
+
+def test_rank_classification_and_generation_pick_the_forced_label():
+    tokenizer = tiny_tokenizer()
+    data = Dataset.from_dict({"text": ["red", "blue", "green", "w1"], "label": [1, 0, 1, 1], "task": ["boolq"] * 4})
+    for word, label in (("yes", 1), ("no", 0)):
+        model = forced_model(word)
+        ranked = evaluate_task(model, tokenizer, data, method="rank")
+        assert ranked.predictions == [label] * 4 and ranked.scores.shape == (4, 2)
+        assert ranked.accuracy == pytest.approx(np.mean(np.array([1, 0, 1, 1]) == label))
+        generated = evaluate_task(model, tokenizer, data, method="generate", max_new_tokens=2)
+        assert generated.predictions == [label] * 4 and generated.answers[0].split()[0] == word
+    assert ranked.metrics() == {"accuracy": 0.25, "macro_f1": pytest.approx(0.2), "n": 4, "unmatched": 0}
+
+
+def test_match_label_reads_the_answer_word():
+    names = ["negative", "neutral", "positive"]
+    assert match_label(" Positive.", names) == 2
+    assert match_label("**neutral**", names) == 1
+    assert match_label("The sentiment of this review is negative.", names) == 0
+    assert match_label("I cannot tell", names) == -1
+    assert match_label("yes, it is", ["no", "yes"]) == 1 and match_label("nonsense", ["no", "yes"]) == -1
+
+
+def test_task_id_routes_a_talora_model_and_is_left_out_otherwise():
+    tokenizer = tiny_tokenizer()
+    data = Dataset.from_dict({"text": ["red", "blue", "green"], "label": [1, 0, 1], "task": ["boolq"] * 3})
+    base = tiny_model()
+    assert evaluate_task(base, tokenizer, data).scores.shape == (3, 2)  # no task_ids reach the base model
+    peft_model = perturb(
+        get_peft_model(tiny_model(), TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
+    )
+    with pytest.raises(ValueError, match="every call needs `task_ids`"):
+        evaluate_task(peft_model, tokenizer, data)
+    first = evaluate_task(peft_model, tokenizer, data, task_id=0).scores
+    second = evaluate_task(peft_model, tokenizer, data, task_id=1).scores
+    per_row = evaluate_task(peft_model, tokenizer, data, task_id=[0, 1, 0]).scores
+    assert not torch.allclose(first, second)
+    assert torch.allclose(per_row[[0, 2]], first[[0, 2]], atol=1e-5) and torch.allclose(
+        per_row[1], second[1], atol=1e-5
+    )
+    answers = evaluate_task(peft_model, tokenizer, data, method="generate", task_id=1, max_new_tokens=2).answers
+    assert len(answers) == 3
+
+
+def test_evaluation_restores_each_module_training_flag():
+    model = tiny_model()
+    model.train()
+    model.model.layers[0].eval()
+    before = [m.training for m in model.modules()]
+    with evaluating(model):
+        assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
+    assert [m.training for m in model.modules()] == before
+    evaluate_task(model, tiny_tokenizer(), Dataset.from_dict({"text": ["red"], "label": [0], "task": ["boolq"]}))
+    assert [m.training for m in model.modules()] == before
