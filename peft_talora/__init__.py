@@ -6,6 +6,7 @@
 from .callbacks import OrthogonalityLogCallback
 from .config import TALoraConfig
 from .model import TALoraModel
+from .mtl_lora import MTLLoraConfig, MTLLoraModel
 from .optim import talora_optimizer, talora_parameter_groups
 from .peft_integration import (
     complete_model_cards,
@@ -15,11 +16,14 @@ from .peft_integration import (
 )
 
 register_tuner("talora", TALoraConfig, TALoraModel)
+register_tuner("mtllora", MTLLoraConfig, MTLLoraModel)
 route_task_ids_through_peft_forward()
 export_tasks_through_save_and_push()
 complete_model_cards()
 
 __all__ = [
+    "MTLLoraConfig",
+    "MTLLoraModel",
     "OrthogonalityLogCallback",
     "TALoraConfig",
     "TALoraModel",

@@ -19,7 +19,7 @@ from torch import nn
 from .attention import AttentionSite, install_sites, remove_site
 from .config import TALoraConfig
 from .layer import TALoraPromptBank
-from .multitask import MultiTaskTunerMixin
+from .multitask import MultiTaskTunerMixin, check_saved_shape
 from .peft_integration import ROUTED_TASK_IDS_KWARG
 from .routing import TaskIds
 from .task_routing import TaskRouter
@@ -141,8 +141,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         - ``"shared_warmup"``: the task part is switched off; every example gets the shared prompt,
           and only the shared prompt and the gates train (``task_ids`` are optional).
         - ``"multi_task"`` (the default): everything trains; each example gets its task's prompt.
-        - ``"new_tasks"``: only the factors of tasks added by :meth:`add_tasks` train; the shared
-          parts and the earlier tasks are frozen and stay bit-identical.
+        - ``"new_tasks"``: only the factors of the tasks added by the latest :meth:`add_tasks` call
+          train; the shared parts and every earlier task are frozen and stay bit-identical.
 
         Setting a stage makes the adapter trainable, even if it was loaded for inference.
         """
@@ -171,9 +171,9 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         if stage == "shared_warmup":
             bank.shared_prompt.requires_grad_(True)
             bank.gate.requires_grad_(True)
-        elif stage == "new_tasks":
-            for block in (*bank.task_u_blocks[1:], *bank.task_v_blocks[1:]):
-                block.requires_grad_(True)
+        elif stage == "new_tasks":  # the latest add_tasks call's block only: earlier blocks stay bit-identical
+            bank.task_u_blocks[-1].requires_grad_(True)
+            bank.task_v_blocks[-1].requires_grad_(True)
 
     def add_tasks(
         self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
@@ -374,28 +374,13 @@ _SHAPE_MEANING = {
 
 
 def _check_saved_shape(key: str, tensor: torch.Tensor, live: dict, config) -> None:
-    """Raise a ``ValueError`` naming the differing setting when a saved tensor does not fit the model."""
     name = key.rsplit(".", 1)[-1]
     if key not in live:
         raise ValueError(
             f"The TA-LoRA adapter file has a tensor {name!r} that this model has no place for; "
             "it was not saved from a TA-LoRA adapter of this package."
         )
-    saved, here = tuple(tensor.shape), tuple(live[key].shape)
-    if saved == here:
-        return
-    meanings = _SHAPE_MEANING.get(name, ())
-    differences = [
-        f"{meanings[i] if i < len(meanings) else f'dim {i}'}: {a} in the file, {b} here"
-        for i, (a, b) in enumerate(zip(saved, here))
-        if a != b
-    ] or [f"rank: {len(saved)} in the file, {len(here)} here"]
-    raise ValueError(
-        f"TA-LoRA adapter file does not fit this model: {name} has shape {saved} in the file but {here} here "
-        f"({'; '.join(differences)}). Load or resume it into a model built with the TALoraConfig it was saved "
-        f"with (its adapter_config.json) on the base model it was trained on "
-        f"({config.base_model_name_or_path or 'see adapter_config.json'})."
-    )
+    check_saved_shape("TA-LoRA", name, tensor.shape, live[key].shape, _SHAPE_MEANING.get(name, ()), config)
 
 
 class RunningMean:

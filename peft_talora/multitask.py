@@ -181,3 +181,28 @@ class MultiTaskTunerMixin:
             text = text[: text.index(heading)].rstrip() + "\n"
         card.text = text.rstrip() + "\n\n" + section
         card.save(path)
+
+
+def check_saved_shape(
+    method: str, name: str, saved: Sequence[int], here: Sequence[int], meanings: Sequence[str], config
+) -> None:
+    """Raise a ``ValueError`` naming the setting behind each differing dimension of a saved tensor.
+
+    ``method`` is the method's display name (its config class is ``<method>Config``), ``name`` the
+    tensor's name, ``meanings[i]`` the config field (or base-model property) behind dimension ``i``.
+    """
+    saved, here = tuple(saved), tuple(here)
+    if saved == here:
+        return
+    differences = [
+        f"{meanings[i] if i < len(meanings) else f'dim {i}'}: {a} in the file, {b} here"
+        for i, (a, b) in enumerate(zip(saved, here))
+        if a != b
+    ] or [f"rank: {len(saved)} in the file, {len(here)} here"]
+    config_class = method.replace("-", "") + "Config"
+    raise ValueError(
+        f"{method} adapter file does not fit this model: {name} has shape {saved} in the file but {here} here "
+        f"({'; '.join(differences)}). Load or resume it into a model built with the {config_class} it was saved "
+        f"with (its adapter_config.json) on the base model it was trained on "
+        f"({config.base_model_name_or_path or 'see adapter_config.json'})."
+    )

@@ -27,7 +27,10 @@ The touches:
    ``save_pretrained`` wrote with a generic ``library_name: transformers`` card.
 
 The state-dict hooks (``_get_adapter_state_dict`` and friends) are the supported extension point
-and live on the tuner classes themselves.
+and live on the tuner classes themselves. MTL-LoRA subclasses PEFT's ``BaseTuner``/``BaseTunerLayer``
+as PEFT's own tuners do and overrides their injection, enabling, unloading and freezing hooks;
+``tests/test_peft_integration.py::test_base_tuner_hooks_that_mtl_lora_overrides`` fails if PEFT
+stops calling them.
 """
 
 from __future__ import annotations

@@ -47,6 +47,15 @@ def batch(batch_size: int = 3, length: int = 7, seed: int = 1, left_pad: int = 0
     return input_ids, attention_mask
 
 
+def logits(model, task_ids=None, input_ids=None, mask=None):
+    """The model's logits on ``batch()`` (or ``input_ids``), with ``task_ids`` when given."""
+    if input_ids is None:
+        input_ids, mask = batch()
+    extra = {} if task_ids is None else {"task_ids": task_ids}
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask, **extra).logits
+
+
 def perturb(peft_model, seed: int = 0, scale: float = 1.0):
     """Stand-in for training: open the gates and give every task its own factors."""
     g = torch.Generator().manual_seed(seed)

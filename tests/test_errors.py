@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import batch, perturb, tiny_model
+from conftest import batch, logits, perturb, tiny_model
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -18,14 +18,6 @@ VALID = re.escape("ids 0..2 or names ['x', 'y', 'z']")
 def config(**kwargs):
     base = dict(task_type="CAUSAL_LM", num_tasks=3, num_virtual_tokens=4, r=4)
     return TALoraConfig(**{**base, **kwargs})
-
-
-def logits(model, task_ids=None, input_ids=None, mask=None):
-    if input_ids is None:
-        input_ids, mask = batch()
-    extra = {} if task_ids is None else {"task_ids": task_ids}
-    with torch.no_grad():
-        return model(input_ids=input_ids, attention_mask=mask, **extra).logits
 
 
 # ------------------------------------------------------------------ config

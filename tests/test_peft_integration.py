@@ -517,3 +517,48 @@ def test_reload_of_every_module_of_the_package_is_harmless():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("reloaded")
+
+
+# ------------------------------------------------------------------ 7. BaseTuner hooks overridden by MTL-LoRA
+
+
+def test_base_tuner_hooks_that_mtl_lora_overrides(monkeypatch):
+    """``MTLLoraModel`` is a ``BaseTuner`` subclass and overrides a few private hooks; PEFT must still call them.
+
+    ``_pre_injection_hook`` (tuner state before injection), the layers' ``_freeze_non_trainable_peft_weights``
+    (keeps the ``new_tasks`` stage's frozen parts frozen after every ``requires_grad`` change),
+    ``_enable_adapter_layers`` (``disable_adapter``) and ``_unload_and_optionally_merge`` (takes the router off).
+    """
+    from peft_talora import MTLLoraConfig
+    from peft_talora.mtl_lora import MTLLoraLayer, MTLLoraModel
+
+    seen = []
+    hooks = [
+        (MTLLoraModel, "_pre_injection_hook"),
+        (MTLLoraLayer, "_freeze_non_trainable_peft_weights"),
+        (MTLLoraModel, "_enable_adapter_layers"),
+        (MTLLoraModel, "_unload_and_optionally_merge"),
+    ]
+    for cls, name in hooks:
+        original = getattr(cls, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            seen.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    config = MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=2, r=2, target_modules=["q_proj"])
+    model = get_peft_model(tiny_model(), config)
+    assert seen.index("_pre_injection_hook") < seen.index("_freeze_non_trainable_peft_weights")
+    for call in (lambda: model.set_adapter("default"), lambda: model.base_model.set_requires_grad("default")):
+        seen.clear()
+        call()
+        assert "_freeze_non_trainable_peft_weights" in seen
+    seen.clear()
+    with model.disable_adapter():
+        assert seen == ["_enable_adapter_layers"]
+    assert seen.count("_enable_adapter_layers") == 2
+    seen.clear()
+    base = model.unload()
+    assert "_unload_and_optionally_merge" in seen
+    assert "forward" not in base.__dict__ and not base._forward_pre_hooks, "unload takes the task router off"

@@ -342,3 +342,14 @@ def test_push_to_hub_of_one_task(hub):
     config = json.loads(hub["files"]["adapter_config.json"])
     assert config["task_names"] == ["trec"]
     assert "1 task(s), in id order: `trec`" in hub["files"]["README.md"].decode()
+
+
+def test_a_second_add_tasks_freezes_the_first_added_tasks_too():
+    model = trained()
+    model.add_tasks(["rte"])
+    train_steps(model, task_ids=["rte"] * 3)
+    after_first = logits(model, task_ids=[*TASKS[:2], "rte"])
+    model.add_tasks(["cola"])
+    assert trainable_names(model) == {"task_u_blocks.2", "task_v_blocks.2"}
+    train_steps(model, task_ids=["cola"] * 3, weight_decay=0.1)
+    assert torch.equal(logits(model, task_ids=[*TASKS[:2], "rte"]), after_first)
