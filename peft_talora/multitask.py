@@ -188,7 +188,7 @@ def check_saved_shape(
 ) -> None:
     """Raise a ``ValueError`` naming the setting behind each differing dimension of a saved tensor.
 
-    ``method`` is the method's display name (its config class is ``<method>Config``), ``name`` the
+    ``method`` is the method's display name, ``config`` the adapter's config, ``name`` the
     tensor's name, ``meanings[i]`` the config field (or base-model property) behind dimension ``i``.
     """
     saved, here = tuple(saved), tuple(here)
@@ -199,10 +199,9 @@ def check_saved_shape(
         for i, (a, b) in enumerate(zip(saved, here))
         if a != b
     ] or [f"rank: {len(saved)} in the file, {len(here)} here"]
-    config_class = method.replace("-", "") + "Config"
     raise ValueError(
         f"{method} adapter file does not fit this model: {name} has shape {saved} in the file but {here} here "
-        f"({'; '.join(differences)}). Load or resume it into a model built with the {config_class} it was saved "
+        f"({'; '.join(differences)}). Load or resume it into a model built with the {type(config).__name__} it was saved "
         f"with (its adapter_config.json) on the base model it was trained on "
         f"({config.base_model_name_or_path or 'see adapter_config.json'})."
     )

@@ -16,7 +16,6 @@ A tuner using the router provides:
 
 from __future__ import annotations
 
-import functools
 import inspect
 from contextlib import contextmanager
 from typing import Optional
@@ -91,6 +90,33 @@ class _GenerationRouting:
         return self.task_ids.repeat_interleave(batch_size // given)
 
 
+class _ForwardDeclaringTaskIds:
+    """The model's own ``forward``, with a signature that also declares ``task_ids``.
+
+    A callable object rather than a closure, so that ``copy.deepcopy`` of the model gives a copy
+    whose ``forward`` runs the *copy* (a closure would keep calling the original model).
+    """
+
+    _talora_declares_task_ids = True
+
+    def __init__(self, model: nn.Module, own_forward=None):
+        self.model = model
+        self.own_forward = own_forward  # an instance-level forward someone set before us, kept as is
+        forward = own_forward or model.forward
+        signature = inspect.signature(forward)
+        parameters = list(signature.parameters.values())
+        position = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+        parameters.insert(position, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+        self.__signature__ = signature.replace(parameters=parameters)
+        self.__doc__ = forward.__doc__
+        self.__name__ = "forward"
+
+    def __call__(self, *args, **kwargs):
+        if self.own_forward is not None:
+            return self.own_forward(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+
 def _declare_task_ids_parameter(model: nn.Module) -> None:
     """Give the wrapped model's ``forward`` a visible ``task_ids`` parameter.
 
@@ -100,16 +126,4 @@ def _declare_task_ids_parameter(model: nn.Module) -> None:
     """
     if getattr(model.__dict__.get("forward"), "_talora_declares_task_ids", False):
         return
-    forward = model.forward
-
-    @functools.wraps(forward)
-    def forward_with_task_ids(*args, **kwargs):
-        return forward(*args, **kwargs)
-
-    signature = inspect.signature(forward)
-    parameters = list(signature.parameters.values())
-    position = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
-    parameters.insert(position, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
-    forward_with_task_ids.__signature__ = signature.replace(parameters=parameters)
-    forward_with_task_ids._talora_declares_task_ids = True
-    model.forward = forward_with_task_ids
+    model.forward = _ForwardDeclaringTaskIds(model, model.__dict__.get("forward"))

@@ -353,3 +353,21 @@ def test_a_second_add_tasks_freezes_the_first_added_tasks_too():
     assert trainable_names(model) == {"task_u_blocks.2", "task_v_blocks.2"}
     train_steps(model, task_ids=["cola"] * 3, weight_decay=0.1)
     assert torch.equal(logits(model, task_ids=[*TASKS[:2], "rte"]), after_first)
+
+
+def test_a_deep_copy_is_an_independent_adapted_model():
+    import copy
+
+    model = trained()
+    clone = copy.deepcopy(model)
+    assert torch.equal(logits(clone, task_ids=TASKS), logits(model, task_ids=TASKS))
+    original = logits(model, task_ids=TASKS)
+    with torch.no_grad():
+        clone.base_model.talora_banks["default"].gate.mul_(0.5)
+    assert torch.equal(logits(model, task_ids=TASKS), original)
+    assert not torch.allclose(logits(clone, task_ids=TASKS), original)
+    clone.add_tasks(["rte"])
+    clone.train()
+    input_ids, mask = batch(batch_size=2)
+    clone(input_ids=input_ids, attention_mask=mask, labels=input_ids, task_ids=["rte", "rte"]).loss.backward()
+    assert clone.base_model.talora_banks["default"].task_v_blocks[1].grad.abs().sum() > 0  # v: u gets none while v = 0
