@@ -1,0 +1,558 @@
+"""Benchmark TA-LoRA against PEFT's multi-task and single-task methods; regenerate benchmarks/RESULTS.md.
+
+One command trains and evaluates every method on the packaged task suite with SmolLM2-135M, runs
+the TA-LoRA ablations, measures speed and memory side by side, and writes ``RESULTS.md``,
+``results.json`` and PNG plots into ``--output-dir`` (default: ``benchmarks/``)::
+
+    python benchmarks/run.py                          # default budget (the time estimate is printed first)
+    python benchmarks/run.py --seeds 0 1 2            # mean and spread over three seeds
+    python benchmarks/run.py --steps 60 --train-per-task 128 --eval-per-task 64   # a longer run
+    python benchmarks/run.py --methods ta-lora lora --skip-speed                  # a partial rerun
+    python benchmarks/run.py --skip-quality           # speed and memory only
+    python benchmarks/run.py --quick --output-dir /tmp/bench   # every code path in a few minutes (tests)
+
+Quality: unseen data (the source tasks' test subsets after multi-task training) and unseen tasks
+(target tasks learned from k examples per label, k in ``--shots``, ``full`` = the whole training
+split capped at ``--full-cap`` rows). Every method gets the same rows in the same order and the
+same number of steps; see ``benchmarks/methods.py`` for the configs and unseen-task protocols.
+
+Resumable: every (method, seed, setting) result is cached in ``results.json`` together with a
+fingerprint of the budget that produced it, and trained multi-task adapters are cached under
+``<output-dir>/.cache/``; rerunning skips what is done. Changing a budget flag reruns only what
+it affects. Code changes are not detected: after changing a method's implementation, rerun with
+``--fresh`` (or a new ``--output-dir``). ``--threads`` sets torch's CPU threads (default 1, see the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import methods as M  # noqa: E402
+import quality as Q  # noqa: E402
+import report as R  # noqa: E402
+
+DEFAULTS = dict(
+    tasks=["movie_sentiment", "sms_spam", "trec", "boolq"],
+    targets=["drug_sentiment"],
+    shots=["4", "16", "32", "full"],
+    seeds=[0],
+    steps=14,
+    warmup_steps=3,
+    target_steps=4,
+    train_per_task=32,
+    eval_per_task=16,
+    batch_size=8,
+    max_text_tokens=48,
+    full_cap=256,
+    ablation_shots=[],
+    speed_repeats=3,
+    gen_batch_size=4,
+    gen_new_tokens=32,
+    task_batch_seq_len=24,
+)
+QUICK = dict(
+    tasks=["sms_spam", "trec"], targets=["pubmedqa"], shots=["1"], seeds=[0], steps=2, warmup_steps=1,
+    target_steps=1, train_per_task=4, eval_per_task=4, batch_size=4, full_cap=4, ablation_shots=["1"],
+    speed_repeats=2, gen_batch_size=2, gen_new_tokens=4, task_batch_seq_len=8,
+)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """A progress line with the time since start (``[mm:ss]``)."""
+    elapsed = int(time.perf_counter() - _T0)
+    print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
+
+
+def fingerprint(**parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def machine() -> dict:
+    info = {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "datasets", "evaluate", "accelerate", "numpy", "matplotlib"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    import peft_talora
+
+    out["peft_talora"] = getattr(peft_talora, "__version__", None)
+    return out
+
+
+class State:
+    """``results.json`` in ``out``: loaded on start, written atomically after every finished piece."""
+
+    def __init__(self, out: Path):
+        self.path = out / "results.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data.setdefault("runs", {})
+
+    def done(self, key: str, fp: str) -> bool:
+        run = self.data["runs"].get(key)
+        return run is not None and run.get("fingerprint") == fp and "error" not in run
+
+    def put(self, key: str, record: dict) -> None:
+        self.data["runs"][key] = record
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=float))
+        os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------------------- the plan
+def learning_rate(args, key: str) -> float:
+    """``--lr``: a plain value sets every method; ``METHOD=VALUE`` one method (``ta-lora=`` also its ablations)."""
+    everyone = exact = family = None
+    for entry in args.lr or []:
+        if "=" not in entry:
+            everyone = float(entry)
+            continue
+        name, value = entry.split("=", 1)
+        if name == key:
+            exact = float(value)
+        elif name == key.split("/")[0]:
+            family = float(value)
+    for value in (exact, family, everyone):
+        if value is not None:
+            return value
+    return M.DEFAULT_LR[M.ALL[key].family]
+
+
+def model_id(args) -> str:
+    return "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct"
+
+
+def source_fp(args, key: str, seed: int) -> str:
+    return fingerprint(
+        model=model_id(args), key=key, seed=seed, tasks=args.tasks, per_task=args.train_per_task, steps=args.steps,
+        warmup=args.warmup_steps if M.uses_warmup(key) else 0, batch=args.batch_size, lr=learning_rate(args, key),
+        max_text_tokens=args.max_text_tokens, version=2,
+    )
+
+
+def shots_for(args, key: str) -> list[str]:
+    return list(args.shots) if key in M.METHODS else list(args.ablation_shots)
+
+
+def plan(args, keys: list[str]) -> dict:
+    """Every run of ``keys`` under this budget: ``{run key: fingerprint}``."""
+    runs = {}
+    for task in [*args.tasks, *args.targets]:
+        runs[f"zero-shot|{task}"] = fingerprint(model=model_id(args), task=task, eval=args.eval_per_task,
+                                                max_text_tokens=args.max_text_tokens)
+    for seed in args.seeds:
+        for key in keys:
+            src = source_fp(args, key, seed)
+            runs[f"{key}|seed{seed}|unseen_data"] = fingerprint(src=src, eval=args.eval_per_task)
+            for target in args.targets:
+                for shot in shots_for(args, key):
+                    runs[f"{key}|seed{seed}|{target}|k={shot}"] = fingerprint(
+                        src=src, target=target, shot=shot, steps=args.target_steps, batch=args.batch_size,
+                        cap=args.full_cap if shot == "full" else None, eval=args.eval_per_task,
+                    )
+    return runs
+
+
+# ----------------------------------------------------------------------------- time estimate
+def calibrate(base, tokenizer, args) -> dict:
+    """Seconds of one training step, one forward and one short generate on this machine, now."""
+    rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
+    data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
+    batch = Q.TALoraDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
+    device = next(base.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model = M.build("ta-lora", base, args.tasks, 0, M.tokenizer_path())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    with torch.no_grad():
+        model.eval()
+        model(**batch)  # warm-up
+        start = time.perf_counter()
+        model(**batch)
+        forward = time.perf_counter() - start
+    model.train()
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    optimizer.step()
+    step = time.perf_counter() - start
+    model.eval()
+    prompt = tokenizer(["Hello"] * args.gen_batch_size, return_tensors="pt").to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        base.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    gen_token = (time.perf_counter() - start) / 4
+    del model
+    return {"train_step_s": step, "forward_s": forward, "generate_token_s": gen_token,
+            "tokens_per_row": float(batch["input_ids"].shape[1])}
+
+
+def estimate(args, keys, todo: dict, tokenizer, cal: dict) -> float:
+    """Seconds the remaining work should take, from the calibration (a shared machine can be 2x off)."""
+    overhead = 0.3 if args.tiny else 2.0  # model copy, Trainer set-up, tokenisation per run
+    eval_batch = cal["forward_s"] * Q.EVAL_BATCH_SIZE / args.batch_size
+    passes = {t: Q.eval_passes(t, tokenizer) for t in [*args.tasks, *args.targets]}
+    batches = lambda tasks: sum(passes[t] * math.ceil(args.eval_per_task / Q.EVAL_BATCH_SIZE) for t in tasks)  # noqa: E731
+    seconds = 0.0
+    trained = set()
+    for run in todo:
+        if run.startswith("zero-shot|"):
+            seconds += batches([run.split("|")[1]]) * eval_batch
+            continue
+        key, seed, setting = run.split("|", 2)
+        if (key, seed) not in trained:
+            trained.add((key, seed))
+            seconds += args.steps * cal["train_step_s"] + overhead
+        if setting == "unseen_data":
+            seconds += batches(args.tasks) * eval_batch
+        else:
+            seconds += args.target_steps * cal["train_step_s"] + batches([setting.split("|")[0]]) * eval_batch + overhead
+    if not args.skip_speed:
+        r = args.speed_repeats
+        seconds += 3 * ((1 + r) * cal["train_step_s"] + 2 * cal["forward_s"]) + 3 * overhead
+        scale = 64 * args.task_batch_seq_len / (args.batch_size * cal["tokens_per_row"])
+        seconds += 2 * ((1 + r) * cal["train_step_s"] + 2 * cal["forward_s"]) * scale
+        seconds += 3 * (1 + r) * args.gen_new_tokens * cal["generate_token_s"] * max(1.0, args.gen_batch_size / 4)
+    return seconds
+
+
+# ----------------------------------------------------------------------------- quality
+class Quality:
+    def __init__(self, args, state: State, base, tokenizer, keys, runs: dict):
+        self.args, self.state, self.base, self.tokenizer, self.keys, self.runs = args, state, base, tokenizer, keys, runs
+        self.tok_path = M.tokenizer_path()
+        self.cache = Path(args.output_dir) / ".cache"
+        self.tests = {t: Q.test_rows(t, args.eval_per_task) for t in [*args.tasks, *args.targets]}
+
+    def todo(self, key: str) -> bool:
+        return not self.state.done(key, self.runs[key])
+
+    def zero_shot(self) -> None:
+        for task in [*self.args.tasks, *self.args.targets]:
+            key = f"zero-shot|{task}"
+            if not self.todo(key):
+                continue
+            log(f"[zero-shot] base model on {task}")
+            result = Q.evaluate(self.base, self.tokenizer, {task: self.tests[task]}, lambda name: None,
+                                self.args.max_text_tokens)
+            self.state.put(key, {"fingerprint": self.runs[key], "tasks": result})
+
+    def trained(self, key: str, seed: int):
+        """The multi-task model of ``key`` and ``seed``: from the adapter cache, else trained now."""
+        args = self.args
+        fp = source_fp(args, key, seed)
+        path = self.cache / "adapters" / f"{key.replace('/', '_')}-seed{seed}-{fp}.pt"
+        model = M.build(key, self.base, args.tasks, seed, self.tok_path)
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            M.load_state(model, saved["state"])
+            log(f"[{key} seed {seed}] multi-task adapter loaded from the cache")
+            return model, saved["train"], saved["state"]
+        rows = Q.source_stream(args.tasks, self.tokenizer, args.train_per_task, seed, args.steps * args.batch_size,
+                               args.max_text_tokens)
+        lr, route = learning_rate(args, key), M.ALL[key].routes is not None
+        common = dict(task_list=list(args.tasks), route=route, batch_size=args.batch_size, lr=lr, seed=seed,
+                      folder=self.cache / "trainer", fast_lr_ratio=M.fast_lr_ratio(key))
+        info = {"lr": lr}
+        warm = min(args.warmup_steps, args.steps - 1) if M.uses_warmup(key) else 0
+        if warm > 0:
+            log(f"[{key} seed {seed}] shared warm-up: {warm} steps")
+            model.set_training_stage("shared_warmup")
+            info["warmup"] = Q.train(model, rows.select(range(warm * args.batch_size)), self.tokenizer, steps=warm, **common)
+            model.set_training_stage("multi_task")
+        steps = args.steps - warm
+        log(f"[{key} seed {seed}] multi-task training: {steps} steps on {len(args.tasks)} tasks")
+        info["multi_task"] = Q.train(model, rows.select(range(warm * args.batch_size, len(rows))), self.tokenizer,
+                                     steps=steps, **common)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = M.trainable_state(model)
+        torch.save({"state": state, "train": info}, path)
+        return model, info, state
+
+    def method_seed(self, key: str, seed: int) -> None:
+        args = self.args
+        data_key = f"{key}|seed{seed}|unseen_data"
+        target_keys = [(t, s, f"{key}|seed{seed}|{t}|k={s}") for t in args.targets for s in shots_for(args, key)]
+        if not self.todo(data_key) and not any(self.todo(k) for _, _, k in target_keys):
+            return
+        started = time.perf_counter()
+        model, info, adapter = self.trained(key, seed)
+        if self.todo(data_key):
+            log(f"[{key} seed {seed}] unseen data: {len(args.tasks)} source tasks")
+            tests = {t: self.tests[t] for t in args.tasks}
+            result = Q.evaluate(model, self.tokenizer, tests, lambda name: M.eval_task_id(key, name, args.tasks),
+                                args.max_text_tokens)
+            self.state.put(data_key, {"fingerprint": self.runs[data_key], "tasks": result,
+                                      "average": Q.average(result), "train": info,
+                                      "seconds": round(time.perf_counter() - started, 1)})
+        del model
+        gc.collect()
+        for target, shot, run_key in target_keys:
+            if not self.todo(run_key):
+                continue
+            started = time.perf_counter()
+            log(f"[{key} seed {seed}] unseen task {target}, k={shot}")
+            try:
+                pool = Q.target_pool(target, shot, seed, args.full_cap)
+            except ValueError as error:  # too few examples of a label for this k
+                self.state.put(run_key, {"fingerprint": self.runs[run_key], "skipped": str(error)})
+                continue
+            rows = Q.stream(Q.format_rows(pool, self.tokenizer, args.max_text_tokens, task=target),
+                            args.target_steps * args.batch_size, seed)
+            tuned, task_list = M.for_target(key, adapter, self.base, args.tasks, target, seed, self.tok_path,
+                                            self.cache / "scratch")
+            trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+            lr = learning_rate(args, key)
+            train_info = Q.train(
+                tuned, rows, self.tokenizer, task_list=task_list, route=M.ALL[key].routes is not None,
+                steps=args.target_steps, batch_size=args.batch_size, lr=lr, seed=seed, folder=self.cache / "trainer",
+                fast_lr_ratio=M.fast_lr_ratio(key),
+            )
+            result = Q.evaluate(tuned, self.tokenizer, {target: self.tests[target]},
+                                lambda name: M.eval_task_id(key, name, task_list), args.max_text_tokens)
+            self.state.put(run_key, {
+                "fingerprint": self.runs[run_key], "tasks": result, "average": Q.average(result),
+                "train": train_info, "trainable_parameters": trainable, "pool_size": len(pool),
+                "seconds": round(time.perf_counter() - started, 1),
+            })
+            del tuned
+            gc.collect()
+
+    def run(self) -> None:
+        self.zero_shot()
+        for seed in self.args.seeds:
+            for key in self.keys:
+                try:
+                    self.method_seed(key, seed)
+                except Exception as error:  # noqa: BLE001 - one broken method must not lose the others' hours
+                    if self.args.strict:
+                        raise
+                    import traceback
+
+                    traceback.print_exc()
+                    self.state.put(f"{key}|seed{seed}|unseen_data", {
+                        "fingerprint": self.runs[f"{key}|seed{seed}|unseen_data"], "error": repr(error)})
+
+
+# ----------------------------------------------------------------------------- speed
+def run_speed(args, base, tokenizer) -> dict:
+    import speed as S
+
+    rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
+    data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
+    batch = Q.TALoraDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
+    task_ids = batch.pop("task_ids")
+    r = args.speed_repeats
+    out = {"repeats": r, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    log(f"[speed] training step: TA-LoRA vs LoRA vs AdaptionPrompt, batch {list(batch['input_ids'].shape)}")
+    out["train_step"] = S.training_steps(base, batch, task_ids, len(args.tasks), r)
+    gc.collect()
+    log(f"[speed] generation: TA-LoRA vs base, batch {args.gen_batch_size}, {args.gen_new_tokens} new tokens")
+    out["generation"] = S.generation_speed(base, tokenizer, args.gen_batch_size, args.gen_new_tokens, r)
+    gc.collect()
+    log(f"[speed] TA-LoRA step, batch of {S.NUM_TASKS_BIG} distinct tasks vs one task")
+    out["task_batch"] = S.task_batch(base, tokenizer, args.task_batch_seq_len, r)
+    gc.collect()
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="tiny random model, 2 tasks, 1 target, 1 seed, 1-2 steps (the test suite)")
+    add("--output-dir", default=str(HERE), help="where RESULTS.md, results.json and the plots go (default: benchmarks/)")
+    add("--methods", nargs="+", default=[*M.METHODS, *M.ABLATIONS], metavar="METHOD",
+        help=f"methods and ablations to run (default: all): {', '.join(M.ALL)}")
+    add("--tasks", nargs="+", help=f"source tasks (default: {' '.join(DEFAULTS['tasks'])})")
+    add("--targets", nargs="*", help=f"unseen target tasks (default: {' '.join(DEFAULTS['targets'])})")
+    add("--shots", nargs="*", help="k examples per label for unseen tasks, or 'full' (default: 4 16 32 full)")
+    add("--ablation-shots", nargs="*", help="unseen-task shots for the ablations too (default: none)")
+    add("--full-cap", type=int, help=f"rows of a target's training split used as 'full' (default {DEFAULTS['full_cap']}; 0: all)")
+    add("--seeds", nargs="+", type=int, help="training seeds (default: 0; e.g. --seeds 0 1 2 for mean and spread)")
+    add("--steps", type=int,
+        help=f"multi-task training steps per method, TA-LoRA's warm-up included (default {DEFAULTS['steps']})")
+    add("--warmup-steps", type=int, help=f"TA-LoRA shared warm-up steps within --steps (default {DEFAULTS['warmup_steps']})")
+    add("--target-steps", type=int, help=f"training steps per unseen task and k (default {DEFAULTS['target_steps']})")
+    add("--train-per-task", type=int, help=f"training examples per source task (default {DEFAULTS['train_per_task']})")
+    add("--eval-per-task", type=int, help=f"test examples per task (default {DEFAULTS['eval_per_task']})")
+    add("--batch-size", type=int, help=f"training batch size (default {DEFAULTS['batch_size']})")
+    add("--max-text-tokens", type=int, help=f"input text truncation, tokens (default {DEFAULTS['max_text_tokens']})")
+    add("--lr", nargs="+", metavar="LR|METHOD=LR", help="learning rate for all methods, or per method (lora=2e-3); "
+        "default 1e-2 for prompt methods (TA-LoRA, PT, MPT, AdaptionPrompt), 1e-3 for LoRA, Poly, MTL-LoRA")
+    add("--speed-repeats", type=int, help=f"interleaved repeats per speed variant (default {DEFAULTS['speed_repeats']})")
+    add("--gen-batch-size", type=int, help=f"generation batch (default {DEFAULTS['gen_batch_size']})")
+    add("--gen-new-tokens", type=int, help=f"generated tokens per call (default {DEFAULTS['gen_new_tokens']})")
+    add("--task-batch-seq-len", type=int, help=f"sequence length of the 64-task batch (default {DEFAULTS['task_batch_seq_len']})")
+    add("--skip-quality", action="store_true", help="no training/evaluation (cached quality results are still reported)")
+    add("--skip-speed", action="store_true", help="no speed/memory runs (the previous ones are still reported)")
+    add("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine one thread "
+        "was 3-4x faster than two, whose OpenMP workers wait on each other under contention; try 2 on an idle machine)")
+    add("--tiny", action="store_true", help="tiny random model (implied by --quick)")
+    add("--strict", action="store_true", help="stop at the first failing method instead of recording the error")
+    add("--fresh", action="store_true", help="forget cached results and adapters in --output-dir first")
+    args = parser.parse_args(argv)
+    preset = {**DEFAULTS, **(QUICK if args.quick else {})}
+    for name, value in preset.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.tiny = args.tiny or args.quick
+    args.shots = [str(s) for s in args.shots]
+    args.ablation_shots = [str(s) for s in args.ablation_shots]
+    for shot in [*args.shots, *args.ablation_shots]:
+        if shot != "full" and not (shot.isdigit() and int(shot) > 0):
+            parser.error(f"--shots takes positive ints or 'full', got {shot!r}")
+    for entry in args.lr or []:
+        name, _, value = entry.rpartition("=")
+        if name and name not in M.ALL:
+            parser.error(f"--lr {entry}: unknown method {name!r}; choose from {', '.join(M.ALL)}")
+        try:
+            float(value)
+        except ValueError:
+            parser.error(f"--lr {entry}: {value!r} is not a number")
+    if args.steps < 1 or args.target_steps < 1:
+        parser.error("--steps and --target-steps must be >= 1")
+    return args
+
+
+def quiet() -> None:
+    """Progress bars and deprecation chatter off: one line per phase is printed instead."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*label_names.*")
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    quiet()
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    if args.fresh:
+        shutil.rmtree(out / ".cache", ignore_errors=True)
+        (out / "results.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    keys, notes = M.available(args.methods)
+    state = State(out)
+    runs = plan(args, keys)
+    todo = {k: fp for k, fp in runs.items() if not state.done(k, fp)} if not args.skip_quality else {}
+
+    from peft_talora.smollm2 import load_model
+    from peft_talora.suite import load_task
+
+    for task in [*args.tasks, *args.targets]:
+        load_task(task)  # built once, then cached on disk
+    base, tokenizer = load_model(tiny=args.tiny)
+    if torch.cuda.is_available():
+        base = base.cuda()
+
+    if todo or not args.skip_speed:
+        log("calibrating (one training step, one forward, one short generate) ...")
+        cal = calibrate(base, tokenizer, args)
+        seconds = estimate(args, keys, todo, tokenizer, cal)
+        log(f"expected time: about {seconds / 60:.0f} min ({len(todo)} quality runs to do, "
+            f"{'no' if args.skip_speed else 'with'} speed runs; measured now with {args.threads} thread(s): training "
+            f"step {cal['train_step_s']:.1f} s, forward {cal['forward_s']:.1f} s at batch {args.batch_size}; "
+            "a shared machine can be 2x off either way)")
+        if len(args.seeds) == 1 and not args.quick:
+            three = argparse.Namespace(**{**vars(args), "seeds": [0, 1, 2]})
+            log(f"  (--seeds 0 1 2 from scratch: about {estimate(three, keys, plan(three, keys), tokenizer, cal) / 60:.0f} min)")
+        state.data["calibration"] = cal
+
+    # The report covers the requested methods plus any other method already finished with this budget,
+    # so a partial rerun (--methods lora) does not drop the rest from RESULTS.md.
+    everything, _ = M.available(list(M.ALL))
+    finished = plan(args, everything)
+    shown = [k for k in everything if k in keys or all(
+        state.done(f"{k}|seed{s}|unseen_data", finished[f"{k}|seed{s}|unseen_data"]) for s in args.seeds)]
+    meta = state.data.setdefault("meta", {})
+    meta.update(command="python benchmarks/run.py " + shlex.join(argv),
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                machine=machine(), versions=versions(), model=model_id(args),
+                settings={k: v for k, v in vars(args).items() if k not in ("fresh", "strict")})
+    state.data["plan"] = {"methods": shown, "seeds": args.seeds, "tasks": args.tasks, "targets": args.targets,
+                          "shots": args.shots, "ablation_shots": args.ablation_shots, "runs": plan(args, shown)}
+    state.data["methods"] = {k: {"label": M.ALL[k].label, "family": M.ALL[k].family, "routes": M.ALL[k].routes,
+                                 "lr": learning_rate(args, k), "unseen_tasks": M.ALL[k].unseen_tasks,
+                                 "ablation": M.ALL[k].ablation} for k in shown}
+    state.data["notes"] = notes
+    log("counting trainable parameters")
+    params = state.data.setdefault("parameters", {})
+    param_fp = fingerprint(model=model_id(args), tasks=len(args.tasks))
+    for key in sorted({k.split("/")[0] for k in shown}):
+        if params.get(key, {}).get("fingerprint") != param_fp:
+            params[key] = {**M.count_parameters(key, base.config, args.tasks), "fingerprint": param_fp}
+    for key in [k for k in params if params[k].get("fingerprint") != param_fp]:
+        del params[key]
+    if args.skip_speed and (state.data.get("speed") or {}).get("model") not in (None, model_id(args)):
+        notes.append("The cached speed results were measured on another model; they are left out (rerun without --skip-speed).")
+        state.data.pop("speed")
+    state.save()
+
+    if not args.skip_quality:
+        Quality(args, state, base, tokenizer, keys, runs).run()
+    if not args.skip_speed:
+        state.data["speed"] = {**run_speed(args, base, tokenizer), "model": model_id(args)}
+        state.save()
+
+    state.data["meta"]["elapsed_s"] = round(time.perf_counter() - started, 1)
+    state.data["meta"]["machine"] = machine()
+    R.summarize(state.data)
+    state.save()
+    paths = R.write(state.data, out)
+    print(f"wrote {', '.join(str(p) for p in [*paths, state.path])}")
+    print(R.targets_text(state.data))
+    return state.data
+
+
+if __name__ == "__main__":
+    main()

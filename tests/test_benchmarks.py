@@ -1,0 +1,155 @@
+"""The benchmark harness (``benchmarks/run.py``) runs every code path in ``--quick`` mode and writes a
+report of the right structure. The numbers of a tiny random model mean nothing, so only the
+structure is checked: sections, every method row, the targets, the JSON keys, the plots, resuming."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SECTIONS = [
+    "# Benchmark results",
+    "## Targets",
+    "## Quality: unseen data",
+    "## Quality: unseen tasks",
+    "## Ablations (TA-LoRA)",
+    "## Trainable parameters",
+    "## Speed and memory",
+    "## Protocol",
+]
+HEADER = ["**Command:**", "**Date (UTC):**", "**Machine:**", "**Packages:**", "torch ", "transformers ", "peft "]
+TARGETS = [
+    "best of PT, MPT, AdaptionPrompt + 2 points",
+    "within 1 point of LoRA",
+    "20x fewer per-task parameters",
+    "k=16: TA-LoRA above PT and MPT",
+    "0.97x the base model's tokens/s",
+    "64 distinct tasks",
+]
+
+
+def run_quick(out: Path, *args: str) -> str:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output-dir", str(out), *args],
+        cwd=out.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tmp"
+    stdout = run_quick(out)
+    return out, stdout
+
+
+def section(text: str, title: str) -> str:
+    start = text.index(title)
+    end = text.find("\n## ", start + len(title))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_report_structure(quick):
+    import methods
+
+    out, stdout = quick
+    report = (out / "RESULTS.md").read_text()
+    for title in SECTIONS:
+        assert title in report, title
+    for field in HEADER:
+        assert field in report, field
+    assert "python benchmarks/run.py --quick --output-dir" in report
+
+    main_rows = [m for k, m in methods.METHODS.items() if k != "mtl-lora" or methods.mtl_lora_available()]
+    for title in ("## Quality: unseen data", "## Quality: unseen tasks", "## Trainable parameters"):
+        body = section(report, title)
+        for method in main_rows:
+            assert f"| {method.label} |" in body, (title, method.label)
+    assert "| Base model, zero-shot |" in section(report, "## Quality: unseen data")
+    ablations = section(report, "## Ablations (TA-LoRA)")
+    for method in methods.ABLATIONS.values():
+        assert f"| {method.label} |" in ablations, method.label
+    if not methods.mtl_lora_available():
+        assert "MTL-LoRA skipped" in report
+
+    targets = section(report, "## Targets")
+    rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(TARGETS)
+    for row, name in zip(rows, TARGETS):
+        assert name in row
+        assert any(verdict in row for verdict in ("**met**", "**missed**", "not measured"))
+    speed = section(report, "## Speed and memory")
+    for ratio in ("TA-LoRA / LoRA", "TA-LoRA / AdaptionPrompt", "TA-LoRA / base tokens/s", "64 tasks / 1 task"):
+        assert ratio in speed
+    assert "Targets:" in stdout and "expected time" in stdout
+
+
+def test_json_and_plots(quick):
+    import methods
+
+    out, _ = quick
+    data = json.loads((out / "results.json").read_text())
+    for key in ("meta", "plan", "methods", "parameters", "runs", "quality", "ablations", "zero_shot", "speed", "targets"):
+        assert key in data, key
+    for key in ("command", "date", "machine", "versions", "settings", "elapsed_s"):
+        assert key in data["meta"], key
+    assert data["meta"]["machine"]["cpu_count"] >= 1 and data["meta"]["versions"]["peft"]
+    errors = {k: r["error"] for k, r in data["runs"].items() if "error" in r}
+    assert not errors, errors
+    expected = [*methods.METHODS, *methods.ABLATIONS]
+    if not methods.mtl_lora_available():
+        expected.remove("mtl-lora")
+    assert data["plan"]["methods"] == expected
+    for key in expected:
+        assert data["quality"]["unseen_data"][key]["n"] == 1
+        shots = data["plan"]["shots"] if "/" not in key else data["plan"]["ablation_shots"]
+        for shot in shots:
+            assert data["quality"]["unseen_tasks"][key][shot]["n"] == 1
+    for key in ("ta-lora", "lora", "pt", "mpt", "poly", "adaption-prompt"):
+        p = data["parameters"][key]
+        assert p["total"] > 0 and p["per_task"] > 0 and p["shared"] >= 0
+    assert data["parameters"]["lora"]["shared"] == 0  # single-task convention
+    assert data["parameters"]["ta-lora"]["per_task"] < data["parameters"]["lora"]["per_task"]
+    for part in ("train_step", "generation", "task_batch"):
+        assert data["speed"][part]["ratios"]
+    assert len(data["targets"]) == len(TARGETS)
+    for name in ("quality.png", "ablations.png", "speed.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+
+def test_rerun_resumes_from_the_cache(quick):
+    out, _ = quick
+    before = json.loads((out / "results.json").read_text())["runs"]
+    stdout = run_quick(out, "--skip-speed")
+    assert "training" not in stdout and "unseen data:" not in stdout  # nothing retrained or re-evaluated
+    data = json.loads((out / "results.json").read_text())
+    assert data["runs"] == before
+    assert "speed" in data  # the earlier speed results are still reported
+    assert "## Speed and memory" in (out / "RESULTS.md").read_text()
+
+
+def test_flags_learning_rates_and_fingerprints():
+    import run
+
+    args = run.parse(["--quick", "--lr", "2e-3", "lora=5e-4", "ta-lora=3e-2"])
+    assert run.learning_rate(args, "lora") == 5e-4
+    assert run.learning_rate(args, "pt") == 2e-3
+    assert run.learning_rate(args, "ta-lora/equal-lr") == 3e-2  # ta-lora= also sets its ablations
+    default = run.parse(["--quick"])
+    assert run.learning_rate(default, "pt") == 1e-2 and run.learning_rate(default, "poly") == 1e-3
+    longer = run.parse(["--quick", "--steps", "3"])
+    keys = ["ta-lora", "lora"]
+    a, b = run.plan(default, keys), run.plan(longer, keys)
+    assert a.keys() == b.keys()
+    assert a["ta-lora|seed0|unseen_data"] != b["ta-lora|seed0|unseen_data"]  # a new budget reruns
+    assert a["zero-shot|trec"] == b["zero-shot|trec"]  # ... but not what it does not affect
+    with pytest.raises(SystemExit):
+        run.parse(["--shots", "0"])
