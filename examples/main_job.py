@@ -75,7 +75,7 @@ def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, ev
         output_dir=str(folder), max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=min(5, steps // 10),
         logging_steps=max(1, every // 2), save_steps=every, save_total_limit=1, seed=args.seed,
-        eval_strategy="steps" if evaluation is not None else "no", eval_steps=2 * every,
+        eval_strategy="steps" if evaluation is not None else "no", eval_steps=max(1, steps // 2),
         report_to=[], use_cpu=True, dataloader_num_workers=0,
     )
     trainer = build_trainer(
@@ -176,7 +176,7 @@ def run(args) -> dict:
         print(f"\n[2/4] multi-task training: {args.steps} steps on {len(args.tasks)} tasks")
         model.set_training_stage("multi_task")
         rows = training_rows(args.tasks, tokenizer, args.train_per_task, "train", **mtl)
-        val = training_rows(args.tasks, tokenizer, max(2, args.eval_per_task // 4), "validation", **mtl)
+        val = training_rows(args.tasks, tokenizer, max(2, args.eval_per_task // 8), "validation", **mtl)
         train_phase(model, tokenizer, rows, out / "checkpoints_multitask", args.steps, args, eval_rows=val)
         model.save_pretrained(adapter)
         base = model.base_model.unload()
