@@ -309,6 +309,11 @@ def render(data: dict, plots: list[str]) -> str:
             ["", "AdaptionPrompt / base tokens/s", f"{gen['ratios']['adaption-prompt / base']:.3f}x",
              f"{gen['median_tokens_per_s']['adaption-prompt']:.1f} tokens/s"],
         ]
+        if "mtl-lora / lora" in ts["ratios"]:  # measured since MTL-LoRA joined the speed runs
+            rows.insert(2, ["", "MTL-LoRA / LoRA (MTL-LoRA mixed-task)", f"{ts['ratios']['mtl-lora / lora']:.3f}x",
+                            f"{ts['median_s']['mtl-lora']:.2f} s vs {ts['median_s']['lora']:.2f} s"])
+            rows.append(["", "MTL-LoRA / base tokens/s", f"{gen['ratios']['mtl-lora / base']:.3f}x",
+                         f"{gen['median_tokens_per_s']['mtl-lora']:.1f} tokens/s"])
         many = next(iter(tb["ratios"]))
         rows.append([f"TA-LoRA training step, batch {tb['batch_shape']}, {tb['num_tasks']} tasks configured", many,
                      f"{tb['ratios'][many]:.3f}x", " vs ".join(f"{v:.2f} s" for v in tb["median_s"].values())])
@@ -317,6 +322,9 @@ def render(data: dict, plots: list[str]) -> str:
              " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora", "lora"))],
             ["", "TA-LoRA / AdaptionPrompt", f"{ts['memory_ratios']['ta-lora / adaption-prompt']:.3f}x",
              " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora", "adaption-prompt"))],
+            *([["", "MTL-LoRA / LoRA", f"{ts['memory_ratios']['mtl-lora / lora']:.3f}x",
+                " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("mtl-lora", "lora"))]]
+              if "mtl-lora / lora" in ts["memory_ratios"] else []),
             [f"training memory, batch {tb['batch_shape']}", many, f"{tb['memory_ratios'][many]:.3f}x",
              " vs ".join(_gib(v["total_bytes"]) for v in tb["memory"].values())],
         ]

@@ -25,7 +25,7 @@ import torch
 from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
 
 import peft_talora  # noqa: F401
-from peft_talora import TALoraConfig, talora_optimizer
+from peft_talora import MTLLoraConfig, TALoraConfig, talora_optimizer
 
 import generation  # benchmarks/generation.py: tokens_per_second and its prompts
 
@@ -144,10 +144,13 @@ def training_steps(base, batch: dict, task_ids: torch.Tensor, num_tasks: int, re
             task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])),
         "adaption-prompt": get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(
             task_type="CAUSAL_LM", adapter_len=10, adapter_layers=layers)),
+        "mtl-lora": get_peft_model(copy.deepcopy(base), MTLLoraConfig(
+            task_type="CAUSAL_LM", num_tasks=num_tasks, r=8, target_modules=["q_proj", "v_proj"])),
     }
     device = device_of(base)
     batches = {name: to(batch, device) for name in models}
     batches["ta-lora"]["task_ids"] = task_ids.to(device)
+    batches["mtl-lora"]["task_ids"] = task_ids.to(device)
     calls, mem = {}, {}
     for name, model in models.items():
         open_gates(model)
@@ -163,11 +166,13 @@ def training_steps(base, batch: dict, task_ids: torch.Tensor, num_tasks: int, re
         "ratios": {
             "ta-lora / lora": median["ta-lora"] / median["lora"],
             "ta-lora / adaption-prompt": median["ta-lora"] / median["adaption-prompt"],
+            "mtl-lora / lora": median["mtl-lora"] / median["lora"],
         },
         "memory": mem,
         "memory_ratios": {
             "ta-lora / lora": mem["ta-lora"]["total_bytes"] / mem["lora"]["total_bytes"],
             "ta-lora / adaption-prompt": mem["ta-lora"]["total_bytes"] / mem["adaption-prompt"]["total_bytes"],
+            "mtl-lora / lora": mem["mtl-lora"]["total_bytes"] / mem["lora"]["total_bytes"],
         },
     }
     del models, calls
@@ -181,10 +186,12 @@ def generation_speed(base, tokenizer, batch_size: int, new_tokens: int, repeats:
     talora = get_peft_model(copy.deepcopy(base), TALoraConfig(task_type="CAUSAL_LM", num_tasks=num_tasks))
     adaption = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(
         task_type="CAUSAL_LM", adapter_len=10, adapter_layers=layers))
-    for model in (talora, adaption):
+    mtl = get_peft_model(copy.deepcopy(base), MTLLoraConfig(
+        task_type="CAUSAL_LM", num_tasks=num_tasks, r=8, target_modules=["q_proj", "v_proj"]))
+    for model in (talora, adaption, mtl):
         open_gates(model)
         model.eval()
-    models = {"base": base, "ta-lora": talora, "adaption-prompt": adaption}
+    models = {"base": base, "ta-lora": talora, "adaption-prompt": adaption, "mtl-lora": mtl}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -192,7 +199,8 @@ def generation_speed(base, tokenizer, batch_size: int, new_tokens: int, repeats:
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device_of(base))
     tokenizer.padding_side = side
     common = {"pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
-    extra = {"base": {}, "ta-lora": {"task_ids": torch.arange(batch_size) % num_tasks}, "adaption-prompt": {}}
+    routed = {"task_ids": torch.arange(batch_size) % num_tasks}
+    extra = {"base": {}, "ta-lora": routed, "adaption-prompt": {}, "mtl-lora": routed}
     speeds = {name: [] for name in models}
     for name, model in models.items():  # warm-up
         generation.tokens_per_second(model, inputs, 2, {**extra[name], **common})
@@ -200,12 +208,13 @@ def generation_speed(base, tokenizer, batch_size: int, new_tokens: int, repeats:
         for name, model in models.items():
             speeds[name].append(generation.tokens_per_second(model, inputs, new_tokens, {**extra[name], **common}))
     median = {name: statistics.median(v) for name, v in speeds.items()}
-    del talora, adaption
+    del talora, adaption, mtl
     return {
         "batch_size": batch_size, "new_tokens": new_tokens,
         "median_tokens_per_s": median, "runs_tokens_per_s": speeds,
         "ratios": {"ta-lora / base": median["ta-lora"] / median["base"],
-                   "adaption-prompt / base": median["adaption-prompt"] / median["base"]},
+                   "adaption-prompt / base": median["adaption-prompt"] / median["base"],
+                   "mtl-lora / base": median["mtl-lora"] / median["base"]},
     }
 
 
