@@ -10,6 +10,7 @@ from .mtl_lora import MTLLoraConfig, MTLLoraModel
 from .optim import talora_optimizer, talora_parameter_groups
 from .peft_integration import (
     complete_model_cards,
+    explain_unreadable_adapter_files,
     export_tasks_through_save_and_push,
     register_tuner,
     route_task_ids_through_peft_forward,
@@ -20,6 +21,7 @@ register_tuner("mtllora", MTLLoraConfig, MTLLoraModel)
 route_task_ids_through_peft_forward()
 export_tasks_through_save_and_push()
 complete_model_cards()
+explain_unreadable_adapter_files()
 
 __all__ = [
     "MTLLoraConfig",

@@ -25,6 +25,10 @@ The touches:
    ``update_model_card`` (method tag, task names), and re-applies both cards before a
    ``push_to_hub`` upload: transformers' ``push_to_hub`` replaces the README that
    ``save_pretrained`` wrote with a generic ``library_name: transformers`` card.
+7. ``explain_unreadable_adapter_files`` wraps ``PeftModel.load_adapter``: when the weights file of
+   one of this package's adapters cannot be read (truncated, not safetensors), the raw
+   ``SafetensorError`` becomes a ``ValueError`` naming the file and the fix. Other methods' errors
+   pass through unchanged.
 
 The state-dict hooks (``_get_adapter_state_dict`` and friends) are the supported extension point
 and live on the tuner classes themselves. MTL-LoRA subclasses PEFT's ``BaseTuner``/``BaseTunerLayer``
@@ -68,6 +72,7 @@ def register_tuner(name: str, config_cls, model_cls) -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = add_peft_type(name.upper())
+    OUR_PEFT_TYPES.add(str(peft_type.value))
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is None:
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
@@ -168,3 +173,43 @@ def complete_model_cards() -> None:
     create_or_update_model_card._peft_talora_cards = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
     PeftModel._upload_modified_files = _upload_modified_files
+
+
+#: PEFT types of this package's methods (filled by ``register_tuner``).
+OUR_PEFT_TYPES: set[str] = set()
+
+
+def explain_unreadable_adapter_files() -> None:
+    """A corrupt weights file of a TA-LoRA/MTL-LoRA adapter gets an error that names it and the fix."""
+    load = PeftModel.load_adapter
+    if getattr(load, "_peft_talora_explains", False):
+        return
+
+    @functools.wraps(load)
+    def load_adapter(self, model_id, *args, **kwargs):
+        try:
+            return load(self, model_id, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError" or not _is_our_adapter(model_id, kwargs.get("subfolder")):
+                raise
+            raise ValueError(
+                f"The adapter weights in {model_id!r} cannot be read: adapter_model.safetensors is truncated or not a "
+                f"safetensors file ({error}). Nothing was loaded; save the adapter again (save_pretrained) or restore "
+                "the file from where it came from."
+            ) from error
+
+    load_adapter._peft_talora_explains = True
+    PeftModel.load_adapter = load_adapter
+
+
+def _is_our_adapter(model_id, subfolder=None) -> bool:
+    import os
+
+    from peft.config import PeftConfig
+
+    folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    try:
+        peft_type = PeftConfig._get_peft_type(folder)
+    except Exception:  # noqa: BLE001 - no readable config: not ours to explain
+        return False
+    return str(getattr(peft_type, "value", peft_type)) in OUR_PEFT_TYPES

@@ -223,8 +223,11 @@ def test_corrupt_safetensors_file(saved, garble):
 
     file = saved / "adapter_model.safetensors"
     file.write_bytes(garble(file.read_bytes()))
-    with pytest.raises(SafetensorError, match="Error while deserializing header"):
+    message = "adapter_model.safetensors is truncated or not a safetensors file"
+    with pytest.raises(ValueError, match=message) as info:
         PeftModel.from_pretrained(tiny_model(), saved)
+    assert str(saved) in str(info.value) and "save the adapter again" in str(info.value)
+    assert isinstance(info.value.__cause__, SafetensorError)  # the original error stays attached
 
 
 def test_adapter_file_missing_a_tensor(saved, tmp_path):

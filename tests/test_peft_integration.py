@@ -562,3 +562,14 @@ def test_base_tuner_hooks_that_mtl_lora_overrides(monkeypatch):
     base = model.unload()
     assert "_unload_and_optionally_merge" in seen
     assert "forward" not in base.__dict__ and not base._forward_pre_hooks, "unload takes the task router off"
+
+
+def test_unreadable_weights_of_other_methods_keep_peft_error(tmp_path):
+    """explain_unreadable_adapter_files only rewrites errors for this package's adapters."""
+    from safetensors import SafetensorError
+
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage" * 8)
+    with pytest.raises(SafetensorError):
+        PeftModel.from_pretrained(tiny_model(), tmp_path)
