@@ -51,6 +51,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         self.talora_banks = nn.ModuleDict()
         self.active_adapter: str = adapter_name
         self._enabled = True
+        self._layer_positions: dict[str, dict[int, int]] = {}  # adapter -> {decoder layer: row in its bank}
         self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
         self._exported_tasks: dict[str, list[int]] = {}  # set inside exporting_tasks()
         self.orthogonality_log = RunningMean()  # read by OrthogonalityLogCallback
@@ -95,6 +96,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         ).to(reference.device)
         bank.requires_grad_(False)
         self.talora_banks[adapter_name] = bank
+        self._layer_positions[adapter_name] = {layer: i for i, layer in enumerate(layers)}
 
     def add_adapter(self, adapter_name: str, config: TALoraConfig) -> None:
         """Add a new, inactive and frozen adapter (called by ``PeftModel.add_adapter``)."""
@@ -201,6 +203,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}.")
         del self.peft_config[adapter_name]
         del self.talora_banks[adapter_name]
+        del self._layer_positions[adapter_name]
         if adapter_name == self.active_adapter:
             self.active_adapter = next(iter(self.peft_config), None)
 
@@ -256,14 +259,12 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
 
     def _set_prefixes(self, bank: TALoraPromptBank, task_ids: torch.Tensor) -> None:
         """Compute the prefix keys/values of the tasks in ``task_ids`` ``(B,)`` and give each example its own."""
-        config = self.peft_config[self.active_adapter]
         if self.training_stage() == "shared_warmup":
             prompts, inverse = bank.shared_prompts(), torch.zeros_like(task_ids)  # (L, 1, n, d)
         else:
             tasks, inverse = torch.unique(task_ids, return_inverse=True)
             prompts = bank.task_prompts(tasks)  # (L, U, n, d)
-        adapted = config.resolve_layers(self._num_layers)
-        position = {layer: i for i, layer in enumerate(adapted)}
+        position = self._layer_positions[self.active_adapter]
         for site in self._sites:
             if site.layer not in position:
                 site.clear_prefix()
@@ -313,15 +314,9 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         marker = f"talora_banks.{adapter_name}."
         own = {k: v for k, v in state_dict.items() if marker in k}
         exported = getattr(model.base_model, "_exported_tasks", {}).get(adapter_name)
-        result = {}
-        for key, tensor in own.items():
-            stem, _, rest = key.partition(marker)
-            factor = rest.split(".", 1)[0]
-            if factor in _TASK_BLOCKS:
-                continue
-            result[key] = tensor
+        result = {k: v for k, v in own.items() if k.split(marker, 1)[1].split(".", 1)[0] not in _TASK_BLOCKS}
         for factor, saved_name in _TASK_BLOCKS.items():
-            blocks = sorted((k for k in own if f"{marker}{factor}." in k), key=lambda k: int(k.rsplit(".", 1)[-1]))
+            blocks = _block_keys(own, f"{marker}{factor}.")
             if not blocks:
                 continue
             joined = torch.cat([own[k] for k in blocks], dim=1)  # (L, T, r | d)
@@ -348,7 +343,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
                 _check_saved_shape(key, tensor, live, config)
                 remapped[key] = tensor
                 continue
-            blocks = sorted((k for k in live if k.startswith(f"{stem}.{block_factor}.")), key=lambda k: int(k.rsplit(".", 1)[-1]))
+            blocks = _block_keys(live, f"{stem}.{block_factor}.")
             expected = (live[blocks[0]].shape[0], sum(live[k].shape[1] for k in blocks), live[blocks[0]].shape[2])
             _check_saved_shape(key, tensor, {key: torch.empty(expected, device="meta")}, config)
             sizes = [live[k].shape[1] for k in blocks]
@@ -362,6 +357,11 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
 
 #: Task-factor blocks in the model and the single tensor each is saved as.
 _TASK_BLOCKS = {"task_u_blocks": "task_u", "task_v_blocks": "task_v"}
+
+def _block_keys(keys, prefix: str) -> list[str]:
+    """The keys holding ``prefix`` (``...task_u_blocks.``), in block order ``0, 1, ...``."""
+    return sorted((k for k in keys if prefix in k), key=lambda k: int(k.rsplit(".", 1)[-1]))
+
 
 #: For each saved tensor, the config field (or base-model property) behind each dimension.
 _SHAPE_MEANING = {
