@@ -8,6 +8,7 @@ orthogonality weight is large so that a penalty counted once per process would s
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -54,6 +55,13 @@ def run(command, cwd):
     return result
 
 
+def free_port() -> int:
+    """A port nobody listens on now, so back-to-back or parallel runs never share a rendezvous port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def adapter(folder):
     return load_file(folder / "adapter_model.safetensors")
 
@@ -78,7 +86,7 @@ def assert_same_adapter(got, expected):
 def test_torchrun_two_processes_equal_one_process(workspace, single_process):
     out = workspace / "torchrun"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "peft_talora.train",
+    result = run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "peft_talora.train",
                   *train_args(workspace, out, 2)], cwd=workspace)
     assert "world size 2, global batch 4" in result.stdout
     assert_same_adapter(adapter(out), single_process)
@@ -89,7 +97,7 @@ def test_accelerate_launch_two_processes_equal_one_process(workspace, single_pro
     # --multi_gpu selects accelerate's DDP launcher; --use_cpu (a TrainingArguments flag) keeps it on CPU with gloo.
     # (accelerate's --cpu flag would pick its single-process/MPI launcher instead.)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                 "-m", "peft_talora.train"]
     result = run([*launcher, *train_args(workspace, out, 2)], cwd=workspace)
     assert "world size 2, global batch 4" in result.stdout
