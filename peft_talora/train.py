@@ -126,7 +126,18 @@ def main(argv: Optional[list[str]] = None) -> str:
         print(f"peft_talora.train: world size {args.world_size}, global batch {global_batch}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
+    _end_process_group()
     return args.output_dir
+
+
+def _end_process_group() -> None:
+    """Close the DDP process group before exit: gloo's threads left running at interpreter shutdown
+    can abort a rank ("terminate called without an active exception") after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
