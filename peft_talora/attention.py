@@ -55,6 +55,9 @@ class AttentionSite:
     num_kv_heads: int = 0
     head_dim: int = 0
     forward_args: dict[str, Any] = field(default_factory=dict)
+    hidden_size: int = 0
+    # whether the replay maps every prompt row on its own and affinely (see replay_is_affine)
+    affine: bool = False
     # state of the current forward/generate call
     prefix_key: Optional[torch.Tensor] = None  # (B, H_kv, n, hd)
     prefix_value: Optional[torch.Tensor] = None
@@ -83,6 +86,74 @@ class AttentionSite:
         finally:
             self.capturing = False
         raise RuntimeError(f"{type(self.module).__name__} did not reach the attention interface on the prefix replay.")
+
+
+    def project_prompts(
+        self, shared: torch.Tensor, coefficients: Optional[torch.Tensor] = None, directions: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values ``(U, H_kv, n, hd)`` of the prompts ``shared + coefficients[u, :, None] * directions[u]``.
+
+        ``shared`` ``(n, d)``; ``coefficients`` ``(U, n)`` and ``directions`` ``(U, d)``, or neither
+        (then the one prompt ``shared``, ``U = 1``). When the replay is affine and per row
+        (``self.affine``), ``f(a + c w) = f(a) + c (f(w) - f(0))``, so one replay of ``n + U + 1``
+        rows gives what a replay of all ``U * n`` prompt rows would: a batch of 64 distinct tasks
+        costs almost what a batch of one task costs. Otherwise the prompts are built and replayed.
+        """
+        dtype = module_dtype(self.module, shared.dtype)
+        if coefficients is None:
+            return self.project_prefix(shared.unsqueeze(0).to(dtype))
+        if not self.affine:
+            prompts = shared.unsqueeze(0) + coefficients.unsqueeze(-1) * directions.unsqueeze(1)  # (U, n, d)
+            return self.project_prefix(prompts.to(dtype))
+        n, num_tasks = shared.shape[0], directions.shape[0]
+        rows = torch.cat([shared, directions, directions.new_zeros(1, directions.shape[1])]).to(dtype)
+        key, value = self.project_prefix(rows.unsqueeze(0))  # (1, H_kv, n + U + 1, hd)
+        scale = coefficients.to(key.dtype)[:, None, :, None]  # (U, 1, n, 1)
+
+        def combine(projected: torch.Tensor) -> torch.Tensor:
+            at_shared = projected[:, :, :n]  # (1, H_kv, n, hd)
+            slope = (projected[0, :, n : n + num_tasks] - projected[0, :, n + num_tasks :]).transpose(0, 1)
+            return at_shared + scale * slope.unsqueeze(2)  # (U, H_kv, n, hd)
+
+        return combine(key), combine(value)
+
+
+def module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (``default`` if it has none)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return default
+
+
+def replay_is_affine(site: AttentionSite) -> bool:
+    """Whether the site's key/value replay is an affine map applied to each row on its own.
+
+    Checked numerically once per site, on fixed random rows ``x, y``: the shortcut of
+    :meth:`AttentionSite.project_prompts` must reproduce ``f(x + c y)`` for ``c = 0.5, -2`` (a key
+    norm fails this), ``f(100 x) + f(100 y) - f(0)`` must equal ``f(100 (x + y))`` (a clamp such as
+    OLMo's ``clip_qkv`` fails this at large inputs), and the rows in reverse order must come back
+    reversed. The tolerance, the square root of the dtype's epsilon relative to the outputs' size, is
+    far below what a norm or clamp deviates by and far above rounding.
+    """
+    device = next(site.module.parameters()).device
+    dtype = module_dtype(site.module, torch.float32)
+    x, y = torch.randn(2, site.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows = torch.stack([x, y, x + 0.5 * y, x - 2 * y, 100 * x, 100 * y, 100 * (x + y), torch.zeros_like(x)])
+    rows = rows.to(device, dtype).unsqueeze(0)
+    with torch.no_grad():
+        forward, backward = site.project_prefix(rows), site.project_prefix(rows.flip(1))
+    tolerance = torch.finfo(dtype).eps ** 0.5
+    for out, reversed_out in zip(forward, backward):
+        f = out[0].transpose(0, 1).flatten(1).float()  # (8, H_kv * hd): one row per input row
+        fx, fy, f_half, f_minus_two, f_big_x, f_big_y, f_big_sum, f0 = f
+        slope = fy - f0
+        pairs = [(f_half, fx + 0.5 * slope), (f_minus_two, fx - 2 * slope), (f_big_sum, f_big_x + f_big_y - f0)]
+        pairs.append((f, reversed_out[0].transpose(0, 1).flatten(1).float().flip(0)))
+        for got, want in pairs:
+            if not torch.isfinite(got).all() or (got - want).norm() > tolerance * max(want.norm(), got.norm(), 1e-6):
+                return False
+    return True
 
 
 def _identity_rotary(example, hidden: torch.Tensor):
@@ -172,6 +243,7 @@ def install_sites(model: nn.Module, num_layers: int) -> list[AttentionSite]:
         def record(mod, args, kwargs, site=site):
             bound = inspect.signature(mod.forward).bind_partial(*args, **kwargs).arguments
             site.forward_args = {k: v for k, v in list(bound.items())[1:] if k not in ("kwargs", "args")}
+            site.hidden_size = next(iter(bound.values())).shape[-1]
             calls.append(site)
 
         hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
@@ -202,6 +274,7 @@ def install_sites(model: nn.Module, num_layers: int) -> list[AttentionSite]:
     for position, site in enumerate(ordered):
         layer_idx = getattr(site.module, "layer_idx", None)
         site.layer = layer_idx if isinstance(layer_idx, int) else position
+        site.affine = replay_is_affine(site)
     return sorted(ordered, key=lambda s: s.layer)
 
 

@@ -76,15 +76,20 @@ class TALoraPromptBank(nn.Module):
     def num_tasks(self) -> int:
         return sum(block.shape[1] for block in self.task_u_blocks)
 
-    def shared_prompts(self) -> torch.Tensor:
-        """The prompt with the task part switched off (shared warm-up), for every layer: ``(L, 1, n, d)``."""
-        return self.shared_prompt.unsqueeze(1)
+    def task_prompt_factors(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts of task ids ``(U,)`` as ``shared + coefficients (x) directions``, for every layer.
+
+        Returns ``shared`` ``(L, n, d)`` (``theta0``), ``coefficients`` ``(L, U, n)`` (``s * B @ u``) and
+        ``directions`` ``(L, U, d)`` (``v``): each task's prompt is a rank-1 update of the shared one,
+        which lets an affine key/value projection skip building the ``(L, U, n, d)`` prompts.
+        """
+        coefficients = self.scaling * torch.einsum("lnr,lur->lun", self.shared_basis, self.task_u[:, tasks])
+        return self.shared_prompt, coefficients, self.task_v[:, tasks]
 
     def task_prompts(self, tasks: torch.Tensor) -> torch.Tensor:
         """Prompts of the given task ids ``(U,)`` for every adapted layer: ``(L, U, n, d)``."""
-        coefficients = torch.einsum("lnr,lur->lun", self.shared_basis, self.task_u[:, tasks])  # B @ u: (L, U, n)
-        task_part = coefficients.unsqueeze(-1) * self.task_v[:, tasks].unsqueeze(2)  # (L, U, n, d)
-        return self.shared_prompt.unsqueeze(1) + self.scaling * task_part
+        shared, coefficients, directions = self.task_prompt_factors(tasks)
+        return shared.unsqueeze(1) + coefficients.unsqueeze(-1) * directions.unsqueeze(2)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_l sum_{i != j} ||A_i A_j^T||_F^2`` with ``A_t = outer(u_t, v_t)``: a scalar.

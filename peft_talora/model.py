@@ -1,8 +1,9 @@
 """``TALoraModel``: the PEFT tuner that adds TA-LoRA to any transformers causal LM.
 
-Per call, a forward pre-hook on the wrapped model takes ``task_ids``, builds the prompts of the
-tasks present in the batch for every adapted layer at once, projects them to prefix keys/values
-through each layer's own frozen attention, and hands each example its task's prefix. Inside a
+Per call, a forward pre-hook on the wrapped model takes ``task_ids``, forms the prompts of the
+tasks present in the batch for every adapted layer at once (as the shared prompt plus a rank-1
+update per task), projects them to prefix keys/values through each layer's own frozen attention,
+and hands each example its task's prefix. Inside a
 ``generate`` call the prefixes are computed once, at the first forward, and reused at every
 decoding step.
 """
@@ -259,19 +260,22 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
 
     def _set_prefixes(self, bank: TALoraPromptBank, task_ids: torch.Tensor) -> None:
         """Compute the prefix keys/values of the tasks in ``task_ids`` ``(B,)`` and give each example its own."""
-        if self.training_stage() == "shared_warmup":
-            prompts, inverse = bank.shared_prompts(), torch.zeros_like(task_ids)  # (L, 1, n, d)
+        if self.training_stage() == "shared_warmup":  # one prompt for all: the shared one
+            shared, coefficients, directions = bank.shared_prompt, None, None
+            inverse = torch.zeros_like(task_ids)
         else:
             tasks, inverse = torch.unique(task_ids, return_inverse=True)
-            prompts = bank.task_prompts(tasks)  # (L, U, n, d)
+            shared, coefficients, directions = bank.task_prompt_factors(tasks)  # (L, n, d), (L, U, n), (L, U, d)
         position = self._layer_positions[self.active_adapter]
         for site in self._sites:
             if site.layer not in position:
                 site.clear_prefix()
                 continue
             i = position[site.layer]
-            dtype = _module_dtype(site.module, prompts.dtype)
-            key, value = site.project_prefix(prompts[i].to(dtype))  # (U, H_kv, n, hd)
+            if coefficients is None:
+                key, value = site.project_prompts(shared[i])  # (1, H_kv, n, hd)
+            else:
+                key, value = site.project_prompts(shared[i], coefficients[i], directions[i])  # (U, H_kv, n, hd)
             site.set_prefix(key[inverse], value[inverse], bank.gate[i])
 
     # ----------------------------------------------------------------- calls
@@ -415,10 +419,3 @@ def _share_of_items(labels: Optional[torch.Tensor], num_items_in_batch) -> float
     if labels is None or num_items_in_batch is None:
         return 1.0
     return (labels[..., 1:] != -100).sum() / num_items_in_batch
-
-
-def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return default
