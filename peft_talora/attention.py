@@ -136,6 +136,8 @@ def replay_is_affine(site: AttentionSite) -> bool:
     reversed. The tolerance, the square root of the dtype's epsilon relative to the outputs' size, is
     far below what a norm or clamp deviates by and far above rounding.
     """
+    if site.hidden_size <= 0:  # the probe could not see the prompt width: replay the built prompts
+        return False
     device = next(site.module.parameters()).device
     dtype = module_dtype(site.module, torch.float32)
     x, y = torch.randn(2, site.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -243,7 +245,8 @@ def install_sites(model: nn.Module, num_layers: int) -> list[AttentionSite]:
         def record(mod, args, kwargs, site=site):
             bound = inspect.signature(mod.forward).bind_partial(*args, **kwargs).arguments
             site.forward_args = {k: v for k, v in list(bound.items())[1:] if k not in ("kwargs", "args")}
-            site.hidden_size = next(iter(bound.values())).shape[-1]
+            hidden_states = next(iter(bound.values()), None)
+            site.hidden_size = hidden_states.shape[-1] if isinstance(hidden_states, torch.Tensor) else 0
             calls.append(site)
 
         hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
