@@ -13,3 +13,8 @@ def test_docs_build_strict(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "set_training_stage" in api and "build_trainer" in api  # generated from the docstrings
+    results = (tmp_path / "site" / "benchmark-results" / "RESULTS" / "index.html").read_text()
+    assert "Targets" in results and "TA-LoRA" in results  # the generated report is a page of the site
+    for plot in ("quality.png", "ablations.png", "speed.png"):
+        assert (tmp_path / "site" / "benchmark-results" / plot).stat().st_size > 0
+        assert f'src="../{plot}"' in results
