@@ -126,7 +126,25 @@ ABLATIONS = {
     ),
 }
 
-ALL = {**METHODS, **ABLATIONS}
+#: TA-LoRA hyperparameter variants, run only when named (``--methods ta-lora/prompt-std-0.25 ...``); the report
+#: lists them with the ablations. The defaults follow LLaMA-Adapter (prompt rows drawn with std 1, fed to the
+#: attention projections like normed hidden states); SmolLM2's attention inputs have an RMS of about 0.25.
+HYPERPARAMETERS = {
+    "ta-lora/prompt-std-0.25": Method(
+        "ta-lora/prompt-std-0.25", "TA-LoRA, prompt init std 0.25 (SmolLM2's attention-input scale) instead of 1.0",
+        "prompt", "names", METHODS["ta-lora"].unseen_tasks, {"prompt_init_std": 0.25},
+    ),
+    "ta-lora/lr-3e-3": Method(
+        "ta-lora/lr-3e-3", "TA-LoRA, learning rate 3e-3 instead of 1e-2", "prompt", "names",
+        METHODS["ta-lora"].unseen_tasks, {"lr": 3e-3},
+    ),
+    "ta-lora/lr-3e-2": Method(
+        "ta-lora/lr-3e-2", "TA-LoRA, learning rate 3e-2 instead of 1e-2", "prompt", "names",
+        METHODS["ta-lora"].unseen_tasks, {"lr": 3e-2},
+    ),
+}
+
+ALL = {**METHODS, **ABLATIONS, **HYPERPARAMETERS}
 
 #: Learning rates per family: prompt methods at the main job's 1e-2, LoRA-style methods at PEFT's usual 1e-3.
 DEFAULT_LR = {"prompt": 1e-2, "lora": 1e-3}
@@ -169,7 +187,7 @@ def make_config(key: str, tasks: list[str], num_layers: int, *, counting: bool =
         tokenizer_name_or_path=tok_path,
     )
     if base_key == "ta-lora":
-        extra = {k: v for k, v in method.ablation.items() if k == "orthogonality_weight"}
+        extra = {k: v for k, v in method.ablation.items() if k in ("orthogonality_weight", "prompt_init_std")}
         return TALoraConfig(
             task_type="CAUSAL_LM", task_names=list(tasks), num_virtual_tokens=NUM_VIRTUAL_TOKENS, r=RANK, **extra
         )

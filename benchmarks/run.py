@@ -148,7 +148,8 @@ class State:
 
 # ----------------------------------------------------------------------------- the plan
 def learning_rate(args, key: str) -> float:
-    """``--lr``: a plain value sets every method; ``METHOD=VALUE`` one method (``ta-lora=`` also its ablations)."""
+    """``--lr``: a plain value sets every method; ``METHOD=VALUE`` one method (``ta-lora=`` also its ablations,
+    except the learning-rate variants, which keep their own unless named exactly)."""
     everyone = exact = family = None
     for entry in args.lr or []:
         if "=" not in entry:
@@ -159,7 +160,7 @@ def learning_rate(args, key: str) -> float:
             exact = float(value)
         elif name == key.split("/")[0]:
             family = float(value)
-    for value in (exact, family, everyone):
+    for value in (exact, M.ALL[key].ablation.get("lr"), family, everyone):  # a learning-rate variant keeps its own
         if value is not None:
             return value
     return M.DEFAULT_LR[M.ALL[key].family]

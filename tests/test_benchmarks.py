@@ -137,13 +137,19 @@ def test_rerun_resumes_from_the_cache(quick):
 
 
 def test_flags_learning_rates_and_fingerprints():
+    import methods
     import run
 
     args = run.parse(["--quick", "--lr", "2e-3", "lora=5e-4", "ta-lora=3e-2"])
     assert run.learning_rate(args, "lora") == 5e-4
     assert run.learning_rate(args, "pt") == 2e-3
     assert run.learning_rate(args, "ta-lora/equal-lr") == 3e-2  # ta-lora= also sets its ablations
-    default = run.parse(["--quick"])
+    assert run.learning_rate(args, "ta-lora/lr-3e-3") == 3e-3  # ... but a learning-rate variant keeps its own
+    assert run.learning_rate(run.parse(["--quick", "--lr", "ta-lora/lr-3e-3=1e-4"]), "ta-lora/lr-3e-3") == 1e-4
+    assert run.learning_rate(default := run.parse(["--quick"]), "ta-lora/lr-3e-2") == 3e-2
+    assert "ta-lora/prompt-std-0.25" not in default.methods  # variants run only when named
+    config = methods.make_config("ta-lora/prompt-std-0.25", ["a", "b"], 2, counting=True)
+    assert config.prompt_init_std == 0.25
     assert run.learning_rate(default, "pt") == 1e-2 and run.learning_rate(default, "poly") == 1e-3
     longer = run.parse(["--quick", "--steps", "3"])
     keys = ["ta-lora", "lora"]
