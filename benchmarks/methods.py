@@ -107,41 +107,37 @@ METHODS = {
     ),
 }
 
+def _talora_variant(key: str, label: str, **changes) -> Method:
+    """TA-LoRA with one thing changed (``changes``: config fields, ``lr``, ``fast_lr_ratio``, ``gate_init``, ``warmup``)."""
+    return Method(key, label, "prompt", "names", METHODS["ta-lora"].unseen_tasks, changes)
+
+
 ABLATIONS = {
-    "ta-lora/equal-lr": Method(
-        "ta-lora/equal-lr", "TA-LoRA, equal learning rates (fast_lr_ratio=1)", "prompt", "names",
-        METHODS["ta-lora"].unseen_tasks, {"fast_lr_ratio": 1.0},
-    ),
-    "ta-lora/no-zero-init": Method(
-        "ta-lora/no-zero-init", "TA-LoRA, gate initialised to 1.0 (no zero-init)", "prompt", "names",
-        METHODS["ta-lora"].unseen_tasks, {"gate_init": 1.0},
-    ),
-    "ta-lora/no-orthogonality": Method(
-        "ta-lora/no-orthogonality", "TA-LoRA, no orthogonality penalty (weight 0)", "prompt", "names",
-        METHODS["ta-lora"].unseen_tasks, {"orthogonality_weight": 0.0},
-    ),
-    "ta-lora/no-warmup": Method(
-        "ta-lora/no-warmup", "TA-LoRA, no shared warm-up", "prompt", "names",
-        METHODS["ta-lora"].unseen_tasks, {"warmup": False},
-    ),
+    m.key: m
+    for m in (
+        _talora_variant("ta-lora/equal-lr", "TA-LoRA, equal learning rates (fast_lr_ratio=1)", fast_lr_ratio=1.0),
+        _talora_variant("ta-lora/no-zero-init", "TA-LoRA, gate initialised to 1.0 (no zero-init)", gate_init=1.0),
+        _talora_variant(
+            "ta-lora/no-orthogonality", "TA-LoRA, no orthogonality penalty (weight 0)", orthogonality_weight=0.0
+        ),
+        _talora_variant("ta-lora/no-warmup", "TA-LoRA, no shared warm-up", warmup=False),
+    )
 }
 
 #: TA-LoRA hyperparameter variants, run only when named (``--methods ta-lora/prompt-std-0.25 ...``); the report
 #: lists them with the ablations. The defaults follow LLaMA-Adapter (prompt rows drawn with std 1, fed to the
 #: attention projections like normed hidden states); SmolLM2's attention inputs have an RMS of about 0.25.
 HYPERPARAMETERS = {
-    "ta-lora/prompt-std-0.25": Method(
-        "ta-lora/prompt-std-0.25", "TA-LoRA, prompt init std 0.25 (SmolLM2's attention-input scale) instead of 1.0",
-        "prompt", "names", METHODS["ta-lora"].unseen_tasks, {"prompt_init_std": 0.25},
-    ),
-    "ta-lora/lr-3e-3": Method(
-        "ta-lora/lr-3e-3", "TA-LoRA, learning rate 3e-3 instead of 1e-2", "prompt", "names",
-        METHODS["ta-lora"].unseen_tasks, {"lr": 3e-3},
-    ),
-    "ta-lora/lr-3e-2": Method(
-        "ta-lora/lr-3e-2", "TA-LoRA, learning rate 3e-2 instead of 1e-2", "prompt", "names",
-        METHODS["ta-lora"].unseen_tasks, {"lr": 3e-2},
-    ),
+    m.key: m
+    for m in (
+        _talora_variant(
+            "ta-lora/prompt-std-0.25",
+            "TA-LoRA, prompt init std 0.25 (SmolLM2's attention-input scale) instead of 1.0",
+            prompt_init_std=0.25,
+        ),
+        _talora_variant("ta-lora/lr-3e-3", "TA-LoRA, learning rate 3e-3 instead of 1e-2", lr=3e-3),
+        _talora_variant("ta-lora/lr-3e-2", "TA-LoRA, learning rate 3e-2 instead of 1e-2", lr=3e-2),
+    )
 }
 
 ALL = {**METHODS, **ABLATIONS, **HYPERPARAMETERS}

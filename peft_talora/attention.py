@@ -87,7 +87,6 @@ class AttentionSite:
             self.capturing = False
         raise RuntimeError(f"{type(self.module).__name__} did not reach the attention interface on the prefix replay.")
 
-
     def project_prompts(
         self, shared: torch.Tensor, coefficients: Optional[torch.Tensor] = None, directions: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

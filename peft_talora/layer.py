@@ -80,16 +80,12 @@ class TALoraPromptBank(nn.Module):
         """The prompts of task ids ``(U,)`` as ``shared + coefficients (x) directions``, for every layer.
 
         Returns ``shared`` ``(L, n, d)`` (``theta0``), ``coefficients`` ``(L, U, n)`` (``s * B @ u``) and
-        ``directions`` ``(L, U, d)`` (``v``): each task's prompt is a rank-1 update of the shared one,
-        which lets an affine key/value projection skip building the ``(L, U, n, d)`` prompts.
+        ``directions`` ``(L, U, d)`` (``v``): task ``u``'s prompt at layer ``l`` is
+        ``shared[l] + coefficients[l, u, :, None] * directions[l, u]``, a rank-1 update of the shared
+        one, which lets an affine key/value projection skip building the ``(L, U, n, d)`` prompts.
         """
         coefficients = self.scaling * torch.einsum("lnr,lur->lun", self.shared_basis, self.task_u[:, tasks])
         return self.shared_prompt, coefficients, self.task_v[:, tasks]
-
-    def task_prompts(self, tasks: torch.Tensor) -> torch.Tensor:
-        """Prompts of the given task ids ``(U,)`` for every adapted layer: ``(L, U, n, d)``."""
-        shared, coefficients, directions = self.task_prompt_factors(tasks)
-        return shared.unsqueeze(1) + coefficients.unsqueeze(-1) * directions.unsqueeze(2)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_l sum_{i != j} ||A_i A_j^T||_F^2`` with ``A_t = outer(u_t, v_t)``: a scalar.
