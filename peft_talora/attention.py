@@ -15,22 +15,34 @@ The same interception yields the prefix keys/values: the module's own forward ru
 prompt hidden states with identity rotary (``cos = 1, sin = 0``) and the key/value tensors that
 reach the interface are captured, so fused projections (GPT-2, Phi-3, GPT-NeoX), key norms
 (Qwen3, Gemma3, OLMo2) and grouped-query heads are all handled by the model's own code.
+
+Everything happens inside the attention module's own forward, from the call's routing (the
+``talora_routing`` keyword argument, see :mod:`peft_talora.task_routing`): the prefix is computed
+with the layer's weights as they are at that moment (unsharded by FSDP, loaded by an offload
+hook, on the layer's device, in its compute dtype), and a layer recomputed by gradient
+checkpointing recomputes its prefix from the parameters. A site holds only static facts about
+its module (head counts, argument names, whether its key/value path is affine).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .layer import gated_prefix_attention
+from .layer import TALoraPromptBank, gated_prefix_attention
+from .task_routing import ROUTING_KWARG, CallRouting
 
 ROUTED_PREFIX = "talora+"
+
+
+#: Keyword argument of a prefix replay: its attention call raises :class:`_PrefixCaptured`.
+_CAPTURE_KWARG = "talora_capture_prefix"
 
 
 class _PrefixCaptured(Exception):
@@ -41,12 +53,27 @@ class _PrefixCaptured(Exception):
         self.key, self.value = key, value
 
 
+@dataclass(frozen=True, eq=False)
+class PrefixSource:
+    """What TA-LoRA's sites need from the adapter for one call: its bank, the decoder layer -> bank row
+    map, and whether the call uses the shared prompt only (the ``shared_warmup`` stage)."""
+
+    bank: TALoraPromptBank
+    rows: dict[int, int]
+    shared_only: bool = False
+
+
+#: The adapter of the probe forward at injection time: sites record their shapes and check affinity.
+_PROBE = object()
+
+
 @dataclass(eq=False)
 class AttentionSite:
-    """One adapted attention module and the prefix it adds during the current call.
+    """One adapted attention module: static facts read off the probe forward at injection time.
 
-    ``num_heads``/``num_kv_heads``/``head_dim`` and the names of the module's forward arguments are
-    read off the probe forward at injection time.
+    ``num_heads``/``num_kv_heads``/``head_dim``, the prompt width ``hidden_size``, the names of the
+    module's forward arguments (``forward_args``, each ``None`` in a replay) and the trailing shape
+    of its rotary ``cos`` (``rotary_shape``; ``None`` when it takes none). Nothing per call.
     """
 
     module: nn.Module
@@ -54,37 +81,27 @@ class AttentionSite:
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
-    forward_args: dict[str, Any] = field(default_factory=dict)
+    forward_args: tuple[str, ...] = ()
+    rotary_shape: Optional[tuple[int, ...]] = None
     hidden_size: int = 0
     # whether the replay maps every prompt row on its own and affinely (see replay_is_affine)
     affine: bool = False
-    # state of the current forward/generate call
-    prefix_key: Optional[torch.Tensor] = None  # (B, H_kv, n, hd)
-    prefix_value: Optional[torch.Tensor] = None
-    gate: Optional[torch.Tensor] = None  # (H,)
-    capturing: bool = False
-
-    def set_prefix(self, key: torch.Tensor, value: torch.Tensor, gate: torch.Tensor) -> None:
-        self.prefix_key, self.prefix_value, self.gate = key, value, gate
-
-    def clear_prefix(self) -> None:
-        self.prefix_key = self.prefix_value = self.gate = None
+    reached: bool = False  # the probe's routing reached this module's attention call
 
     def project_prefix(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values ``(U, H_kv, n, hd)`` of prompt hidden states ``(U, n, d)``, from the module's own forward."""
-        kwargs = {}
-        for name, example in self.forward_args.items():
-            if name == "position_embeddings" and example is not None:
-                kwargs[name] = _identity_rotary(example, hidden)
-            else:
-                kwargs[name] = None
-        self.capturing = True
+        """Keys/values ``(U, H_kv, n, hd)`` of prompt hidden states ``(U, n, d)``, from the module's own forward.
+
+        Called from inside the module's forward (its weights are materialised there); the nested call
+        carries only a capture marker, so it cannot be mistaken for a routed call.
+        """
+        kwargs = dict.fromkeys(self.forward_args)
+        if self.rotary_shape is not None:
+            kwargs["position_embeddings"] = _identity_rotary(self.rotary_shape, hidden)
+        kwargs[_CAPTURE_KWARG] = True
         try:
             self.module(hidden, **kwargs)
         except _PrefixCaptured as captured:
             return captured.key, captured.value
-        finally:
-            self.capturing = False
         raise RuntimeError(f"{type(self.module).__name__} did not reach the attention interface on the prefix replay.")
 
     def project_prompts(
@@ -93,19 +110,19 @@ class AttentionSite:
         """Keys/values ``(U, H_kv, n, hd)`` of the prompts ``shared + coefficients[u, :, None] * directions[u]``.
 
         ``shared`` ``(n, d)``; ``coefficients`` ``(U, n)`` and ``directions`` ``(U, d)``, or neither
-        (then the one prompt ``shared``, ``U = 1``). When the replay is affine and per row
-        (``self.affine``), ``f(a + c w) = f(a) + c (f(w) - f(0))``, so one replay of ``n + U + 1``
-        rows gives what a replay of all ``U * n`` prompt rows would: a batch of 64 distinct tasks
-        costs almost what a batch of one task costs. Otherwise the prompts are built and replayed.
+        (then the one prompt ``shared``, ``U = 1``), all in the dtype and on the device the replay
+        runs in. When the replay is affine and per row (``self.affine``),
+        ``f(a + c w) = f(a) + c (f(w) - f(0))``, so one replay of ``n + U + 1`` rows gives what a
+        replay of all ``U * n`` prompt rows would: a batch of 64 distinct tasks costs almost what a
+        batch of one task costs. Otherwise the prompts are built and replayed.
         """
-        dtype = module_dtype(self.module, shared.dtype)
         if coefficients is None:
-            return self.project_prefix(shared.unsqueeze(0).to(dtype))
+            return self.project_prefix(shared.unsqueeze(0))
         if not self.affine:
             prompts = shared.unsqueeze(0) + coefficients.unsqueeze(-1) * directions.unsqueeze(1)  # (U, n, d)
-            return self.project_prefix(prompts.to(dtype))
+            return self.project_prefix(prompts)
         n, num_tasks = shared.shape[0], directions.shape[0]
-        rows = torch.cat([shared, directions, directions.new_zeros(1, directions.shape[1])]).to(dtype)
+        rows = torch.cat([shared, directions, directions.new_zeros(1, directions.shape[1])])
         key, value = self.project_prefix(rows.unsqueeze(0))  # (1, H_kv, n + U + 1, hd)
         scale = coefficients.to(key.dtype)[:, None, :, None]  # (U, 1, n, 1)
 
@@ -116,29 +133,49 @@ class AttentionSite:
 
         return combine(key), combine(value)
 
+    def prefix(self, source: PrefixSource, routing: CallRouting, query: torch.Tensor):
+        """This layer's prefix for the call: ``(key, value)`` ``(B, H_kv, n, hd)`` and ``gate`` ``(H,)``, or ``None``.
 
-def module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype of ``module``'s first floating-point parameter (``default`` if it has none)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return default
+        ``query`` ``(B, H, q, hd)`` fixes the batch (grown by ``generate`` for beams), the device and
+        the compute dtype. Inside ``generate`` (``routing.cache``) each layer computes it once per
+        call and batch size; in training it is recomputed from the parameters on every forward.
+        """
+        row = source.rows.get(self.layer)
+        if row is None:
+            return None
+        batch_size = query.shape[0]
+        cache_key = (self.layer, batch_size)
+        if routing.cache is not None and cache_key in routing.cache:
+            return routing.cache[cache_key]
+        bank, device, dtype = source.bank, query.device, query.dtype
+        if source.shared_only:  # one prompt for all: the shared one
+            key, value = self.project_prompts(bank.shared_prompt[row].to(device, dtype))  # (1, H_kv, n, hd)
+            inverse = torch.zeros(batch_size, dtype=torch.long, device=device)
+        else:
+            tasks, inverse = routing.unique_tasks(batch_size)
+            shared, coefficients, directions = bank.task_prompt_factors(tasks.to(bank.gate.device), row)
+            key, value = self.project_prompts(
+                shared.to(device, dtype), coefficients.to(device, dtype), directions.to(device, dtype)
+            )  # (U, H_kv, n, hd)
+            inverse = inverse.to(device)
+        result = (key[inverse], value[inverse], bank.gate[row].to(device))
+        if routing.cache is not None:
+            routing.cache[cache_key] = result
+        return result
 
 
-def replay_is_affine(site: AttentionSite) -> bool:
+def replay_is_affine(site: AttentionSite, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the site's key/value replay is an affine map applied to each row on its own.
 
-    Checked numerically once per site, on fixed random rows ``x, y``: the shortcut of
-    :meth:`AttentionSite.project_prompts` must reproduce ``f(x + c y)`` for ``c = 0.5, -2`` (a key
-    norm fails this), ``f(100 x) + f(100 y) - f(0)`` must equal ``f(100 (x + y))`` (a clamp such as
-    OLMo's ``clip_qkv`` fails this at large inputs), and the rows in reverse order must come back
-    reversed. The tolerance, the square root of the dtype's epsilon relative to the outputs' size, is
-    far below what a norm or clamp deviates by and far above rounding.
+    Checked numerically once per site, inside the probe forward, on fixed random rows ``x, y``: the
+    shortcut of :meth:`AttentionSite.project_prompts` must reproduce ``f(x + c y)`` for ``c = 0.5, -2``
+    (a key norm fails this), ``f(100 x) + f(100 y) - f(0)`` must equal ``f(100 (x + y))`` (a clamp
+    such as OLMo's ``clip_qkv`` fails this at large inputs), and the rows in reverse order must come
+    back reversed. The tolerance, the square root of the dtype's epsilon relative to the outputs'
+    size, is far below what a norm or clamp deviates by and far above rounding.
     """
     if site.hidden_size <= 0:  # the probe could not see the prompt width: replay the built prompts
         return False
-    device = next(site.module.parameters()).device
-    dtype = module_dtype(site.module, torch.float32)
     x, y = torch.randn(2, site.hidden_size, generator=torch.Generator().manual_seed(0))
     rows = torch.stack([x, y, x + 0.5 * y, x - 2 * y, 100 * x, 100 * y, 100 * (x + y), torch.zeros_like(x)])
     rows = rows.to(device, dtype).unsqueeze(0)
@@ -157,11 +194,10 @@ def replay_is_affine(site: AttentionSite) -> bool:
     return True
 
 
-def _identity_rotary(example, hidden: torch.Tensor):
+def _identity_rotary(rotary_shape: tuple[int, ...], hidden: torch.Tensor):
     """``(cos, sin) = (1, 0)`` shaped like the module's real rotary embedding, for ``hidden`` ``(U, n, d)``."""
-    cos, _ = example
-    shape = (hidden.shape[0], hidden.shape[1], *cos.shape[2:])
-    return torch.ones(shape, dtype=cos.dtype, device=hidden.device), torch.zeros(shape, dtype=cos.dtype, device=hidden.device)
+    shape = (hidden.shape[0], hidden.shape[1], *rotary_shape)
+    return hidden.new_ones(shape), hidden.new_zeros(shape)
 
 
 class _SiteConfigView:
@@ -206,20 +242,39 @@ def routed_implementation(base: str) -> str:
 
 def _make_routed_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        site: AttentionSite = module._talora_site
-        if site.capturing:
+        if kwargs.pop(_CAPTURE_KWARG, False):
             raise _PrefixCaptured(key, value)
+        routing = kwargs.pop(ROUTING_KWARG, None)
         base_fn = _eager_attention_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
-        if site.num_heads == 0:  # the probe forward at injection time
-            site.num_heads, site.num_kv_heads, site.head_dim = query.shape[1], key.shape[1], query.shape[-1]
-        if site.prefix_key is not None:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            out = out + gated_prefix_attention(query, site.prefix_key, site.prefix_value, site.gate, scaling)
+        site: AttentionSite = module._talora_site
+        if routing is None:
+            raise RuntimeError(
+                f"{type(module).__name__} (decoder layer {site.layer}) carries a TA-LoRA adapter but was called "
+                "without the call's task routing: an inner module (e.g. model.model or a decoder layer) was called "
+                "directly. Call the PEFT model, or the causal LM it wraps, with task_ids=...; to run the base model, "
+                "use `with peft_model.disable_adapter():`."
+            )
+        if routing.adapter is _PROBE:
+            _record_probe(site, query, key)
+        elif routing.enabled and routing.adapter is not None:
+            prefix = site.prefix(routing.adapter, routing, query)
+            if prefix is not None:
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+                softcap = kwargs.get("softcap")
+                out = out + gated_prefix_attention(query, *prefix, scaling, dropout=dropout, softcap=softcap).to(out.dtype)
         return out, weights
 
     attention.__name__ = f"talora_{base.replace('|', '_')}_attention"
     return attention
+
+
+def _record_probe(site: AttentionSite, query: torch.Tensor, key: torch.Tensor) -> None:
+    """In the probe forward: the site's head counts, and whether its key/value replay is affine."""
+    site.num_heads, site.num_kv_heads, site.head_dim = query.shape[1], key.shape[1], query.shape[-1]
+    site.reached = True
+    site.affine = replay_is_affine(site, query.device, query.dtype)
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
@@ -229,10 +284,16 @@ def _looks_like_attention(module: nn.Module) -> bool:
 def install_sites(model: nn.Module, num_layers: int) -> list[AttentionSite]:
     """Attach an :class:`AttentionSite` to the attention module of every decoder layer, one per layer.
 
-    A probe forward on two tokens checks that each candidate module really calls the attention
-    interface and records its head counts and forward arguments. A model whose decoder layers
-    cannot all be reached this way gets a ``ValueError`` here, never silently unadapted layers.
+    A probe forward on two tokens, with a probe routing, checks that each candidate module really
+    calls the attention interface *and* receives the call's keyword arguments there (the route the
+    task routing takes), and records its head counts and forward arguments. A model whose decoder
+    layers cannot all be reached this way gets a ``ValueError`` here, never silently unadapted layers.
     """
+    if any(hasattr(m, "_talora_site") for m in model.modules()):
+        raise ValueError(
+            f"This {type(model).__name__} already carries a TA-LoRA adapter. Add another adapter with "
+            "peft_model.add_adapter(name, config), or call get_peft_model on a fresh base model."
+        )
     candidates = [(name, m) for name, m in model.named_modules() if _looks_like_attention(m)]
     sites, hooks, calls = [], [], []
     for name, module in candidates:
@@ -242,42 +303,80 @@ def install_sites(model: nn.Module, num_layers: int) -> list[AttentionSite]:
         sites.append((name, site))
 
         def record(mod, args, kwargs, site=site):
+            if not isinstance(kwargs.get(ROUTING_KWARG), CallRouting):
+                return
             bound = inspect.signature(mod.forward).bind_partial(*args, **kwargs).arguments
-            site.forward_args = {k: v for k, v in list(bound.items())[1:] if k not in ("kwargs", "args")}
+            arguments = {k: v for k, v in list(bound.items())[1:] if k not in ("kwargs", "args")}
+            rotary = arguments.get("position_embeddings")
+            if rotary is not None:
+                if not (isinstance(rotary, (tuple, list)) and len(rotary) == 2 and all(map(torch.is_tensor, rotary))):
+                    raise ValueError(
+                        f"{type(mod).__name__} takes a rotary embedding that is not a (cos, sin) pair of tensors "
+                        f"(got {type(rotary).__name__}); TA-LoRA replays prompts with identity rotary and supports "
+                        "(cos, sin) rotary embeddings only."
+                    )
+                site.rotary_shape = tuple(rotary[0].shape[2:])
+            site.forward_args = tuple(k for k in arguments if k != "position_embeddings")
             hidden_states = next(iter(bound.values()), None)
             site.hidden_size = hidden_states.shape[-1] if isinstance(hidden_states, torch.Tensor) else 0
             calls.append(site)
 
         hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
     try:
-        device = next(model.parameters()).device
+        device = execution_device(model)
         with torch.no_grad():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+            model(
+                input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
+                use_cache=False,
+                **{ROUTING_KWARG: CallRouting(None, adapter=_PROBE)},
+            )
+    except Exception:
+        for _, site in sites:
+            remove_site(site)
+        raise
     finally:
         for hook in hooks:
             hook.remove()
 
-    reached = [(name, s) for name, s in sites if s.num_heads > 0]
+    reached = [(name, s) for name, s in sites if s.reached]
     for name, site in sites:
-        if site.num_heads == 0:
+        if not site.reached:
             remove_site(site)
     if len(reached) != num_layers:
         for _, site in reached:
             remove_site(site)
         names = [name for name, _ in reached] or "none"
         raise ValueError(
-            f"TA-LoRA reaches attention through transformers' attention interface (ALL_ATTENTION_FUNCTIONS), but in "
-            f"{type(model).__name__} only {len(reached)} of {num_layers} decoder layers called it (reached: {names}). "
-            "This model computes attention in its own code; TA-LoRA supports models whose attention modules call "
-            "the attention interface, as all current transformers decoders do."
+            f"TA-LoRA reaches attention through transformers' attention interface (ALL_ATTENTION_FUNCTIONS), with "
+            f"the call's keyword arguments passed down to it, but in {type(model).__name__} only {len(reached)} of "
+            f"{num_layers} decoder layers called it (reached: {names}). This model computes attention in its own code or "
+            "drops keyword arguments on the way; TA-LoRA supports models whose decoder layers pass their keyword "
+            "arguments to the attention interface, as all current transformers decoders do."
         )
     order = {id(s): i for i, s in enumerate(dict.fromkeys(calls))}
     ordered = sorted((s for _, s in reached), key=lambda s: order[id(s)])
     for position, site in enumerate(ordered):
         layer_idx = getattr(site.module, "layer_idx", None)
         site.layer = layer_idx if isinstance(layer_idx, int) else position
-        site.affine = replay_is_affine(site)
     return sorted(ordered, key=lambda s: s.layer)
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: accelerate's execution device for a dispatched (offloaded) model,
+    else the device of its first parameter that is not on the meta device."""
+    for module in (model, getattr(model, "get_input_embeddings", lambda: None)()):
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for place in device_map.values():
+            if place not in ("cpu", "disk", "meta"):
+                return torch.device(f"cuda:{place}" if isinstance(place, int) else place)
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
 
 
 def remove_site(site: AttentionSite) -> None:

@@ -21,6 +21,7 @@ single bit of the earlier tasks. Saved adapters hold the concatenated ``task_u``
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,16 +77,19 @@ class TALoraPromptBank(nn.Module):
     def num_tasks(self) -> int:
         return sum(block.shape[1] for block in self.task_u_blocks)
 
-    def task_prompt_factors(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The prompts of task ids ``(U,)`` as ``shared + coefficients (x) directions``, for every layer.
+    def task_prompt_factors(self, tasks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts of task ids ``(U,)`` at bank row ``layer`` as ``shared + coefficients (x) directions``.
 
-        Returns ``shared`` ``(L, n, d)`` (``theta0``), ``coefficients`` ``(L, U, n)`` (``s * B @ u``) and
-        ``directions`` ``(L, U, d)`` (``v``): task ``u``'s prompt at layer ``l`` is
-        ``shared[l] + coefficients[l, u, :, None] * directions[l, u]``, a rank-1 update of the shared
-        one, which lets an affine key/value projection skip building the ``(L, U, n, d)`` prompts.
+        Returns ``shared`` ``(n, d)`` (``theta0``), ``coefficients`` ``(U, n)`` (``s * B @ u``) and
+        ``directions`` ``(U, d)`` (``v``): task ``u``'s prompt is
+        ``shared + coefficients[u, :, None] * directions[u]``, a rank-1 update of the shared one,
+        which lets an affine key/value projection skip building the ``(U, n, d)`` prompts. Each
+        layer asks for its own row inside its own forward.
         """
-        coefficients = self.scaling * torch.einsum("lnr,lur->lun", self.shared_basis, self.task_u[:, tasks])
-        return self.shared_prompt, coefficients, self.task_v[:, tasks]
+        u = torch.cat([block[layer] for block in self.task_u_blocks])[tasks]  # (U, r)
+        v = torch.cat([block[layer] for block in self.task_v_blocks])[tasks]  # (U, d)
+        coefficients = self.scaling * u @ self.shared_basis[layer].T  # (U, n)
+        return self.shared_prompt[layer], coefficients, v
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_l sum_{i != j} ||A_i A_j^T||_F^2`` with ``A_t = outer(u_t, v_t)``: a scalar.
@@ -109,16 +113,32 @@ def is_fast_parameter(name: str) -> bool:
 
 
 def gated_prefix_attention(
-    query: torch.Tensor, prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    gate: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """``tanh(g) * softmax(Q K_p^T * scaling) V_p`` per head, laid out like attention outputs.
 
     query ``(B, H, q, hd)``; prefix key/value ``(B, H_kv, n, hd)`` (grouped-query heads are
     shared as in the base attention); gate ``(H,)``. Returns ``(B, q, H, hd)``. Every query sees
-    every prefix position: the prefix has no position and no mask.
+    every prefix position: the prefix has no position and no mask (in a sliding-window layer too).
+    The base attention's ``dropout`` and logit ``softcap`` (Gemma 2: ``c * tanh(scores / c)``) apply
+    to the prefix scores as they do to the sequence's.
     """
-    out = F.scaled_dot_product_attention(
-        query, prefix_key, prefix_value, scale=scaling, enable_gqa=query.shape[1] != prefix_key.shape[1]
-    )
+    if softcap:
+        groups = query.shape[1] // prefix_key.shape[1]
+        keys, values = prefix_key.repeat_interleave(groups, 1), prefix_value.repeat_interleave(groups, 1)
+        scores = softcap * torch.tanh(query @ keys.transpose(-1, -2) * scaling / softcap)  # (B, H, q, n)
+        probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(query.dtype), p=dropout, training=dropout > 0)
+        out = probs @ values
+    else:
+        out = F.scaled_dot_product_attention(
+            query, prefix_key, prefix_value, scale=scaling, dropout_p=dropout,
+            enable_gqa=query.shape[1] != prefix_key.shape[1],
+        )
     out = out * torch.tanh(gate).to(out.dtype).view(1, -1, 1, 1)
     return out.transpose(1, 2)

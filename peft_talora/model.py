@@ -1,11 +1,12 @@
 """``TALoraModel``: the PEFT tuner that adds TA-LoRA to any transformers causal LM.
 
-Per call, a forward pre-hook on the wrapped model takes ``task_ids``, forms the prompts of the
-tasks present in the batch for every adapted layer at once (as the shared prompt plus a rank-1
-update per task), projects them to prefix keys/values through each layer's own frozen attention,
-and hands each example its task's prefix. Inside a
-``generate`` call the prefixes are computed once, at the first forward, and reused at every
-decoding step.
+Per call, the shared :class:`~peft_talora.task_routing.TaskRouter` turns ``task_ids`` into the
+call's routing, which travels with the call's keyword arguments down to every attention call.
+There, inside its own forward, each adapted layer forms the prompts of the tasks present in the
+batch (the shared prompt plus a rank-1 update per task), projects them to prefix keys/values
+through its own frozen attention, and gives each example its task's prefix
+(:meth:`~peft_talora.attention.AttentionSite.prefix`). Inside a ``generate`` call each layer
+computes its prefix once, at the first forward, and reuses it at every decoding step.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .attention import AttentionSite, install_sites, remove_site
+from .attention import AttentionSite, PrefixSource, execution_device, install_sites, remove_site
 from .config import TALoraConfig
 from .layer import TALoraPromptBank
 from .multitask import MultiTaskTunerMixin, check_saved_shape
 from .peft_integration import ROUTED_TASK_IDS_KWARG
 from .routing import TaskIds
-from .task_routing import TaskRouter
+from .task_routing import ROUTING_KWARG, CallRouting, TaskRouter, refuse_adapted_base
 
 #: Training stages (see ``set_training_stage``) and the bank parameters each one trains.
 STAGES = ("shared_warmup", "multi_task", "new_tasks")
@@ -46,6 +47,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     model_card_tags = ("ta-lora", "multi-task", "peft-talora")
 
     def __init__(self, model: nn.Module, peft_config: dict, adapter_name: str, low_cpu_mem_usage: bool = False):
+        refuse_adapted_base(model)
         super().__init__()
         self.model = model
         self.peft_config: dict[str, TALoraConfig] = {}
@@ -54,6 +56,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         self._enabled = True
         self._layer_positions: dict[str, dict[int, int]] = {}  # adapter -> {decoder layer: row in its bank}
         self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
+        self._frozen_blocks: dict[str, int] = {}  # adapter -> leading task blocks frozen in the "new_tasks" stage
         self._exported_tasks: dict[str, list[int]] = {}  # set inside exporting_tasks()
         self.orthogonality_log = RunningMean()  # read by OrthogonalityLogCallback
 
@@ -64,7 +67,11 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         config.resolve_layers(self._num_layers)  # fail on bad layers before touching the model
         trainable = [p for p in model.parameters() if p.requires_grad]
         self._sites: list[AttentionSite] = install_sites(model, self._num_layers)
-        self._router = TaskRouter(model, self)
+        try:
+            self._router = TaskRouter(model, self)
+        except Exception:
+            self.unload()
+            raise
         try:
             model.requires_grad_(False)
             self.peft_config[adapter_name] = config
@@ -84,7 +91,6 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         heads = {self._sites[i].num_heads for i in layers}
         if len(heads) != 1:
             raise ValueError(f"TA-LoRA needs the same number of heads in every adapted layer, found {sorted(heads)}.")
-        reference = next(model.parameters())
         bank = TALoraPromptBank(
             num_layers=len(layers),
             num_tasks=config.num_tasks,
@@ -94,7 +100,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             num_heads=heads.pop(),
             scaling=config.scaling,
             prompt_init_std=config.prompt_init_std,
-        ).to(reference.device)
+        ).to(execution_device(model))
         bank.requires_grad_(False)
         self.talora_banks[adapter_name] = bank
         self._layer_positions[adapter_name] = {layer: i for i, layer in enumerate(layers)}
@@ -174,9 +180,10 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         if stage == "shared_warmup":
             bank.shared_prompt.requires_grad_(True)
             bank.gate.requires_grad_(True)
-        elif stage == "new_tasks":  # the latest add_tasks call's block only: earlier blocks stay bit-identical
-            bank.task_u_blocks[-1].requires_grad_(True)
-            bank.task_v_blocks[-1].requires_grad_(True)
+        elif stage == "new_tasks":  # blocks added since the stage began: earlier blocks stay bit-identical
+            frozen = self._frozen_blocks.get(adapter_name, len(bank.task_u_blocks) - 1)
+            for block in (*bank.task_u_blocks[frozen:], *bank.task_v_blocks[frozen:]):
+                block.requires_grad_(True)
 
     def add_tasks(
         self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
@@ -192,7 +199,10 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
         first, count = self._extend_task_list(name, tasks)
-        self.talora_banks[name].add_task_block(count)
+        bank = self.talora_banks[name]
+        if freeze:
+            self._frozen_blocks[name] = len(bank.task_u_blocks)
+        bank.add_task_block(count)
         if freeze:
             self.set_training_stage("new_tasks", name)
         elif not self.peft_config[name].inference_mode and name == self.active_adapter:
@@ -205,6 +215,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         del self.peft_config[adapter_name]
         del self.talora_banks[adapter_name]
         del self._layer_positions[adapter_name]
+        self._stages.pop(adapter_name, None)
+        self._frozen_blocks.pop(adapter_name, None)
         if adapter_name == self.active_adapter:
             self.active_adapter = next(iter(self.peft_config), None)
 
@@ -245,38 +257,24 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         return super().resolve_task_ids(task_ids, batch_size, device)
 
-    @property
-    def routing_enabled(self) -> bool:
-        return self.active_bank is not None
+    def routing_for_call(
+        self, task_ids: TaskIds, batch_size: int, device=None, cache: Optional[dict] = None
+    ) -> CallRouting:
+        """The routing of one call: validated ``task_ids`` ``(batch_size,)`` and the active adapter's bank.
 
-    def route(self, task_ids: Optional[torch.Tensor]) -> None:
-        """Set every site's prefix for this call from resolved ``task_ids`` ``(B,)`` (``None``: no prefix)."""
+        Everything the layers need is taken now, at the start of the call, so a later change (another
+        call, ``disable_adapter``, a stage switch) cannot change what this call's backward sees.
+        """
         bank = self.active_bank
-        if task_ids is None or bank is None:
-            for site in self._sites:
-                site.clear_prefix()
-            return
-        self._set_prefixes(bank, task_ids)
-
-    def _set_prefixes(self, bank: TALoraPromptBank, task_ids: torch.Tensor) -> None:
-        """Compute the prefix keys/values of the tasks in ``task_ids`` ``(B,)`` and give each example its own."""
-        if self.training_stage() == "shared_warmup":  # one prompt for all: the shared one
-            shared, coefficients, directions = bank.shared_prompt, None, None
-            inverse = torch.zeros_like(task_ids)
-        else:
-            tasks, inverse = torch.unique(task_ids, return_inverse=True)
-            shared, coefficients, directions = bank.task_prompt_factors(tasks)  # (L, n, d), (L, U, n), (L, U, d)
-        position = self._layer_positions[self.active_adapter]
-        for site in self._sites:
-            if site.layer not in position:
-                site.clear_prefix()
-                continue
-            i = position[site.layer]
-            if coefficients is None:
-                key, value = site.project_prompts(shared[i])  # (1, H_kv, n, hd)
-            else:
-                key, value = site.project_prompts(shared[i], coefficients[i], directions[i])  # (U, H_kv, n, hd)
-            site.set_prefix(key[inverse], value[inverse], bank.gate[i])
+        if bank is None:
+            return CallRouting(None)
+        resolved = self.resolve_task_ids(task_ids, batch_size, device)
+        source = PrefixSource(
+            bank=bank,
+            rows=self._layer_positions[self.active_adapter],
+            shared_only=self.training_stage() == "shared_warmup",
+        )
+        return CallRouting(resolved, adapter=source, cache=cache)
 
     # ----------------------------------------------------------------- calls
     def forward(self, *args, task_ids: TaskIds = None, **kwargs):
@@ -289,6 +287,12 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         weight = self.peft_config[self.active_adapter].orthogonality_weight if bank is not None else 0.0
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
             penalty = bank.orthogonality_penalty()
+            if not torch.isfinite(penalty):
+                raise FloatingPointError(
+                    f"The orthogonality penalty of adapter {self.active_adapter!r} is {float(penalty)}: some task "
+                    "factors (task_u/task_v) hold NaN or inf, which would spread to every task through the loss. "
+                    "Lower the learning rate or restore the adapter from a checkpoint."
+                )
             share = _share_of_items(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
             output.loss = output.loss + weight * share * penalty
             self.orthogonality_log.add(penalty.detach())
@@ -296,11 +300,17 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
 
     def generate(self, *args, task_ids: TaskIds = None, **kwargs):
         """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences."""
-        if self.active_bank is None:
-            return self.model.generate(*args, **kwargs)
         inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        with self._router.generation(task_ids, inputs):
-            return self.model.generate(*args, **kwargs)
+        if inputs is None:
+            raise ValueError("generate needs input_ids or inputs_embeds so that task_ids can be matched to examples.")
+        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, inputs)
+        return self.model.generate(*args, **kwargs)
+
+    def merge_and_unload(self, *args, **kwargs):
+        raise NotImplementedError(_NO_MERGE)
+
+    def merge_adapter(self, *args, **kwargs):
+        raise NotImplementedError(_NO_MERGE)
 
     def __getattr__(self, name: str):
         """Forward missing attributes to the wrapped model, as PEFT tuners do."""
@@ -358,6 +368,12 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             raise ValueError(f"The TA-LoRA adapter file lacks {names}; it is incomplete or corrupt.")
         return remapped
 
+
+_NO_MERGE = (
+    "TA-LoRA adds gated prefix attention, not a weight update, so it cannot be merged into the base weights. "
+    "Keep the PEFT model for inference (generation costs about what the base model costs), or call unload() "
+    "to get the untouched base model back."
+)
 
 #: Task-factor blocks in the model and the single tensor each is saved as.
 _TASK_BLOCKS = {"task_u_blocks": "task_u", "task_v_blocks": "task_v"}

@@ -1,97 +1,238 @@
-"""How ``task_ids`` get from a user's call to a multi-task tuner, shared by TA-LoRA and MTL-LoRA.
+"""How ``task_ids`` travel from a user's call to the layers of a multi-task tuner (TA-LoRA, MTL-LoRA).
 
-A :class:`TaskRouter` installs a forward pre-hook on the wrapped transformers model. The hook
-takes ``task_ids`` out of the call, validates them (``tuner.resolve_task_ids``) and hands the
-resolved ``(batch,)`` tensor to ``tuner.route``, which prepares whatever the tuner's layers read
-during that forward. Inside ``generate`` the ids are given once; decoding steps reuse the routes
-of the first step, and when transformers grows the batch (beams, ``num_return_sequences``) the
-ids are expanded the same way it expands every other per-example input.
+The routing of a call is an immutable :class:`CallRouting` object that travels *with the call*,
+as the keyword argument ``talora_routing``: transformers 5 passes the keyword arguments of
+``XForCausalLM.forward`` on to every decoder layer and from there to the attention interface.
+Nothing about a call is stored on a module, so:
 
-A tuner using the router provides:
+- a layer recomputed by gradient checkpointing gets the routing of the call that built it (the
+  recompute re-runs the layer with the keyword arguments it was first called with);
+- a layer computes what it needs inside its own forward, where FSDP, DeepSpeed ZeRO-3 and
+  accelerate's offloading have materialised its weights;
+- two threads, or a ``generate`` nested in another's ``LogitsProcessor``, never see each other's tasks.
 
-- ``routing_enabled`` (bool): ``False`` when its adapters are disabled;
-- ``resolve_task_ids(task_ids, batch_size, device)`` -> ``LongTensor (batch,)``;
-- ``route(task_ids)``: ``task_ids`` is a ``LongTensor (batch,)``, or ``None`` to switch routing off.
+A :class:`TaskRouter` puts the routing into the call: a forward pre-hook on the wrapped model
+turns ``task_ids`` into a :class:`CallRouting` (a pure function of the call's arguments and the
+tuner's active adapter), and ``generate`` builds one routing per ``generate`` call, with a cache
+for what the layers compute once per call. Calling an inner module (``model.model``, a decoder
+layer) without ``talora_routing`` raises a clear error in the adapted layers.
+
+Layers that do not receive keyword arguments (MTL-LoRA's ``nn.Linear`` replacements) read the
+routing of the innermost running layer from :func:`current_routing`, a ``ContextVar`` stack kept by
+:func:`install_routing_scopes` around each decoder layer's forward from the layer's own keyword
+arguments: per thread, per call, and set again when checkpointing recomputes the layer.
+
+A tuner using the router provides ``routing_for_call(task_ids, batch_size, device, cache)`` ->
+:class:`CallRouting`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .routing import TaskIds
+#: Keyword argument that carries a call's :class:`CallRouting` through the model.
+ROUTING_KWARG = "talora_routing"
 
 
-class TaskRouter:
-    """Forward pre-hook and ``generate`` bookkeeping that feed ``task_ids`` to ``tuner.route``."""
+class CallRouting:
+    """The task routing of one forward or ``generate`` call.
 
-    def __init__(self, model: nn.Module, tuner):
-        self.model = model
-        self.tuner = tuner
-        self._generation: Optional[_GenerationRouting] = None
-        self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        _declare_task_ids_parameter(model)
+    ``task_ids``: resolved ``LongTensor (batch,)``, or ``None`` when the adapters are off for this
+    call. ``adapter``: what the tuner's layers need to serve the call, snapshot at its start (for
+    TA-LoRA the prompt bank and its layer map; for MTL-LoRA the adapter name). ``cache``: a dict
+    for values computed once per call (prefix keys/values inside ``generate``), or ``None`` where
+    nothing may be reused (training: gradient checkpointing recomputes from the parameters).
+    """
 
-    def remove(self) -> None:
-        """Take the hook and the declared ``task_ids`` parameter off the model."""
-        self._hook.remove()
-        if getattr(self.model.__dict__.get("forward"), "_talora_declares_task_ids", False):
-            del self.model.forward
+    __slots__ = ("task_ids", "adapter", "cache", "_unique")
 
-    @contextmanager
-    def generation(self, task_ids: TaskIds, inputs: torch.Tensor):
-        """Route a whole ``generate`` call by the ids of its ``inputs`` ``(batch, ...)``."""
-        resolved = self.tuner.resolve_task_ids(task_ids, inputs.shape[0], device=inputs.device)
-        self._generation = _GenerationRouting(resolved)
-        try:
-            yield
-        finally:
-            self._generation = None
-
-    def _pre_hook(self, module, args, kwargs):
-        task_ids = kwargs.pop("task_ids", None)
-        if not self.tuner.routing_enabled:
-            self.tuner.route(None)
-            return args, kwargs
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs["inputs_embeds"]
-        batch_size = inputs.shape[0]
-        generation = self._generation
-        if task_ids is None and generation is not None:
-            if generation.routed_batch_size == batch_size:
-                return args, kwargs  # a decoding step: this generate call's routes are already set
-            resolved = generation.expand_to(batch_size)
-            generation.routed_batch_size = batch_size
-        else:
-            resolved = self.tuner.resolve_task_ids(task_ids, batch_size, device=inputs.device)
-        self.tuner.route(resolved)
-        return args, kwargs
-
-
-class _GenerationRouting:
-    """Task ids of one ``generate`` call, and the batch size they were last routed for."""
-
-    def __init__(self, task_ids: torch.Tensor):
+    def __init__(self, task_ids: Optional[torch.Tensor], adapter: Any = None, cache: Optional[dict] = None):
         self.task_ids = task_ids
-        self.routed_batch_size: Optional[int] = None
+        self.adapter = adapter
+        self.cache = cache
+        self._unique: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def expand_to(self, batch_size: int) -> torch.Tensor:
+    @property
+    def enabled(self) -> bool:
+        return self.task_ids is not None
+
+    def task_ids_for(self, batch_size: int) -> torch.Tensor:
+        """The ids ``(batch_size,)`` of a layer's batch: ``generate`` grows the batch by whole groups
+        (beams, ``num_return_sequences``), each example's copies next to each other."""
         given = self.task_ids.shape[0]
-        if batch_size % given:
+        if batch_size == given:
+            return self.task_ids
+        if given == 0 or batch_size % given:
             raise ValueError(
-                f"generate ran a batch of {batch_size} rows for {given} task ids; task ids can only follow an "
-                "expansion of each example into equal groups (beams, num_return_sequences)."
+                f"A layer got a batch of {batch_size} rows for {given} task ids; task ids can only follow an "
+                "expansion of each example into equal groups (beams, num_return_sequences). Pass one task id "
+                "per example of the batch you call the model with."
             )
         return self.task_ids.repeat_interleave(batch_size // given)
 
+    def unique_tasks(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tasks (U,), inverse (batch_size,))`` of :meth:`task_ids_for`, computed once per call and size.
+
+        Depends on the ids only, never on parameters, so reusing it in a recompute is exact.
+        """
+        if batch_size not in self._unique:
+            self._unique[batch_size] = torch.unique(self.task_ids_for(batch_size), return_inverse=True)
+        return self._unique[batch_size]
+
+    def __deepcopy__(self, memo):
+        return self  # immutable for the call's lifetime; copying a model mid-call must not clone it
+
+    def __repr__(self) -> str:
+        ids = None if self.task_ids is None else self.task_ids.tolist()
+        return f"CallRouting(task_ids={ids})"
+
+
+#: Routings of the running routing scopes in this thread, innermost last (see ``install_routing_scopes``).
+_SCOPES: contextvars.ContextVar[tuple] = contextvars.ContextVar("peft_talora_routing_scopes", default=())
+
+
+def current_routing() -> Optional[CallRouting]:
+    """The routing of the innermost running decoder layer (or wrapped model) in this thread, if any."""
+    scopes = _SCOPES.get()
+    return scopes[-1] if scopes else None
+
+
+class TaskRouter:
+    """Turns each call's ``task_ids`` into a :class:`CallRouting` keyword argument; holds no per-call state."""
+
+    def __init__(self, model: nn.Module, tuner):
+        refuse_adapted_base(model)
+        self.model = model
+        self.tuner = tuner
+        self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        _declare_routing_parameters(model)
+
+    def remove(self) -> None:
+        """Take the hook and the declared parameters off the model."""
+        self._hook.remove()
+        if getattr(self.model.__dict__.get("forward"), "_talora_declares_task_ids", False):
+            own = self.model.forward.own_forward
+            del self.model.forward
+            if own is not None:
+                self.model.forward = own
+
+    def for_generation(self, task_ids, inputs: torch.Tensor) -> CallRouting:
+        """The routing of one ``generate`` call on ``inputs`` ``(batch, ...)``, with a per-call cache."""
+        return self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device, cache={})
+
+    def _pre_hook(self, module, args, kwargs):
+        task_ids = kwargs.pop("task_ids", None)
+        if kwargs.get(ROUTING_KWARG) is not None:  # generate's routing, or a caller that built its own
+            if task_ids is not None:
+                raise ValueError(
+                    "Got task_ids and a routing of the call at once (inside generate(task_ids=...), the model is "
+                    "called without task_ids); pass task_ids once, to the outermost call."
+                )
+            return args, kwargs
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            raise ValueError("Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples.")
+        kwargs[ROUTING_KWARG] = self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device)
+        return args, kwargs
+
+
+def refuse_adapted_base(model: nn.Module) -> None:
+    """Raise before anything changes when ``model`` already carries one of this package's adapters."""
+    if getattr(model.__dict__.get("forward"), "_talora_declares_task_ids", False):
+        raise ValueError(
+            f"This {type(model).__name__} already carries a peft-talora adapter (TA-LoRA or MTL-LoRA); a second "
+            "get_peft_model on it would break the first. Add another adapter with peft_model.add_adapter(name, "
+            "config), or call get_peft_model on a fresh base model (or on peft_model.unload())."
+        )
+
+
+def install_routing_scopes(model: nn.Module) -> list:
+    """Keep :func:`current_routing` right around the forward of ``model`` and of each of its decoder layers.
+
+    A decoder layer is a ``GradientCheckpointingLayer`` (every transformers 5 decoder's layers are);
+    each one sets the routing from its own keyword arguments, and a layer called without one sees
+    ``None`` (its adapted modules then raise). A layer's gradient-checkpointing function is wrapped
+    (:class:`_ScopedCheckpoint`) so that a recompute at backward time, which runs without the
+    layer's hooks, sees the routing of the call that built it. Returns the hook handles.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    scopes = [model, *(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))]
+    handles = []
+    for scope in scopes:
+        handles.append(scope.register_forward_pre_hook(_enter_scope, with_kwargs=True))
+        handles.append(scope.register_forward_hook(_leave_scope, always_call=True))
+    return handles
+
+
+def _enter_scope(module, args, kwargs):
+    _SCOPES.set((*_SCOPES.get(), kwargs.get(ROUTING_KWARG)))
+    checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+    if checkpoint is not None and not isinstance(checkpoint, _ScopedCheckpoint):
+        module._gradient_checkpointing_func = _ScopedCheckpoint(checkpoint)
+
+
+def _leave_scope(module, args, output):
+    _SCOPES.set(_SCOPES.get()[:-1])
+
+
+class _ScopedCheckpoint:
+    """A decoder layer's checkpoint function whose (re)computations run in their call's routing scope.
+
+    transformers checkpoints ``partial(forward, layer, **kwargs)`` and recomputes it at backward time
+    without the layer's hooks; the routing is one of those ``kwargs``, so wrapping the function that
+    is checkpointed makes the recompute see exactly the routing of the call that built it.
+    """
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def __call__(self, function, *args, **kwargs):
+        keywords = getattr(function, "keywords", None) or {}
+        return self.checkpoint(_InScope(function, keywords.get(ROUTING_KWARG)), *args, **kwargs)
+
+
+class _InScope:
+    """``function`` run with ``routing`` as the innermost routing scope."""
+
+    def __init__(self, function, routing: Optional[CallRouting]):
+        self.function, self.routing = function, routing
+
+    def __call__(self, *args, **kwargs):
+        with routing_scope(self.routing):
+            return self.function(*args, **kwargs)
+
+
+@contextmanager
+def routing_scope(routing: Optional[CallRouting]):
+    """Make ``routing`` the innermost routing scope of this thread within the block."""
+    token = _SCOPES.set((*_SCOPES.get(), routing))
+    try:
+        yield
+    finally:
+        _SCOPES.reset(token)
+
+
+def remove_routing_scopes(model: nn.Module, handles: list) -> None:
+    """Undo :func:`install_routing_scopes`: remove the hooks and unwrap the checkpoint functions."""
+    for handle in handles:
+        handle.remove()
+    for module in model.modules():
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(checkpoint, _ScopedCheckpoint):
+            module._gradient_checkpointing_func = checkpoint.checkpoint
+
 
 class _ForwardDeclaringTaskIds:
-    """The model's own ``forward``, with a signature that also declares ``task_ids``.
+    """The model's own ``forward``, with a signature that also declares ``task_ids`` and ``talora_routing``.
 
     A callable object rather than a closure, so that ``copy.deepcopy`` of the model gives a copy
     whose ``forward`` runs the *copy* (a closure would keep calling the original model).
@@ -106,7 +247,9 @@ class _ForwardDeclaringTaskIds:
         signature = inspect.signature(forward)
         parameters = list(signature.parameters.values())
         position = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
-        parameters.insert(position, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+        for name in (ROUTING_KWARG, "task_ids"):
+            if name not in signature.parameters:
+                parameters.insert(position, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
         self.__signature__ = signature.replace(parameters=parameters)
         self.__doc__ = forward.__doc__
         self.__name__ = "forward"
@@ -117,13 +260,11 @@ class _ForwardDeclaringTaskIds:
         return type(self.model).forward(self.model, *args, **kwargs)
 
 
-def _declare_task_ids_parameter(model: nn.Module) -> None:
-    """Give the wrapped model's ``forward`` a visible ``task_ids`` parameter.
+def _declare_routing_parameters(model: nn.Module) -> None:
+    """Give the wrapped model's ``forward`` visible ``task_ids`` and ``talora_routing`` parameters.
 
-    The pre-hook removes ``task_ids`` before ``forward`` runs, but two callers decide by signature
+    The pre-hook replaces ``task_ids`` before ``forward`` runs, but two callers decide by signature
     which inputs a model takes: ``Trainer(remove_unused_columns=True)`` (which inspects the *base*
     model of a PEFT model) and ``generate``'s check of model kwargs. Only the signature changes.
     """
-    if getattr(model.__dict__.get("forward"), "_talora_declares_task_ids", False):
-        return
     model.forward = _ForwardDeclaringTaskIds(model, model.__dict__.get("forward"))

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_talora import MTLLoraConfig, MTLLoraModel
 from peft_talora.mtl_lora import MTLLoraLayer
 from peft_talora.peft_integration import ROUTED_TASK_IDS_KWARG
+from peft_talora.task_routing import CallRouting, routing_scope
 
 TASKS = torch.tensor([0, 2, 1])
 NAMES = ["a", "b", "c"]
@@ -144,8 +145,7 @@ def test_layer_computes_the_mtl_lora_formula():
         model = perturb(mtl(tiny_model(arch), temperature=0.5, lora_alpha=6.0, target_modules=[module]))
         layer = next(m for m in model.modules() if isinstance(m, MTLLoraLayer))
         x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
-        layer.routes.task_ids = TASKS
-        with torch.no_grad():
+        with torch.no_grad(), routing_scope(CallRouting(TASKS)):
             out = layer(x)
             A, B = layer.mtllora_A["default"], layer.mtllora_B["default"]
             for b, t in enumerate(TASKS.tolist()):

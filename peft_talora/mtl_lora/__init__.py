@@ -5,7 +5,7 @@ Registered with PEFT by ``import peft_talora`` under the name ``"mtllora"``.
 """
 
 from .config import MTLLoraConfig
-from .layer import Linear, MTLLoraLayer, TaskRoutes
+from .layer import Linear, MTLLoraLayer
 from .model import STAGES, MTLLoraModel
 
-__all__ = ["STAGES", "Linear", "MTLLoraConfig", "MTLLoraLayer", "MTLLoraModel", "TaskRoutes"]
+__all__ = ["STAGES", "Linear", "MTLLoraConfig", "MTLLoraLayer", "MTLLoraModel"]

@@ -10,7 +10,8 @@ and ``T`` tasks:
   up-projections do not stay identical: with equal weights they would get equal gradients forever)
 
 For example ``b`` of task ``t``: ``h = W x + s * sum_i softmax(w_t / tau)_i B_i Lambda_t A dropout(x)``
-with ``s = lora_alpha / r``. A batch is routed as a whole: the per-example ``Lambda`` ``(B, r, r)``
+with ``s = lora_alpha / r``. The task ids come from the call's routing, made current around each
+decoder layer (:func:`~peft_talora.task_routing.current_routing`). A batch is routed as a whole: the per-example ``Lambda`` ``(B, r, r)``
 and mixing weights ``(B, k)`` are gathered by task id and applied with ``bmm`` and broadcasting, so
 mixed batches need no loop over tasks or examples.
 
@@ -30,16 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
-class TaskRoutes:
-    """The resolved task ids ``(B,)`` of the current call, shared by an ``MTLLoraModel`` and its layers.
-
-    Set once per call by the tuner's ``route`` (from the shared ``TaskRouter`` pre-hook) and read by
-    every layer, so routing costs one assignment per call, not one per layer.
-    """
-
-    def __init__(self):
-        self.task_ids: Optional[torch.Tensor] = None
+from ..task_routing import current_routing
 
 
 class MTLLoraLayer(BaseTunerLayer):
@@ -48,9 +40,8 @@ class MTLLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("mtllora_A", "mtllora_B", "mtllora_lambda", "mtllora_logits")
     other_param_names = ("r", "scaling", "temperature", "mtllora_dropout", "frozen_task_blocks")
 
-    def __init__(self, base_layer: nn.Module, routes: TaskRoutes) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
-        self.routes = routes
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.temperature: dict[str, float] = {}
@@ -169,20 +160,22 @@ class MTLLoraLayer(BaseTunerLayer):
         return delta.to(device=weight.device, dtype=weight.dtype)
 
     def _routed_task_ids(self, adapter_name: str, batch_size: int, device: torch.device) -> torch.Tensor:
-        task_ids = self.routes.task_ids
-        if task_ids is None:
+        """The task ids ``(batch_size,)`` of the call this layer runs in (the innermost decoder layer's routing)."""
+        routing = current_routing()
+        if routing is None or not routing.enabled:
             if self.num_tasks(adapter_name) == 1:
                 return torch.zeros(batch_size, dtype=torch.long, device=device)
             raise RuntimeError(
-                "An MTL-LoRA layer ran without task ids. Call the PEFT model (or the model it wraps) with "
-                "task_ids=...; calling an inner module directly bypasses the routing."
+                "An MTL-LoRA layer ran without the call's task routing: an inner module (e.g. model.model or a "
+                "decoder layer) was called directly. Call the PEFT model, or the causal LM it wraps, with "
+                "task_ids=...; to run the base model, use `with peft_model.disable_adapter():`."
             )
-        if task_ids.shape[0] != batch_size:
+        try:
+            return routing.task_ids_for(batch_size).to(device)
+        except ValueError as err:
             raise RuntimeError(
-                f"MTL-LoRA routed task ids for a batch of {task_ids.shape[0]}, but this layer got {batch_size} rows; "
-                "it needs inputs laid out (batch, ..., features), and every call must go through the routed model."
-            )
-        return task_ids.to(device)
+                f"MTL-LoRA: {err} This layer needs inputs laid out (batch, ..., features)."
+            ) from None
 
     # ----------------------------------------------------------------- merging
     def merge(
@@ -229,9 +222,9 @@ class MTLLoraLayer(BaseTunerLayer):
 class Linear(nn.Module, MTLLoraLayer):
     """An ``nn.Linear`` or GPT-2 ``Conv1D`` with MTL-LoRA adapters."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, routes: TaskRoutes) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
         super().__init__()
-        MTLLoraLayer.__init__(self, base_layer, routes)
+        MTLLoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 

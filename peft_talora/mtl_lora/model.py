@@ -2,8 +2,9 @@
 
 ``BaseTuner`` gives target-module matching (names, regex, ``"all-linear"``, ``layers_to_transform``),
 module replacement, ``disable_adapter``, adapter add/set/delete and unloading; this class adds what
-is multi-task: the shared :class:`~peft_talora.task_routing.TaskRouter` hands each call's resolved
-``task_ids`` ``(B,)`` to one :class:`TaskRoutes` object that every layer reads, ``add_tasks`` (new
+is multi-task: the shared :class:`~peft_talora.task_routing.TaskRouter` puts each call's resolved
+``task_ids`` ``(B,)`` into the call's routing, which each decoder layer makes current for the
+MTL-LoRA layers inside it (:func:`~peft_talora.task_routing.install_routing_scopes`), ``add_tasks`` (new
 per-task blocks), ``merge_and_unload(task=...)`` and the per-task state-dict layout (blocks
 concatenated on save, only exported tasks kept, split again on load).
 """
@@ -22,9 +23,16 @@ from torch import nn
 from ..multitask import MultiTaskTunerMixin, check_saved_shape
 from ..peft_integration import ROUTED_TASK_IDS_KWARG
 from ..routing import TaskIds
-from ..task_routing import TaskRouter
+from ..task_routing import (
+    ROUTING_KWARG,
+    CallRouting,
+    TaskRouter,
+    install_routing_scopes,
+    refuse_adapted_base,
+    remove_routing_scopes,
+)
 from .config import MTLLoraConfig
-from .layer import Linear, MTLLoraLayer, TaskRoutes
+from .layer import Linear, MTLLoraLayer
 
 #: Training stages (see ``set_training_stage``).
 STAGES = ("multi_task", "new_tasks")
@@ -57,25 +65,26 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
     prefix = "mtllora_"
     tuner_layer_cls = MTLLoraLayer
     target_module_mapping = TARGET_MODULES
-    uses_shared_state = True  # layers read the task ids the tuner routes; inject_adapter_in_model cannot route
+    uses_shared_state = True  # layers read the routing the tuner's hooks make current; inject_adapter_in_model cannot
     routes_task_ids = True  # read by peft_integration.route_task_ids_through_peft_forward
     model_card_tags = ("mtl-lora", "multi-task", "peft-talora")
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False, **kwargs):
+        refuse_adapted_base(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         try:
             super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+            self._router = TaskRouter(model, self)
         except Exception:  # leave the user's model as it was
             _unwrap_layers(model)
             model.__dict__.pop("peft_config", None)
             for param in trainable:
                 param.requires_grad_(True)
             raise
-        self._router = TaskRouter(model, self)
+        self._scopes = install_routing_scopes(model)
 
     def _pre_injection_hook(self, model: nn.Module, config: MTLLoraConfig, adapter_name: str) -> None:
         """Tuner state; ``BaseTuner.__init__`` calls this once, after ``nn.Module.__init__`` and before injecting."""
-        self._routes = TaskRoutes()
         self._enabled = True
         self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
         self._merged_tasks: dict[str, int] = {}  # adapter name -> task merged by merge_adapter
@@ -86,7 +95,7 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         if isinstance(target, MTLLoraLayer):
             target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
             return
-        new_module = Linear(target, adapter_name, config, self._routes)
+        new_module = Linear(target, adapter_name, config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
@@ -191,20 +200,22 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         return list(range(first, first + count))
 
     # ----------------------------------------------------------------- routing
-    @property
-    def routing_enabled(self) -> bool:
-        return self._enabled and self._active_name is not None
-
-    def route(self, task_ids: Optional[torch.Tensor]) -> None:
-        """Hand every layer the resolved ``task_ids`` ``(B,)`` of this call (``None``: no routing)."""
-        merged = self._merged_tasks.get(self._active_name)
-        if task_ids is not None and merged is not None and bool((task_ids != merged).any()):
-            label = self.peft_config[self._active_name].task_label(merged)
+    def routing_for_call(
+        self, task_ids: TaskIds, batch_size: int, device=None, cache: Optional[dict] = None
+    ) -> CallRouting:
+        """The routing of one call: validated ``task_ids`` ``(batch_size,)`` of the active adapter."""
+        name = self._active_name
+        if not self._enabled or name is None:
+            return CallRouting(None)
+        resolved = self.resolve_task_ids(task_ids, batch_size, device)
+        merged = self._merged_tasks.get(name)
+        if merged is not None and bool((resolved != merged).any()):
+            label = self.peft_config[name].task_label(merged)
             raise ValueError(
                 f"Task {label!r} is merged into the base weights, so the model serves only that task "
-                f"(got task ids {task_ids.tolist()}); call unmerge_adapter() to route other tasks."
+                f"(got task ids {resolved.tolist()}); call unmerge_adapter() to route other tasks."
             )
-        self._routes.task_ids = task_ids
+        return CallRouting(resolved, adapter=name, cache=cache)
 
     def forward(self, *args, task_ids: TaskIds = None, **kwargs):
         routed = kwargs.pop(ROUTED_TASK_IDS_KWARG, None)
@@ -215,11 +226,11 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
 
     def generate(self, *args, task_ids: TaskIds = None, **kwargs):
         """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences."""
-        if not self.routing_enabled:
-            return self.model.generate(*args, **kwargs)
         inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        with self._router.generation(task_ids, inputs):
-            return self.model.generate(*args, **kwargs)
+        if inputs is None:
+            raise ValueError("generate needs input_ids or inputs_embeds so that task_ids can be matched to examples.")
+        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, inputs)
+        return self.model.generate(*args, **kwargs)
 
     # ----------------------------------------------------------------- merging
     def _tasks_to_merge(self, adapter_names: Sequence[str], task: Union[int, str, None]) -> dict[str, int]:
@@ -286,7 +297,8 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._router.remove()
-        self._routes.task_ids = None
+        remove_routing_scopes(self.model, self._scopes)
+        self._scopes = []
         return model
 
     # ------------------------------------------------- PEFT state-dict extension points
