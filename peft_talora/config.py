@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .multitask import MultiTaskConfig
+from .multitask import MultiTaskConfig, check_int, check_int_list, check_number
 from .peft_integration import PeftModelDispatch, add_peft_type
 
 TALORA = add_peft_type("TALORA")
@@ -44,20 +45,28 @@ class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
         super().__post_init__()
         self.peft_type = TALORA
         self._validate_tasks()
-        if self.r < 1:
-            raise ValueError(f"TALoraConfig.r must be >= 1 (got {self.r}); the rank of the shared basis B.")
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"TALoraConfig.num_virtual_tokens must be >= 1 (got {self.num_virtual_tokens}).")
-        if self.orthogonality_weight < 0:
-            raise ValueError(
-                f"TALoraConfig.orthogonality_weight must be >= 0 (got {self.orthogonality_weight}); 0 turns it off."
-            )
+        kind = type(self).__name__
+        n = self.num_virtual_tokens
+        self.num_virtual_tokens = check_int(kind, "num_virtual_tokens", n, hint="; the prefix length n")
+        self.r = check_int(kind, "r", self.r, hint="; the rank of the shared basis B")
+        self.alpha = check_number(kind, "alpha", self.alpha, above=0, hint="; the task part is scaled by alpha / r")
+        self.orthogonality_weight = check_number(
+            kind, "orthogonality_weight", self.orthogonality_weight, at_least=0, hint="; 0 turns the penalty off"
+        )
+        self.prompt_init_std = check_number(
+            kind, "prompt_init_std", self.prompt_init_std, at_least=0, hint="; the std of the shared prompt's init"
+        )
         if self.adapter_layers is not None:
-            self.adapter_layers = [int(i) for i in self.adapter_layers]
+            if isinstance(self.adapter_layers, numbers.Integral) and not isinstance(self.adapter_layers, bool):
+                raise TypeError(
+                    f"{kind}.adapter_layers must be a list of layer indices (got {self.adapter_layers!r}); for one "
+                    f"layer write adapter_layers=[{self.adapter_layers!r}], for every layer leave it None."
+                )
+            self.adapter_layers = check_int_list(kind, "adapter_layers", self.adapter_layers, example="[0, -1]")
             if not self.adapter_layers:
-                raise ValueError("TALoraConfig.adapter_layers is empty; pass None to adapt every layer.")
+                raise ValueError(f"{kind}.adapter_layers is empty; pass None to adapt every layer.")
             if len(set(self.adapter_layers)) != len(self.adapter_layers):
-                raise ValueError(f"TALoraConfig.adapter_layers has repeated indices: {self.adapter_layers}.")
+                raise ValueError(f"{kind}.adapter_layers has repeated indices: {self.adapter_layers}.")
 
     @property
     def scaling(self) -> float:

@@ -9,6 +9,8 @@ MTL-LoRA validate the same way and fail with the same messages.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -23,6 +25,77 @@ from .routing import TaskIds, resolve_task_ids, task_index
 TaskList = Union[int, str, Sequence[Union[int, str]]]
 
 
+# Field checks shared by the configs. A value of the wrong type raises a ``TypeError``, a value of the right
+# type out of range (NaN and inf included) a ``ValueError``; both name the field, the value and what is allowed.
+# numpy scalars count as ints/floats (they are converted); ``bool`` is never a number here.
+
+
+def _got(value) -> str:
+    return f"{value!r}, a {type(value).__name__}"
+
+
+def check_int(kind: str, name: str, value, *, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as an ``int >= minimum``; ``2.0``, ``"2"`` and ``True`` are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{kind}.{name} must be an int >= {minimum} (got {_got(value)}){hint}.")
+    if value < minimum:
+        raise ValueError(f"{kind}.{name} must be an int >= {minimum} (got {value!r}){hint}.")
+    return int(value)
+
+
+def check_number(
+    kind: str, name: str, value, *, above: Optional[float] = None, at_least: Optional[float] = None,
+    below: Optional[float] = None, hint: str = "",
+) -> float:
+    """``value`` as a finite ``float`` within the bounds given; ints are accepted (JSON may hold ``8`` for ``8.0``)."""
+    lower = f"> {above:g}" if above is not None else f">= {at_least:g}" if at_least is not None else ""
+    allowed = f"in [{at_least:g}, {below:g})" if at_least is not None and below is not None else lower
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{kind}.{name} must be a number {allowed} (got {_got(value)}){hint}.")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{kind}.{name} must be a finite number {allowed} (got {value!r}){hint}.")
+    if (above is not None and not number > above) or (at_least is not None and not number >= at_least) or (
+        below is not None and not number < below
+    ):
+        raise ValueError(f"{kind}.{name} must be {allowed} (got {value!r}){hint}.")
+    return number
+
+
+def check_names(kind: str, name: str, value, *, example: str, unique: bool = True) -> Optional[list[str]]:
+    """``value`` as a list of non-empty strings (``None`` stays ``None``); a bare string is refused, not split."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(
+            f"{kind}.{name} must be a list of names, not the string {value!r} (a string would be read letter by "
+            f"letter); for one name write {name}=[{value!r}]."
+        )
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{kind}.{name} must be a list of non-empty strings, e.g. {example} (got {_got(value)}).")
+    bad = [n for n in value if not isinstance(n, str) or not n]
+    if bad:
+        error = TypeError if any(not isinstance(n, str) for n in bad) else ValueError
+        raise error(f"{kind}.{name} must be non-empty strings, e.g. {example} (got {list(value)!r}: {bad[0]!r}).")
+    names = [str(n) for n in value]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if unique and duplicates:
+        raise ValueError(f"{kind}.{name} has duplicates {duplicates}; give every task a unique name.")
+    return names
+
+
+def check_int_list(kind: str, name: str, value, *, minimum: Optional[int] = None, example: str) -> list[int]:
+    """``value`` (a list or tuple) as a non-empty list of ints (each ``>= minimum`` when given)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{kind}.{name} must be a list of ints, e.g. {example} (got {_got(value)}).")
+    bad = [i for i in value if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{kind}.{name} must hold ints, e.g. {example} (got {list(value)!r}; {_got(bad[0])}).")
+    if minimum is not None and any(i < minimum for i in value):
+        raise ValueError(f"{kind}.{name} must hold ints >= {minimum} (got {list(value)!r}).")
+    return [int(i) for i in value]
+
+
 @dataclass
 class MultiTaskConfig(PeftConfig):
     """A ``PeftConfig`` with a task list: ``num_tasks`` and optional unique ``task_names``."""
@@ -35,25 +108,36 @@ class MultiTaskConfig(PeftConfig):
     )
 
     def _validate_tasks(self) -> None:
+        """Check ``num_tasks``/``task_names`` and PEFT's own fields; fill ``num_tasks`` from the names."""
         kind = type(self).__name__
-        if self.task_names is not None:
-            self.task_names = list(self.task_names)
-            if not all(isinstance(n, str) and n for n in self.task_names):
-                raise ValueError(f"{kind}.task_names must be non-empty strings.")
-            duplicates = sorted({n for n in self.task_names if self.task_names.count(n) > 1})
-            if duplicates:
-                raise ValueError(f"{kind}.task_names has duplicates {duplicates}; give every task a unique name.")
-            if self.num_tasks is None:
-                self.num_tasks = len(self.task_names)
-            elif self.num_tasks != len(self.task_names):
-                raise ValueError(
-                    f"{kind}.num_tasks={self.num_tasks} disagrees with the {len(self.task_names)} task_names; "
-                    "drop num_tasks or make them match."
-                )
-        if self.num_tasks is None or isinstance(self.num_tasks, bool) or int(self.num_tasks) != self.num_tasks:
+        self._validate_peft_fields()
+        self.task_names = check_names(kind, "task_names", self.task_names, example="['sst2', 'trec']")
+        if self.num_tasks is None and self.task_names is not None:
+            self.num_tasks = len(self.task_names)
+        if self.num_tasks is None:
             raise ValueError(f"{kind} needs tasks: pass num_tasks=<int >= 1> or task_names=[...].")
+        if isinstance(self.num_tasks, bool) or not isinstance(self.num_tasks, numbers.Integral):
+            raise TypeError(f"{kind}.num_tasks must be an int >= 1 (got {_got(self.num_tasks)}); the number of tasks.")
+        self.num_tasks = int(self.num_tasks)
+        if self.task_names is not None and self.num_tasks != len(self.task_names):
+            raise ValueError(
+                f"{kind}.num_tasks={self.num_tasks} disagrees with the {len(self.task_names)} task_names; "
+                "drop num_tasks or make them match."
+            )
         if self.num_tasks < 1:
             raise ValueError(f"{kind}.num_tasks must be >= 1 (got {self.num_tasks}); pass at least one task.")
+
+    def _validate_peft_fields(self) -> None:
+        """The fields every ``PeftConfig`` has (PEFT itself checks ``task_type``)."""
+        kind = type(self).__name__
+        if not isinstance(self.inference_mode, bool):
+            raise TypeError(f"{kind}.inference_mode must be True or False (got {self.inference_mode!r}).")
+        for name in ("base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and not isinstance(value, str):
+                raise TypeError(f"{kind}.{name} must be a string or None (got {value!r}, a {type(value).__name__}).")
 
     def task_label(self, task_id: int) -> str:
         """The name of task ``task_id``, or ``"task <id>"`` for unnamed tasks."""
@@ -61,14 +145,21 @@ class MultiTaskConfig(PeftConfig):
 
     def resolve_task_list(self, tasks: TaskList, purpose: str) -> list[int]:
         """Ids of ``tasks`` (ids and/or names, one or many), in the given order; unknown or repeated ones raise."""
-        items = [tasks] if isinstance(tasks, (int, str)) else list(tasks)
+        if hasattr(tasks, "tolist") and not isinstance(tasks, str):  # a tensor, numpy array or numpy scalar
+            tasks = tasks.tolist()
+        if isinstance(tasks, (numbers.Integral, str)):
+            items = [tasks]
+        elif isinstance(tasks, (list, tuple)):
+            items = list(tasks)
+        else:
+            raise TypeError(f"{purpose}: `tasks` must be a task id or name, or a list of them (got {_got(tasks)}).")
         if not items:
             raise ValueError(f"{purpose}: the task list is empty; name at least one task.")
         ids = []
         for item in items:
             if isinstance(item, str):
                 ids.append(task_index(item, self.task_names, self.num_tasks))
-            elif isinstance(item, int) and not isinstance(item, bool) and 0 <= item < self.num_tasks:
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool) and 0 <= item < self.num_tasks:
                 ids.append(int(item))
             else:
                 valid = f"ids 0..{self.num_tasks - 1}" + (f" or names {self.task_names}" if self.task_names else "")
@@ -90,7 +181,10 @@ class MultiTaskConfig(PeftConfig):
         Returns ``None`` when the config stays unnamed (a count was given to an unnamed config).
         Existing unnamed tasks get the names ``task_0, task_1, ...`` when named tasks join them.
         """
-        if isinstance(tasks, int) and not isinstance(tasks, bool):
+        if hasattr(tasks, "tolist") and not isinstance(tasks, str):  # a numpy scalar or array
+            tasks = tasks.tolist()
+        if isinstance(tasks, numbers.Integral) and not isinstance(tasks, bool):
+            tasks = int(tasks)
             if tasks < 1:
                 raise ValueError(f"add_tasks: the number of tasks to add must be >= 1 (got {tasks}).")
             if self.task_names:
@@ -99,6 +193,10 @@ class MultiTaskConfig(PeftConfig):
                     'e.g. add_tasks(["new_task"]).'
                 )
             return None
+        if not isinstance(tasks, (str, list, tuple)):
+            raise TypeError(
+                f"add_tasks: give a number of tasks (an int >= 1) or a list of new task names (got {_got(tasks)})."
+            )
         names = [tasks] if isinstance(tasks, str) else list(tasks)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"add_tasks: give new task names as non-empty strings (got {names!r}).")
@@ -137,7 +235,7 @@ class MultiTaskTunerMixin:
         config = self.peft_config[adapter_name]
         names = config.new_task_names(tasks)  # raises before anything changes
         first = config.num_tasks
-        count = tasks if names is None else len(names) - first
+        count = int(tasks) if names is None else len(names) - first
         config.num_tasks = first + count
         config.task_names = names
         return first, count

@@ -36,9 +36,9 @@ def resolve_task_ids(
 ) -> torch.Tensor:
     """Validate ``task_ids`` for a batch and return them as a ``LongTensor`` of shape ``(batch_size,)``.
 
-    Accepts a tensor or sequence of ints or task names, one per example, or a single id/name
-    for the whole batch. With a single task ``None`` means task 0; with several it is an error,
-    never a silent default.
+    Accepts a tensor, numpy array or sequence of ints or task names, one per example, or a single
+    id/name for the whole batch. With a single task ``None`` means task 0; with several it is an
+    error, never a silent default. An empty batch (``batch_size=0``) gives an empty ``LongTensor``.
     """
     if task_ids is None:
         if num_tasks == 1:
@@ -47,11 +47,14 @@ def resolve_task_ids(
             f"This adapter has {num_tasks} tasks, so every call needs `task_ids` (one per example): "
             f"pass task_ids=torch.tensor([...]) with {_valid(num_tasks, task_names)}."
         )
-    if isinstance(task_ids, str) or (
-        isinstance(task_ids, Sequence) and not isinstance(task_ids, torch.Tensor) and any(isinstance(t, str) for t in task_ids)
-    ):
-        names = [task_ids] if isinstance(task_ids, str) else list(task_ids)
-        task_ids = [task_index(n, task_names, num_tasks) if isinstance(n, str) else n for n in names]
+    if not isinstance(task_ids, torch.Tensor) and hasattr(task_ids, "tolist"):  # numpy array or scalar
+        task_ids = task_ids.tolist()
+    if isinstance(task_ids, str):  # one name for the whole batch
+        task_ids = task_index(task_ids, task_names, num_tasks)
+    elif isinstance(task_ids, Sequence) and not isinstance(task_ids, torch.Tensor):
+        task_ids = [task_index(t, task_names, num_tasks) if isinstance(t, str) else t for t in task_ids]
+        if not task_ids:  # torch.as_tensor([]) would be float32
+            task_ids = torch.empty(0, dtype=torch.long)
     if not isinstance(task_ids, torch.Tensor):
         try:
             task_ids = torch.as_tensor(task_ids)

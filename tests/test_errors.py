@@ -24,41 +24,80 @@ def config(**kwargs):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        (dict(num_tasks=None), r"needs tasks: pass num_tasks=<int >= 1> or task_names"),
-        (dict(num_tasks=0), r"num_tasks must be >= 1 \(got 0\)"),
-        (dict(num_tasks=-2), r"num_tasks must be >= 1 \(got -2\)"),
-        (dict(num_tasks=2.5), r"num_tasks"),
-        (dict(num_tasks=True), r"num_tasks"),
-        (dict(r=0), r"TALoraConfig\.r must be >= 1 \(got 0\)"),
-        (dict(num_virtual_tokens=0), r"num_virtual_tokens must be >= 1 \(got 0\)"),
-        (dict(num_tasks=None, task_names=["a", "b", "a"]), r"task_names has duplicates \['a'\]"),
-        (dict(num_tasks=None, task_names=["a", ""]), r"task_names must be non-empty strings"),
-        (dict(num_tasks=None, task_names=[]), r"num_tasks must be >= 1 \(got 0\)"),
-        (dict(num_tasks=3, task_names=["a", "b"]), r"num_tasks=3 disagrees with the 2 task_names"),
-        (dict(adapter_layers=[]), r"adapter_layers is empty"),
-        (dict(adapter_layers=[0, 0]), r"adapter_layers has repeated indices: \[0, 0\]"),
+        (dict(num_tasks=None), ValueError, r"needs tasks: pass num_tasks=<int >= 1> or task_names"),
+        (dict(num_tasks=0), ValueError, r"num_tasks must be >= 1 \(got 0\)"),
+        (dict(num_tasks=-2), ValueError, r"num_tasks must be >= 1 \(got -2\)"),
+        (dict(num_tasks=2.5), TypeError, r"num_tasks must be an int >= 1 \(got 2\.5, a float\)"),
+        (dict(num_tasks=2.0), TypeError, r"num_tasks must be an int >= 1 \(got 2\.0, a float\)"),
+        (dict(num_tasks=True), TypeError, r"num_tasks must be an int >= 1 \(got True, a bool\)"),
+        (dict(r=0), ValueError, r"TALoraConfig\.r must be an int >= 1 \(got 0\)"),
+        (dict(r=1.5), TypeError, r"TALoraConfig\.r must be an int >= 1 \(got 1\.5, a float\)"),
+        (dict(num_virtual_tokens=0), ValueError, r"num_virtual_tokens must be an int >= 1 \(got 0\)"),
+        (dict(num_virtual_tokens=2.5), TypeError, r"num_virtual_tokens must be an int >= 1 \(got 2\.5, a float\)"),
+        (dict(num_virtual_tokens="10"), TypeError, r"num_virtual_tokens must be an int >= 1 \(got '10', a str\)"),
+        (dict(num_tasks=None, task_names="trec"), TypeError, r"task_names must be a list of names, not the string 'trec'"
+         r".*task_names=\['trec'\]"),
+        (dict(num_tasks=None, task_names=["a", "b", "a"]), ValueError, r"task_names has duplicates \['a'\]"),
+        (dict(num_tasks=None, task_names=["a", ""]), ValueError, r"task_names must be non-empty strings"),
+        (dict(num_tasks=None, task_names=["a", 2]), TypeError, r"task_names must be non-empty strings.*\['a', 2\]"),
+        (dict(num_tasks=None, task_names=[]), ValueError, r"num_tasks must be >= 1 \(got 0\)"),
+        (dict(num_tasks=3, task_names=["a", "b"]), ValueError, r"num_tasks=3 disagrees with the 2 task_names"),
+        (dict(adapter_layers=[]), ValueError, r"adapter_layers is empty"),
+        (dict(adapter_layers=[0, 0]), ValueError, r"adapter_layers has repeated indices: \[0, 0\]"),
+        (dict(adapter_layers=[0.7]), TypeError, r"adapter_layers must hold ints.*\[0\.7\]"),
+        (dict(adapter_layers=1), TypeError, r"adapter_layers must be a list of layer indices \(got 1\).*\[1\]"),
+        (dict(alpha=float("nan")), ValueError, r"alpha must be a finite number > 0 \(got nan\)"),
+        (dict(orthogonality_weight=float("nan")), ValueError, r"orthogonality_weight must be a finite number >= 0"),
+        (dict(orthogonality_weight=-1.0), ValueError, r"orthogonality_weight must be >= 0 \(got -1\.0\)"),
+        (dict(prompt_init_std=float("inf")), ValueError, r"prompt_init_std must be a finite number >= 0 \(got inf\)"),
+        (dict(alpha="8"), TypeError, r"alpha must be a number > 0 \(got '8', a str\)"),
+        (dict(inference_mode="yes"), TypeError, r"inference_mode must be True or False \(got 'yes'\)"),
     ],
     ids=[
         "no-tasks",
         "zero-tasks",
         "negative-tasks",
         "float-tasks",
+        "integral-float-tasks",
         "bool-tasks",
         "r-zero",
+        "r-float",
         "no-virtual-tokens",
+        "float-virtual-tokens",
+        "string-virtual-tokens",
+        "names-as-a-string",
         "duplicate-names",
         "empty-name",
+        "int-name",
         "empty-names",
         "count-disagrees",
         "empty-layers",
         "repeated-layers",
+        "float-layers",
+        "int-layers",
+        "nan-alpha",
+        "nan-orthogonality",
+        "negative-orthogonality",
+        "inf-init-std",
+        "string-alpha",
+        "string-inference-mode",
     ],
 )
-def test_bad_config(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_config(kwargs, error, message):
+    with pytest.raises(error, match=message):
         config(**kwargs)
+
+
+def test_config_accepts_numpy_ints_and_ints_for_floats():
+    """What JSON or numpy hands over is converted, so the config saves and compares like the plain one."""
+    import numpy as np
+
+    plain = config(r=4, alpha=8.0, adapter_layers=[0, -1], task_names=["a", "b", "c"])
+    other = config(r=np.int64(4), alpha=8, adapter_layers=(np.int32(0), -1), task_names=("a", "b", "c"))
+    assert other.to_dict() == plain.to_dict()
+    assert type(other.r) is int and type(other.alpha) is float and type(other.adapter_layers[0]) is int
 
 
 def test_config_messages_name_the_field():
@@ -157,6 +196,28 @@ def test_integer_dtypes_and_names_are_equivalent(named):
     assert torch.equal(logits(named, torch.tensor([2, 0, 1], dtype=torch.int32)), expected)
     assert torch.equal(logits(named, ["z", "x", "y"]), expected)
     assert torch.equal(logits(named, [2, "x", 1]), expected)
+
+
+def test_numpy_ids_and_one_name_for_the_whole_batch(named):
+    import numpy as np
+
+    expected = logits(named, torch.tensor([2, 0, 1]))
+    assert torch.equal(logits(named, np.array([2, 0, 1])), expected)
+    assert torch.equal(logits(named, [np.int64(2), np.int32(0), 1]), expected)
+    assert torch.equal(logits(named, np.array(["z", "x", "y"])), expected)
+    every = logits(named, torch.tensor([1, 1, 1]))
+    assert torch.equal(logits(named, "y"), every)
+    assert torch.equal(logits(named, np.int64(1)), every)
+
+
+def test_empty_batch_of_task_ids():
+    from peft_talora.routing import resolve_task_ids
+
+    for empty in ([], (), torch.tensor([], dtype=torch.long), __import__("numpy").array([], dtype=int)):
+        ids = resolve_task_ids(empty, batch_size=0, num_tasks=3)
+        assert ids.dtype == torch.long and ids.shape == (0,)
+    with pytest.raises(ValueError, match=r"shape \(batch,\) = \(2,\).*got shape \(0,\)"):
+        resolve_task_ids([], batch_size=2, num_tasks=3)
 
 
 def test_single_task_adapter_needs_no_task_ids():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..multitask import MultiTaskConfig
+from ..multitask import MultiTaskConfig, check_int, check_int_list, check_names, check_number
 from ..peft_integration import add_peft_type
 
 MTLLORA = add_peft_type("MTLLORA")
@@ -71,15 +72,32 @@ class MTLLoraConfig(MultiTaskConfig):
         self.peft_type = MTLLORA
         self._validate_tasks()
         kind = type(self).__name__
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"{kind}.r must be an int >= 1 (got {self.r!r}); the rank of the down-projection A.")
+        self.r = check_int(kind, "r", self.r, hint="; the rank of the down-projection A")
         k = self.num_up_projections
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"{kind}.num_up_projections must be an int >= 1 (got {k!r}); the authors use 3.")
-        if not self.temperature > 0:
-            raise ValueError(f"{kind}.temperature must be > 0 (got {self.temperature!r}); it divides the logits.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"{kind}.lora_dropout must be in [0, 1) (got {self.lora_dropout!r}).")
+        self.num_up_projections = check_int(kind, "num_up_projections", k, hint="; the authors use 3")
+        self.lora_alpha = check_number(kind, "lora_alpha", self.lora_alpha, above=0, hint="; it scales the update")
+        self.temperature = check_number(kind, "temperature", self.temperature, above=0, hint="; it divides the logits")
+        self.lora_dropout = check_number(kind, "lora_dropout", self.lora_dropout, at_least=0, below=1)
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):  # a name/regex, or a list of names
+            value = getattr(self, name)
+            if isinstance(value, set):
+                value = sorted(value) if all(isinstance(v, str) for v in value) else list(value)
+            if value == "" or (name == "target_modules" and value == []):
+                raise ValueError(f"{kind}.{name} is empty; leave it None for the default.")
+            if value is not None and not isinstance(value, str):
+                value = check_names(kind, name, value, example="['q_proj', 'v_proj']", unique=False)
+            setattr(self, name, value)
+        self.modules_to_save = check_names(
+            kind, "modules_to_save", self.modules_to_save, example="['lm_head']", unique=False
+        )
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+                self.layers_to_transform = check_int(kind, "layers_to_transform", layers, minimum=0)
+            else:
+                self.layers_to_transform = check_int_list(
+                    kind, "layers_to_transform", self.layers_to_transform, minimum=0, example="[0, 1]"
+                )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
