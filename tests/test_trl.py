@@ -1,0 +1,282 @@
+"""TA-LoRA and MTL-LoRA through the real TRL (``SFTTrainer``, ``DPOTrainer``) on tiny models, on CPU.
+
+Routing proofs: two tasks share every prompt and differ only in the answer (SFT) or in which
+answer is preferred (DPO), so both tasks can be learned only if each example's task reaches the
+adapter through TRL's data pipeline. The recipes of ``docs/trl.md`` run here as written.
+"""
+
+import functools
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import trl
+from conftest import perturb, tiny_model
+from datasets import Dataset
+from talora_text import ids, tiny_tokenizer
+from trl import DPOConfig, SFTConfig, SFTTrainer
+
+from peft_talora import MTLLoraConfig, TALoraConfig
+from peft_talora.trl_support import MultiTaskDPOTrainer, MultiTaskSFTTrainer, TaskIdsCollator
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "trl.md"
+TASKS = ["first", "second"]
+ANSWERS = {"first": "A", "second": "B"}  # same prompts; task "first" answers A, "second" answers B
+WORDS = [f"w{i}" for i in range(4)]
+# A chat template in the tiny tokenizer's words, with {% generation %} markers for assistant-only loss.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}question {{ m['content'] }} answer "
+    "{% else %}{% generation %}{{ m['content'] }} [EOS]{% endgeneration %} {% endif %}{% endfor %}"
+)
+
+
+def tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def adapter_config(method, **overrides):
+    if method == "ta-lora":
+        return TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4, **overrides)
+    return MTLLoraConfig(task_type="CAUSAL_LM", task_names=TASKS, r=4, lora_dropout=0.0, **overrides)
+
+
+def sft_rows(fmt, task=lambda name: name):
+    """Every (word, task) pair once, in TRL's ``fmt`` dataset format, with a ``task_ids`` column."""
+    rows = []
+    for name in TASKS:
+        for word in WORDS:
+            answer = ANSWERS[name]
+            if fmt == "prompt-completion":
+                row = {"prompt": f"question {word} answer", "completion": f" {answer}"}
+            elif fmt == "conversational":
+                row = {"prompt": [{"role": "user", "content": word}], "completion": [{"role": "assistant", "content": answer}]}
+            else:
+                row = {"messages": [{"role": "user", "content": word}, {"role": "assistant", "content": answer}]}
+            rows.append({**row, "task_ids": task(name)})
+    return Dataset.from_list(rows)
+
+
+def sft_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], learning_rate=0.2, per_device_train_batch_size=8,
+        max_steps=20, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    return SFTConfig(**{**defaults, **overrides})
+
+
+def answer_logits(model, task):
+    """Next-token logits of the two answers after each prompt ``question <w> answer``, under ``task``: ``(4, 2)``."""
+    model.eval()
+    prompts = torch.tensor([ids("question", w, "answer") for w in WORDS])
+    with torch.no_grad():
+        last = model(input_ids=prompts, task_ids=[task] * len(WORDS)).logits[:, -1]
+    return last[:, ids("A", "B")]
+
+
+def assert_each_task_prefers_its_answer(model):
+    first, second = answer_logits(model, "first"), answer_logits(model, "second")
+    assert (first[:, 0] > first[:, 1]).all(), first  # A under "first"
+    assert (second[:, 1] > second[:, 0]).all(), second  # B under "second"
+
+
+def losses(trainer):
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+# ----------------------------------------------------------------------------- SFT
+@pytest.mark.parametrize("fmt", ["prompt-completion", "conversational", "messages"])
+@pytest.mark.parametrize("method", ["ta-lora", "mtl-lora"])
+def test_sft_learns_two_tasks_with_identical_prompts(tmp_path, method, fmt):
+    # messages: TRL's assistant-only loss (the template's generation block); prompt/completion: completion-only loss
+    args = sft_args(tmp_path, assistant_only_loss=fmt == "messages", learning_rate=0.2 if method == "ta-lora" else 0.05)
+    task = (lambda name: TASKS.index(name)) if fmt == "conversational" else (lambda name: name)  # ids or names
+    trainer = MultiTaskSFTTrainer(
+        model=tiny_model(), args=args, train_dataset=sft_rows(fmt, task), processing_class=tokenizer(),
+        peft_config=adapter_config(method),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels", "task_ids"]
+    for row, labels, task_id in zip(batch["input_ids"], batch["labels"], batch["task_ids"]):
+        answer = ANSWERS[TASKS[task_id]]
+        assert row[0] == ids("question")[0] and row[2:4].tolist() == ids("answer", answer)  # question <w> answer A
+        # the prompt is out of the loss: only the answer and [EOS] count
+        assert labels.tolist() == [-100] * 3 + ids(answer) + [2] + [-100] * (len(labels) - 5)
+    model = trainer.model
+    assert torch.equal(answer_logits(model, "first"), answer_logits(model, "second"))  # untrained: tasks identical
+    trainer.train()
+    logged = losses(trainer)
+    assert len(logged) == 20 and all(math.isfinite(v) for v in logged) and logged[-1] < logged[0]
+    assert_each_task_prefers_its_answer(model)
+
+
+@pytest.mark.parametrize("option", ["packing", "padding_free", "eval_packing"])
+def test_sft_rejects_options_that_mix_examples_in_a_row(tmp_path, option):
+    base = tiny_model()
+    with pytest.raises(ValueError, match=f"does not support {option}=True.*one row.*wrong routes.*packing=False"):
+        MultiTaskSFTTrainer(
+            model=base, args=sft_args(tmp_path, max_length=16, **{option: True}), train_dataset=sft_rows("messages"),
+            processing_class=tokenizer(), peft_config=adapter_config("ta-lora"),
+        )
+    assert not hasattr(base, "peft_config")  # raised before the model was touched
+
+
+def test_sft_checks_the_task_column_before_preparing_data(tmp_path):
+    kwargs = dict(model=tiny_model(), args=sft_args(tmp_path), processing_class=tokenizer())
+    without = sft_rows("messages").remove_columns("task_ids")
+    with pytest.raises(ValueError, match=r"train dataset has no 'task_ids' column.*2 task\(s\).*\['first', 'second'\]"):
+        MultiTaskSFTTrainer(**kwargs, train_dataset=without, peft_config=adapter_config("ta-lora"))
+    with pytest.raises(ValueError, match=r"eval dataset's 'task_ids' column: Unknown task name 'third'"):
+        MultiTaskSFTTrainer(
+            **kwargs, train_dataset=sft_rows("messages"), eval_dataset=sft_rows("messages", lambda name: "third"),
+            peft_config=adapter_config("ta-lora"),
+        )
+    from peft import LoraConfig
+
+    with pytest.raises(TypeError, match="TA-LoRA/MTL-LoRA.*LoraConfig"):
+        MultiTaskSFTTrainer(**kwargs, train_dataset=sft_rows("messages"), peft_config=LoraConfig(task_type="CAUSAL_LM"))
+
+
+def test_sft_task_column_may_have_another_name(tmp_path):
+    data = sft_rows("prompt-completion").rename_column("task_ids", "task")
+    trainer = MultiTaskSFTTrainer(
+        model=tiny_model(), args=sft_args(tmp_path), train_dataset=data, processing_class=tokenizer(),
+        peft_config=adapter_config("mtl-lora"), task_column="task",
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "task" not in batch and sorted(batch["task_ids"].tolist()) == [0] * 4 + [1] * 4
+
+
+def test_sft_loss_includes_the_orthogonality_penalty(tmp_path):
+    """TRL's loss comes from log-probabilities, not the model's ``loss``: the trainer adds ``lambda * R`` itself."""
+    trainer = MultiTaskSFTTrainer(
+        model=tiny_model(), args=sft_args(tmp_path), train_dataset=sft_rows("prompt-completion"),
+        processing_class=tokenizer(), peft_config=adapter_config("ta-lora", orthogonality_weight=0.5),
+    )
+    model = perturb(trainer.model, scale=0.1).train()  # task factors start at zero, where the penalty is 0
+    inputs = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(inputs))
+        trl_only = SFTTrainer.compute_loss(trainer, model, dict(inputs))
+        penalty = model.base_model.active_bank.orthogonality_penalty()
+    assert penalty > 0
+    torch.testing.assert_close(ours - trl_only, 0.5 * penalty)
+    model.eval()
+    with torch.no_grad():  # not in evaluation, as with Trainer
+        torch.testing.assert_close(trainer.compute_loss(model, dict(inputs)), SFTTrainer.compute_loss(trainer, model, dict(inputs)))
+
+
+def test_task_ids_collator_maps_names_ids_and_repeats_rows():
+    def pair_collator(features):  # DPO-like: chosen rows, then rejected rows
+        return {"input_ids": torch.zeros(2 * len(features), 3, dtype=torch.long), "seen": [sorted(f) for f in features]}
+
+    collator = TaskIdsCollator(pair_collator, TASKS, rows_per_example=2)
+    batch = collator([{"x": 1, "task_ids": "second"}, {"x": 2, "task_ids": torch.tensor(0)}, {"x": 3, "task_ids": 1}])
+    assert batch["task_ids"].tolist() == [1, 0, 1, 1, 0, 1] and batch["seen"] == [["x"]] * 3
+    with pytest.raises(ValueError, match="1 of 2 examples have no 'task_ids'"):
+        collator([{"x": 1, "task_ids": 0}, {"x": 2}])
+    with pytest.raises(ValueError, match=r"Unknown task id\(s\) \[2\]"):
+        collator([{"task_ids": 2}])
+    packed = TaskIdsCollator(lambda features: {"input_ids": torch.zeros(1, 9)}, TASKS)
+    with pytest.raises(ValueError, match="made 1 rows from 2 examples"):
+        packed([{"task_ids": 0}, {"task_ids": 1}])
+
+
+# ----------------------------------------------------------------------------- DPO
+def dpo_rows():
+    """Same prompts for both tasks; task "first" prefers A over B, task "second" the reverse."""
+    rows = []
+    for name in TASKS:
+        chosen, rejected = ANSWERS[name], ANSWERS[TASKS[1 - TASKS.index(name)]]
+        for word in WORDS:
+            rows.append({"prompt": f"question {word} answer", "chosen": f" {chosen}", "rejected": f" {rejected}", "task_ids": name})
+    return Dataset.from_list(rows)
+
+
+def train_dpo(tmp_path, gradient_checkpointing):
+    args = DPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], learning_rate=0.2, per_device_train_batch_size=8,
+        max_steps=12, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, beta=1.0,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    trainer = MultiTaskDPOTrainer(
+        model=tiny_model(), args=args, train_dataset=dpo_rows(), processing_class=tokenizer(),
+        peft_config=adapter_config("ta-lora"),
+    )
+    trainer.train()
+    return trainer
+
+
+def dpo_loss_by_hand(trainer, inputs):
+    """Sigmoid DPO loss of one batch with the reference = the untouched base model (``tiny_model()``)."""
+    model, base = trainer.model, tiny_model()
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+
+    def sequence_logps(logits):
+        logps = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+        return (logps * (labels[:, 1:] != -100)).sum(-1).chunk(2)
+
+    with torch.no_grad():
+        mask = inputs["attention_mask"]
+        chosen, rejected = sequence_logps(model(input_ids=inputs["input_ids"], attention_mask=mask, task_ids=inputs["task_ids"]).logits)
+        ref_chosen, ref_rejected = sequence_logps(base(input_ids=inputs["input_ids"], attention_mask=mask).logits)
+    margin = trainer.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -F.logsigmoid(margin).mean()
+
+
+def test_dpo_learns_opposite_preferences_against_the_disabled_adapter(tmp_path):
+    trainer = train_dpo(tmp_path, gradient_checkpointing=False)
+    logged = losses(trainer)
+    assert len(logged) == 12 and logged[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at init
+    assert logged[-1] < 0.7 * logged[0]
+    assert trainer.ref_model is None  # the reference is the model with its adapter disabled
+    assert_each_task_prefers_its_answer(trainer.model)
+
+    inputs = next(iter(trainer.get_train_dataloader()))
+    n = inputs["completion_mask"].shape[0] // 2
+    assert torch.equal(inputs["task_ids"][:n], inputs["task_ids"][n:])  # chosen and rejected rows of one example
+    model = trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        penalty = model.base_model.peft_config["default"].orthogonality_weight * model.base_model.active_bank.orthogonality_penalty()
+    torch.testing.assert_close(loss, dpo_loss_by_hand(trainer, inputs) + penalty)
+
+
+@pytest.mark.xfail(strict=True, reason="routing rework, issue 11")
+def test_dpo_with_gradient_checkpointing_trains_as_without(tmp_path):
+    plain = train_dpo(tmp_path / "plain", gradient_checkpointing=False)
+    checkpointed = train_dpo(tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)
+    assert_each_task_prefers_its_answer(checkpointed.model)
+
+
+# ----------------------------------------------------------------------------- the documented recipes
+def doc_snippets():
+    """``{heading: python code}`` of docs/trl.md (the first python block under each ``##``/``###`` heading)."""
+    snippets, heading = {}, None
+    for block in re.split(r"^(#{2,3} .*)$", DOCS.read_text(), flags=re.M):
+        if re.match(r"#{2,3} ", block):
+            heading = block.lstrip("# ").strip()
+            continue
+        code = re.search(r"```python\n(.*?)```", block, flags=re.S)
+        if heading and code:
+            snippets[heading] = code.group(1)
+    return snippets
+
+
+@pytest.mark.parametrize("heading", ["SFT with TA-LoRA", "SFT with MTL-LoRA, conversational data", "DPO"])
+def test_documented_recipe_runs(tmp_path, monkeypatch, heading):
+    """Each recipe runs as written on a tiny model; ``base`` and ``tokenizer`` stand for the user's own."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("SFTConfig", "DPOConfig"):  # TRL's defaults (bf16, gradient checkpointing) kept; CPU forced
+        monkeypatch.setattr(trl, name, functools.partial(getattr(trl, name), use_cpu=True))
+    code = doc_snippets()[heading]
+    scope = {"base": tiny_model(), "tokenizer": tokenizer()}
+    exec(compile(code, f"docs/trl.md ({heading})", "exec"), scope)
+    trainer = scope["trainer"]
+    assert trainer.state.global_step > 0 and all(math.isfinite(v) for v in losses(trainer))
+    assert (tmp_path / trainer.args.output_dir / "adapter_config.json").is_file()  # trainer.save_model()
