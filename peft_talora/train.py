@@ -37,7 +37,14 @@ class TALoraArguments:
         default=None, metadata={"help": "Continue from this saved adapter instead of creating a new one."}
     )
     training_stage: str = field(
-        default="multi_task", metadata={"help": "shared_warmup, multi_task or new_tasks (see set_training_stage)."}
+        default="multi_task",
+        metadata={
+            "help": "shared_warmup, multi_task or new_tasks (see set_training_stage). new_tasks needs --adapter_path "
+            "and adds the tasks of --new_tasks (default: the data's task names the adapter lacks) with add_tasks."
+        },
+    )
+    new_tasks: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated names of the tasks to add in the new_tasks stage."}
     )
     num_virtual_tokens: int = 10
     rank: int = field(default=8, metadata={"help": "TALoraConfig.r, the rank of the shared basis."})
@@ -99,7 +106,9 @@ def main(argv: Optional[list[str]] = None) -> str:
             orthogonality_weight=talora_args.orthogonality_weight,
         )
         model = get_peft_model(model, config)
-    if talora_args.training_stage != "multi_task":
+    if talora_args.training_stage == "new_tasks":
+        _add_new_tasks(model, talora_args, train)
+    elif talora_args.training_stage != "multi_task":
         model.set_training_stage(talora_args.training_stage)
 
     def prepare(dataset):
@@ -128,6 +137,26 @@ def main(argv: Optional[list[str]] = None) -> str:
     trainer.save_model(args.output_dir)
     _end_process_group()
     return args.output_dir
+
+
+def _add_new_tasks(model, talora_args: TALoraArguments, train) -> None:
+    """The unseen-task stage: add the new tasks to a saved adapter (``add_tasks`` selects the stage)."""
+    if not talora_args.adapter_path:
+        raise ValueError(
+            "--training_stage new_tasks adds tasks to a trained adapter: pass --adapter_path with the adapter "
+            "trained on the source tasks."
+        )
+    known = model.peft_config[model.active_adapter].task_names or []
+    if talora_args.new_tasks:
+        new = talora_args.new_tasks.split(",")
+    else:
+        new = sorted({v for v in train.unique("task_ids") if isinstance(v, str)} - set(known))
+    if not new:
+        raise ValueError(
+            f"--training_stage new_tasks found no new task in {talora_args.train_file} (the adapter has {known}); "
+            "name the tasks to add with --new_tasks or use a task column with new task names."
+        )
+    model.add_tasks(new)
 
 
 def _end_process_group() -> None:

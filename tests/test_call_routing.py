@@ -1,0 +1,315 @@
+"""The routing of a call belongs to the call (issue 11): gradient checkpointing, threads, nested and
+inner-module calls, deepcopy, a second get_peft_model, and what the attention does to the prefix.
+
+Every test runs for both multi-task methods (TA-LoRA and MTL-LoRA) where it applies.
+"""
+
+import copy
+import json
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import batch, logits, perturb, tiny_model
+from peft import get_peft_model
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from peft_talora import MTLLoraConfig, TALoraConfig
+from peft_talora.layer import gated_prefix_attention
+
+METHODS = ("talora", "mtllora")
+
+
+def adapted(method: str, arch: str = "llama", **overrides):
+    """A PEFT model of ``method`` with 3 tasks and random ("trained") adapter values, in train mode off."""
+    if method == "talora":
+        config = TALoraConfig(task_type="CAUSAL_LM", num_tasks=3, num_virtual_tokens=4, r=4, **overrides)
+    else:
+        config = MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=3, r=4, lora_dropout=0.0, **overrides)
+    model = get_peft_model(tiny_model(arch), config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    return model
+
+
+def adapter_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def enable_checkpointing(model, reentrant: bool) -> None:
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # reentrant checkpoints give parameters gradients only when the inputs need grad (as PEFT sets up)
+        model.base_model.model.enable_input_require_grads()
+
+
+def one_step(model, ids, mask):
+    model(input_ids=ids, attention_mask=mask, labels=ids, task_ids=torch.tensor([0, 1, 2])).loss.backward()
+
+
+def two_forwards_one_backward(model, ids, mask):
+    first = model(input_ids=ids, attention_mask=mask, labels=ids, task_ids=torch.tensor([0, 1, 2])).loss
+    second = model(input_ids=ids, attention_mask=mask, labels=ids, task_ids=torch.tensor([1, 1, 2])).loss
+    (first + second).backward()
+
+
+def reference_forward_between(model, ids, mask):
+    """How DPO-style trainers compute the reference model: the adapter disabled, without grad, mid-step."""
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids, task_ids=torch.tensor([2, 0, 1])).loss
+    with torch.no_grad(), model.disable_adapter():
+        reference = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    (loss - 0.1 * reference).backward()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("steps", [one_step, two_forwards_one_backward, reference_forward_between])
+def test_gradient_checkpointing_gives_the_plain_gradients(method, reentrant, steps):
+    ids, mask = batch(left_pad=2)
+    grads = []
+    for checkpointing in (False, True):
+        model = adapted(method)
+        model.train()
+        if checkpointing:
+            enable_checkpointing(model, reentrant)
+        steps(model, ids, mask)
+        grads.append(adapter_grads(model))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, expected in grads[0].items():
+        assert expected.abs().sum() > 0 or "gate" not in name
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_threads_each_get_their_own_tasks(method):
+    """A model shared by a threaded server: each thread's outputs equal its single-threaded outputs."""
+    model = adapted(method)
+    ids, mask = batch(batch_size=2)
+    requests = {0: torch.tensor([0, 1]), 1: torch.tensor([2, 2])}
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected = {
+        t: (logits(model, tasks, ids, mask), model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, **gen))
+        for t, tasks in requests.items()
+    }
+    assert not torch.equal(expected[0][0], expected[1][0])
+    wrong, errors, start = [], [], threading.Barrier(2)
+
+    def serve(thread: int):
+        try:
+            start.wait()
+            for _ in range(8):
+                got = logits(model, requests[thread], ids, mask)
+                out = model.generate(input_ids=ids, attention_mask=mask, task_ids=requests[thread], **gen)
+                if not (torch.equal(got, expected[thread][0]) and torch.equal(out, expected[thread][1])):
+                    wrong.append(thread)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not wrong, (errors, wrong)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_nested_in_a_logits_processor_keeps_the_outer_routing(method):
+    model = adapted(method)
+    ids, mask = batch(batch_size=2)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    tasks = torch.tensor([0, 1])
+    expected = model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, **gen)
+
+    class CallsTheModelWithOtherTasks(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            model(input_ids=input_ids, task_ids=torch.full((input_ids.shape[0],), 2))
+            return scores
+
+    got = model.generate(
+        input_ids=ids, attention_mask=mask, task_ids=tasks, logits_processor=LogitsProcessorList([CallsTheModelWithOtherTasks()]), **gen
+    )
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_wrapped_causal_lm_routes_and_an_inner_module_call_raises(method):
+    model = adapted(method)
+    ids, mask = batch()
+    tasks = torch.tensor([2, 0, 1])
+    expected = logits(model, tasks, ids, mask)
+    with torch.no_grad():
+        direct = model.get_base_model()(input_ids=ids, attention_mask=mask, task_ids=tasks).logits
+    assert torch.equal(direct, expected)
+    with pytest.raises(RuntimeError, match=r"called directly\. Call the PEFT model, or the causal LM it wraps"):
+        model.get_base_model().model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(logits(model, tasks, ids, mask), expected), "a failed inner call leaves nothing behind"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deepcopy_after_a_training_forward(method):
+    model = adapted(method)
+    model.train()
+    ids, mask = batch()
+    tasks = torch.tensor([0, 2, 1])
+    model(input_ids=ids, attention_mask=mask, labels=ids, task_ids=tasks).loss.backward()
+    clone = copy.deepcopy(model)
+    model.eval()
+    clone.eval()
+    assert torch.equal(logits(clone, tasks, ids, mask), logits(model, tasks, ids, mask))
+    with torch.no_grad():
+        for param in clone.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    assert not torch.equal(logits(clone, tasks, ids, mask), logits(model, tasks, ids, mask)), "the copy runs its own weights"
+
+
+@pytest.mark.parametrize("first", METHODS)
+@pytest.mark.parametrize("second", METHODS)
+def test_a_second_get_peft_model_on_an_adapted_base_refuses_and_the_first_keeps_working(first, second):
+    model = adapted(first)
+    ids, mask = batch()
+    tasks = torch.tensor([0, 2, 1])
+    expected = logits(model, tasks, ids, mask)
+    config = (
+        TALoraConfig(task_type="CAUSAL_LM", num_tasks=2)
+        if second == "talora"
+        else MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=2)
+    )
+    with pytest.raises(ValueError, match=r"already carries a .*adapter.*add_adapter"):
+        get_peft_model(model.get_base_model(), config)
+    assert torch.equal(logits(model, tasks, ids, mask), expected)
+
+
+def test_gated_prefix_attention_equals_the_formula_with_softcap_and_groups():
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(shape, generator=g) * 3 for shape in [(2, 4, 5, 8), (2, 2, 3, 8), (2, 2, 3, 8)])
+    gate = torch.randn(4, generator=g)
+    for softcap in (None, 2.0):
+        got = gated_prefix_attention(query, key, value, gate, 0.3, softcap=softcap)  # (B, q, H, hd)
+        for h in range(4):
+            scores = query[:, h] @ key[:, h // 2].transpose(-1, -2) * 0.3
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            want = torch.tanh(gate[h]) * torch.softmax(scores, -1) @ value[:, h // 2]
+            torch.testing.assert_close(got[:, :, h], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_base_attention_dropout_and_softcap_reach_the_prefix(monkeypatch):
+    """Gemma 2 passes its logit softcap and, in training, its dropout to the attention call; the prefix gets both."""
+    import peft_talora.attention as attention
+
+    seen = []
+    original = attention.gated_prefix_attention
+    monkeypatch.setattr(
+        attention, "gated_prefix_attention",
+        lambda *a, **kw: seen.append((kw["dropout"], kw["softcap"])) or original(*a, **kw),
+    )
+    base = tiny_model("gemma2", "eager", attn_logit_softcapping=7.0, attention_dropout=0.25)
+    model = get_peft_model(base, TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
+    ids, mask = batch(batch_size=2)
+    model.eval()
+    logits(model, torch.tensor([0, 1]), ids, mask)
+    assert seen == [(0.0, 7.0)] * 2
+    seen.clear()
+    model.train()
+    model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+    assert seen == [(0.25, 7.0)] * 2
+
+
+def test_prefix_computation_happens_inside_each_layer_forward(monkeypatch):
+    """Each layer projects its prefix while that layer runs (where FSDP/offloading have its weights)."""
+    from peft_talora.attention import AttentionSite
+
+    model = adapted("talora")
+    running, order = [], []
+    for i, layer in enumerate(model.get_base_model().model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: running.append(i))
+        layer.register_forward_hook(lambda m, a, o: [running.pop(), None][1])
+    original = AttentionSite.project_prefix
+    monkeypatch.setattr(
+        AttentionSite, "project_prefix", lambda self, h: order.append((self.layer, list(running))) or original(self, h)
+    )
+    ids, mask = batch()
+    logits(model, torch.tensor([0, 1, 2]), ids, mask)
+    assert order == [(0, [0]), (1, [1])]
+
+
+def test_add_tasks_unfrozen_in_the_new_tasks_stage_keeps_the_earlier_new_block_training():
+    model = adapted("talora")
+    model.add_tasks(2)  # freeze: the new_tasks stage, block 1 trains
+    model.add_tasks(1, freeze=False)  # the stage stays: blocks 1 and 2 train, block 0 stays frozen
+    bank = model.base_model.talora_banks["default"]
+    assert [b.requires_grad for b in bank.task_u_blocks] == [False, True, True]
+    assert [b.requires_grad for b in bank.task_v_blocks] == [False, True, True]
+    assert not bank.shared_prompt.requires_grad and not bank.gate.requires_grad
+
+
+def test_a_deleted_adapters_stage_does_not_stick_to_its_name():
+    model = adapted("talora")
+    model.set_training_stage("shared_warmup")
+    model.add_adapter("other", TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    model.add_adapter("default", TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
+    assert model.base_model.training_stage("default") == "multi_task"
+
+
+def test_merge_and_unload_on_ta_lora_says_why_not():
+    model = adapted("talora")
+    with pytest.raises(NotImplementedError, match="cannot be merged.*unload\\(\\)"):
+        model.merge_and_unload()
+
+
+def test_torch_requirement_admits_only_releases_with_enable_gqa():
+    """``gated_prefix_attention`` passes ``enable_gqa`` to SDPA, which torch has since 2.5."""
+    import configparser
+    from pathlib import Path
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parents[1] / "setup.cfg")
+    requirement = next(r for r in setup["options"]["install_requires"].split("\n") if r.strip().startswith("torch"))
+    assert requirement.strip() == "torch>=2.5"
+
+
+def test_new_tasks_stage_from_the_command_line(tmp_path):
+    """``python -m peft_talora.train --training_stage new_tasks --adapter_path ...`` adds and trains the new tasks."""
+    import subprocess
+
+    from safetensors.torch import load_file
+    from talora_text import tiny_tokenizer
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+
+    def data(name, rows):
+        with open(tmp_path / name, "w") as f:
+            for prompt, completion, task in rows:
+                f.write(json.dumps({"prompt": prompt, "completion": completion, "task": task}) + "\n")
+
+    data("source.jsonl", [("question w1", "A", "first"), ("question w2", "B", "second")])
+    data("target.jsonl", [("question w3", "C", "third"), ("question w4", "A", "third")])
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--max_steps", "2", "--use_cpu", "--report_to", "none",
+              "--save_strategy", "no", "--num_virtual_tokens", "4", "--rank", "4", "--learning_rate", "0.05",
+              "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
+
+    def train(*args):
+        result = subprocess.run([sys.executable, "-m", "peft_talora.train", *common, *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    train("--train_file", str(tmp_path / "source.jsonl"), "--output_dir", str(tmp_path / "source"))
+    train("--train_file", str(tmp_path / "target.jsonl"), "--output_dir", str(tmp_path / "target"),
+          "--adapter_path", str(tmp_path / "source"), "--training_stage", "new_tasks")
+    config = json.loads((tmp_path / "target" / "adapter_config.json").read_text())
+    assert config["task_names"] == ["first", "second", "third"]
+    before, after = load_file(tmp_path / "source" / "adapter_model.safetensors"), load_file(tmp_path / "target" / "adapter_model.safetensors")
+    for key in ("task_u", "task_v"):
+        name = f"base_model.talora_banks.{key}"
+        assert torch.equal(after[name][:, :2], before[name][:, :2]), "the source tasks stay bit-identical"
+        assert not torch.equal(after[name][:, 2], before[name][:, 0]), "the new task trained"
+    for key in ("shared_prompt", "shared_basis", "gate"):
+        assert torch.equal(after[f"base_model.talora_banks.{key}"], before[f"base_model.talora_banks.{key}"])
