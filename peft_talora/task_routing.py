@@ -124,6 +124,7 @@ class TaskRouter:
 
     def for_generation(self, task_ids, inputs: torch.Tensor) -> CallRouting:
         """The routing of one ``generate`` call on ``inputs`` ``(batch, ...)``, with a per-call cache."""
+        _refuse_empty_batch(inputs)
         return self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device, cache={})
 
     def _pre_hook(self, module, args, kwargs):
@@ -140,8 +141,18 @@ class TaskRouter:
             inputs = kwargs.get("inputs_embeds")
         if inputs is None:
             raise ValueError("Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples.")
+        _refuse_empty_batch(inputs)
         kwargs[ROUTING_KWARG] = self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device)
         return args, kwargs
+
+
+def _refuse_empty_batch(inputs: torch.Tensor) -> None:
+    """transformers' attention cannot reshape a batch of 0 rows; say so instead of a reshape error."""
+    if inputs.shape[0] == 0:
+        raise ValueError(
+            f"The batch is empty (input shape {tuple(inputs.shape)}): call the model with at least one example, "
+            "or skip the call when there is nothing to process."
+        )
 
 
 def refuse_adapted_base(model: nn.Module) -> None:

@@ -313,3 +313,36 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
         assert not torch.equal(after[name][:, 2], before[name][:, 0]), "the new task trained"
     for key in ("shared_prompt", "shared_basis", "gate"):
         assert torch.equal(after[f"base_model.talora_banks.{key}"], before[f"base_model.talora_banks.{key}"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_batch_gets_a_clear_error(method):
+    model = adapted(method)
+    ids, mask = batch()
+    empty = dict(input_ids=ids[:0], attention_mask=mask[:0], task_ids=torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"The batch is empty \(input shape \(0, 7\)\)"):
+        model(**empty)
+    with pytest.raises(ValueError, match=r"The batch is empty"):
+        model.generate(**empty, max_new_tokens=2)
+
+
+def test_a_rotary_embedding_that_is_not_a_cos_sin_pair_is_refused_at_get_peft_model():
+    class Rotary:
+        """Some other rotary form, e.g. a complex-valued frequency tensor."""
+
+    base = tiny_model()
+    for layer in base.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, args, kwargs: (args, {**kwargs, "position_embeddings": Rotary()}), with_kwargs=True
+        )
+    with pytest.raises(ValueError, match=r"rotary embedding that is not a \(cos, sin\) pair .*got Rotary"):
+        get_peft_model(base, TALoraConfig(task_type="CAUSAL_LM", num_tasks=2))
+    assert not any(hasattr(m, "_talora_site") for m in base.modules()), "a refused model is left as it was"
+
+
+def test_layers_with_different_head_counts_are_refused_with_a_clear_error():
+    model = adapted("talora")
+    model.base_model._sites[1].num_heads = 8  # as a model with 4 heads in layer 0 and 8 in layer 1 would read
+    with pytest.raises(ValueError, match=r"same number of heads in every adapted layer, found \[4, 8\]"):
+        model.add_adapter("other", TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
+    assert "other" not in model.peft_config
