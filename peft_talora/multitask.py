@@ -14,6 +14,7 @@ import numbers
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -262,7 +263,11 @@ class MultiTaskTunerMixin:
             self._exported_tasks.clear()
 
     def update_model_card(self, output_dir: str) -> None:
-        """Add the method's tags and each adapter's tasks to the ``README.md`` PEFT wrote in ``output_dir``."""
+        """Add the method's tags, each adapter's task-name -> id map and the loading lines to ``output_dir/README.md``.
+
+        The loading lines name the folder or Hub repo the card is saved for (:func:`card_location`,
+        set by ``save_pretrained``/``push_to_hub``; ``output_dir`` otherwise).
+        """
         from huggingface_hub import ModelCard
 
         path = os.path.join(output_dir, "README.md")
@@ -273,12 +278,70 @@ class MultiTaskTunerMixin:
         for name, config in self.peft_config.items():
             tasks = [config.task_label(i) for i in range(config.num_tasks)]
             lines.append(f"- adapter `{name}`: {len(tasks)} task(s), in id order: " + ", ".join(f"`{t}`" for t in tasks))
-        section = "\n".join([heading, "", "Route each example with `task_ids` (ids or these names):", "", *lines, ""])
+            lines += ["", "  | task id | task name |", "  |---|---|"]
+            lines += [f"  | {i} | `{t}` |" for i, t in enumerate(tasks)] + [""]
+        section = "\n".join(
+            [heading, "", "Route each example with `task_ids` (ids or these names):", "", *lines, *self._loading_lines(output_dir)]
+        )
         text = card.text
         if heading in text:
             text = text[: text.index(heading)].rstrip() + "\n"
         card.text = text.rstrip() + "\n\n" + section
         card.save(path)
+
+    def _loading_lines(self, output_dir: str) -> list[str]:
+        """The ``## How to load`` section of the model card (markdown lines)."""
+        location = _CARD_LOCATION.get() or str(output_dir)
+        config = next(iter(self.peft_config.values()))
+        base = config.base_model_name_or_path or "<base model>"
+        names = [n for n in self.peft_config if n != "default"]
+        others = [f'model.load_adapter("{location}", adapter_name="{n}", subfolder="{n}")' for n in names]
+        example = config.task_label(0) if config.task_names else 0
+        return [
+            "## How to load",
+            "",
+            "`import peft_talora` registers this adapter's method with PEFT; then PEFT loads it as any other:",
+            "",
+            "```python",
+            "import peft_talora",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")',
+            *others,
+            "```",
+            "",
+            "or, onto a base model you have already loaded:",
+            "",
+            "```python",
+            "import peft_talora",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{location}")',
+            *others,
+            "```",
+            "",
+            f"Then pass the tasks with every call: `model(**inputs, task_ids=[{example!r}, ...])`, "
+            f"`model.generate(**inputs, task_ids=[{example!r}, ...])`.",
+            "",
+        ]
+
+
+#: Where the model card being written will be loaded from (a folder or a Hub repo id), see :func:`card_location`.
+_CARD_LOCATION: ContextVar[Optional[str]] = ContextVar("peft_talora_card_location", default=None)
+
+
+@contextmanager
+def card_location(location):
+    """Within this context, model cards' loading lines name ``location``; an outer location (a ``push_to_hub``
+    repo id around its own ``save_pretrained`` into a temporary folder) is kept."""
+    token = _CARD_LOCATION.set(str(location)) if _CARD_LOCATION.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _CARD_LOCATION.reset(token)
 
 
 def check_saved_shape(

@@ -157,6 +157,14 @@ def complete_model_cards() -> None:
     create, upload = PeftModel.create_or_update_model_card, PeftModel._upload_modified_files
     if getattr(create, "_peft_talora_cards", False):
         return
+    from .multitask import card_location  # the card's loading lines name the target, not a temporary folder
+
+    save = PeftModel.save_pretrained
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        with card_location(save_directory):
+            return save(self, save_directory, *args, **kwargs)
 
     @functools.wraps(create)
     def create_or_update_model_card(self, output_dir):
@@ -167,12 +175,14 @@ def complete_model_cards() -> None:
     @functools.wraps(upload)
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         if hasattr(self.base_model, "update_model_card"):
-            self.create_or_update_model_card(working_dir)
+            with card_location(args[0] if args else kwargs["repo_id"]):
+                self.create_or_update_model_card(working_dir)
         return upload(self, working_dir, *args, **kwargs)
 
     create_or_update_model_card._peft_talora_cards = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
     PeftModel._upload_modified_files = _upload_modified_files
+    PeftModel.save_pretrained = save_pretrained
 
 
 #: PEFT types of this package's methods (filled by ``register_tuner``).

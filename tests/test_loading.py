@@ -1,0 +1,150 @@
+"""``AutoPeftModelForCausalLM`` loads saved TA-LoRA and MTL-LoRA adapters, and the model card's loading lines run.
+
+The base model is a tiny random model saved into ``tmp_path``, so everything loads offline.
+"""
+
+import io
+import re
+
+import pytest
+import torch
+from conftest import batch, perturb, tiny_model
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_talora import MTLLoraConfig, MTLLoraModel, TALoraConfig, TALoraModel
+
+TASKS = ["sst2", "trec", "boolq"]
+ROUTES = ["boolq", "sst2", "trec"]  # one task per example of conftest.batch()
+TUNERS = {"ta-lora": TALoraModel, "mtl-lora": MTLLoraModel}
+
+
+def adapter_config(method):
+    if method == "ta-lora":
+        return TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4)
+    return MTLLoraConfig(task_type="CAUSAL_LM", task_names=TASKS, r=4, lora_dropout=0.0, target_modules="all-linear")
+
+
+def trained(method, base_dir):
+    """An adapter on the base saved in ``base_dir``, with every parameter moved away from its initialisation."""
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), adapter_config(method))
+    if method == "ta-lora":
+        return perturb(model, scale=0.3).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mtllora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def routed_logits(model, routes=ROUTES):
+    input_ids, mask = batch(left_pad=2)
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask, task_ids=routes).logits
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.mark.parametrize("method", ["ta-lora", "mtl-lora"])
+def test_auto_peft_model_loads_the_adapter_like_peft_model(tmp_path, base_dir, method):
+    model = trained(method, base_dir)
+    assert model.peft_config["default"].base_model_name_or_path == str(base_dir)
+    model.save_pretrained(tmp_path / "adapter")
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    assert type(auto.base_model) is TUNERS[method] and auto.peft_config["default"].task_names == TASKS
+    expected = routed_logits(model)
+    assert torch.equal(routed_logits(auto), routed_logits(plain))
+    torch.testing.assert_close(routed_logits(auto), expected, rtol=0, atol=1e-6)
+    with auto.disable_adapter():  # and the adapter really is in play
+        assert (routed_logits(auto) - expected).abs().max() > 1e-2
+
+
+def card_code(folder):
+    """The python blocks of the card's ``## How to load`` section."""
+    text = (folder / "README.md").read_text()
+    section = text[text.index("## How to load"):]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.parametrize("method", ["ta-lora", "mtl-lora"])
+def test_model_card_shows_the_loading_lines_and_the_task_map(tmp_path, base_dir, method):
+    model = trained(method, base_dir)
+    model.save_pretrained(tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.text.count("## Tasks") == 1 and card.text.count("## How to load") == 1
+    for task_id, name in enumerate(TASKS):  # the task-name -> id map
+        assert f"| {task_id} | `{name}` |" in card.text
+    auto_code, peft_code = card_code(tmp_path / "adapter")
+    folder = str(tmp_path / "adapter")
+    assert auto_code == (
+        "import peft_talora\nfrom peft import AutoPeftModelForCausalLM\n\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")\n'
+    )
+    assert f'base = AutoModelForCausalLM.from_pretrained("{base_dir}")\n' in peft_code
+    assert "task_ids=['sst2', ...]" in card.text
+
+    expected = routed_logits(model)
+    for code in (auto_code, peft_code):  # the lines run as written and give the saved adapter
+        scope = {}
+        exec(code, scope)
+        torch.testing.assert_close(routed_logits(scope["model"]), expected, rtol=0, atol=1e-6)
+
+    model.save_pretrained(tmp_path / "adapter")  # saving again replaces the sections, never duplicates them
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    assert text.count("## How to load") == 1 and text.count("| 2 | `boolq` |") == 1
+
+
+def test_model_card_of_one_exported_task_and_of_a_second_adapter(tmp_path, base_dir):
+    model = trained("mtl-lora", base_dir)
+    model.save_pretrained(tmp_path / "trec", tasks=["trec"])
+    text = (tmp_path / "trec" / "README.md").read_text()
+    assert "| 0 | `trec` |" in text and "`sst2`" not in text
+
+    model.add_adapter("other", adapter_config("mtl-lora"))
+    model.save_pretrained(tmp_path / "both")
+    (auto_code, _) = card_code(tmp_path / "both")
+    assert f'model.load_adapter("{tmp_path / "both"}", adapter_name="other", subfolder="other")' in auto_code
+    scope = {}
+    exec(auto_code, scope)
+    assert set(scope["model"].peft_config) == {"default", "other"}
+    torch.testing.assert_close(routed_logits(scope["model"]), routed_logits(model), rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Intercepts huggingface_hub's network calls; records what a push would upload."""
+    sent = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            sent[op.path_in_repo] = source.getvalue() if isinstance(source, io.BytesIO) else open(source, "rb").read()
+        return "commit"
+
+    def no_remote_card(*args, **kwargs):
+        raise EntryNotFoundError("README.md does not exist in this new repo")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", no_remote_card)
+    return sent
+
+
+def test_pushed_model_card_loads_from_the_repo(hub, base_dir):
+    trained("ta-lora", base_dir).push_to_hub("me/talora-suite")
+    readme = hub["README.md"].decode()
+    assert 'AutoPeftModelForCausalLM.from_pretrained("me/talora-suite")' in readme
+    assert 'PeftModel.from_pretrained(base, "me/talora-suite")' in readme and "peft-tmp" not in readme
