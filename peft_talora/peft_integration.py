@@ -21,14 +21,20 @@ The touches:
 5. ``export_tasks_through_save_and_push`` gives ``PeftModel.save_pretrained`` and ``push_to_hub`` a
    ``tasks=`` argument, for tuners with ``exporting_tasks``: inside that context the tuner swaps
    in a config and state dict restricted to those tasks, and PEFT's own saving does the rest.
+   Saves of this package's adapters (``push_to_hub`` saves through ``save_pretrained``) refuse NaN
+   or inf weights and are atomic: PEFT writes into a new folder that replaces the target in one
+   step (``_saving_atomically``, :mod:`peft_talora.atomic`).
 6. ``complete_model_cards`` extends ``PeftModel.create_or_update_model_card`` with the tuner's
    ``update_model_card`` (method tag, task names), and re-applies both cards before a
    ``push_to_hub`` upload: transformers' ``push_to_hub`` replaces the README that
    ``save_pretrained`` wrote with a generic ``library_name: transformers`` card.
 7. ``explain_unreadable_adapter_files`` wraps ``PeftModel.load_adapter``: when the weights file of
-   one of this package's adapters cannot be read (truncated, not safetensors), the raw
-   ``SafetensorError`` becomes a ``ValueError`` naming the file and the fix. Other methods' errors
-   pass through unchanged.
+   one of this package's adapters is missing or cannot be read (truncated, not safetensors), or
+   the loaded weights hold NaN or inf, a ``ValueError`` names the file and the fix. Other methods'
+   errors pass through unchanged.
+8. ``explain_mislabelled_configs`` wraps ``PeftConfig.from_json_file``: a ``peft_type`` no method
+   registers, or one of this package's configs under another label (``LORA``), raises a
+   ``ValueError`` naming the label to write instead of a ``KeyError`` or a silently empty adapter.
 
 The state-dict hooks (``_get_adapter_state_dict`` and friends) are the supported extension point
 and live on the tuner classes themselves. MTL-LoRA subclasses PEFT's ``BaseTuner``/``BaseTunerLayer``
@@ -41,9 +47,18 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
+import os
 
+import torch
 from peft import PeftModel, PeftModelForCausalLM
-from peft.utils import PeftType, register_peft_method
+from peft.utils import PeftType, get_peft_model_state_dict, register_peft_method
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from .atomic import write_folder_atomically
+
+#: The weights files PEFT saves an adapter as (safetensors, or torch.save with safe_serialization=False).
+WEIGHT_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 
 #: Keyword under which the wrapped ``PeftModelForCausalLM.forward`` passes task ids to a tuner.
 ROUTED_TASK_IDS_KWARG = "_peft_talora_task_ids"
@@ -122,6 +137,7 @@ def export_tasks_through_save_and_push() -> None:
     save, push = PeftModel.save_pretrained, PeftModel.push_to_hub
     if getattr(save, "_peft_talora_exports_tasks", False):
         return
+    save = _saving_atomically(save)  # push_to_hub saves through PeftModel.save_pretrained, so it is atomic too
 
     def _check(self, tasks):
         if tasks is not None and not _exports_tasks(self):
@@ -150,6 +166,70 @@ def export_tasks_through_save_and_push() -> None:
     save_pretrained._peft_talora_exports_tasks = True
     PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub
+
+
+def _saving_atomically(save):
+    """``save`` for this package's adapters: checked for non-finite values, then written all or nothing.
+
+    PEFT writes ``README.md``, and per adapter ``adapter_model.safetensors`` (or ``.bin``) and
+    ``adapter_config.json``, into the folder (``<folder>/<name>/`` for a non-default adapter name).
+    Here it writes into a new folder beside the target, which replaces the target in one step once
+    every file is complete (:func:`peft_talora.atomic.write_folder_atomically`); the old folder's
+    other files (a tokenizer, other adapters' subfolders) are carried over. Other methods' saves,
+    and processes other than the main one (PEFT writes nothing there), are PEFT's own.
+    """
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        try:
+            arguments = inspect.signature(save).bind(self, save_directory, *args, **kwargs).arguments
+        except TypeError:
+            return save(self, save_directory, *args, **kwargs)  # PEFT's own error
+        selected = arguments.get("selected_adapters") or list(self.peft_config)
+        if _exports_tasks(self) and not self.peft_config:
+            raise ValueError(
+                "This model has no adapter left to save (the last one was deleted); add or load an adapter first. "
+                "Nothing was written."
+            )
+        if (
+            not arguments.get("is_main_process", True)
+            or os.path.isfile(save_directory)
+            or any(name not in self.peft_config for name in selected)
+            or not any(_is_ours(self.peft_config[name]) for name in selected)
+        ):
+            return save(self, save_directory, *args, **kwargs)
+        state_dict = arguments.get("kwargs", {}).get("state_dict")
+        for name in selected:
+            tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+            _refuse_non_finite(tensors, f"Adapter {name!r}", f"Nothing was written to {str(save_directory)!r}")
+        folders = ["" if name == "default" else name for name in selected]
+        rewritten = {os.path.join(f, file) for f in folders for file in (CONFIG_NAME, *WEIGHT_FILES)}
+        write_folder_atomically(
+            str(save_directory),
+            lambda folder: save(self, folder, *args, **kwargs),
+            replaces=rewritten.__contains__,
+            seed=("README.md",),  # PEFT updates an existing model card instead of replacing it
+        )
+
+    return save_pretrained
+
+
+def _is_ours(config) -> bool:
+    return str(getattr(config.peft_type, "value", config.peft_type)) in OUR_PEFT_TYPES
+
+
+def _refuse_non_finite(tensors: dict, owner: str, outcome: str) -> None:
+    """Raise a ``ValueError`` naming the tensors of ``tensors`` that hold NaN or inf."""
+    bad = [
+        f"{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for key, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{owner} holds non-finite values (NaN or inf) in {', '.join(bad)}. {outcome}. Training has probably "
+            "diverged: go back to the last good checkpoint and lower the learning rate (or find the NaN source)."
+        )
 
 
 def complete_model_cards() -> None:
@@ -190,34 +270,115 @@ OUR_PEFT_TYPES: set[str] = set()
 
 
 def explain_unreadable_adapter_files() -> None:
-    """A corrupt weights file of a TA-LoRA/MTL-LoRA adapter gets an error that names it and the fix."""
+    """Damaged or mislabelled files of a TA-LoRA/MTL-LoRA adapter get an error naming the problem and the fix.
+
+    ``PeftModel.load_adapter`` (behind ``PeftModel.from_pretrained`` too) is wrapped: a local folder
+    of ours without a weights file (PEFT would then ask the Hub for the local path:
+    ``HFValidationError``), an unreadable weights file (``SafetensorError``) and loaded weights with
+    NaN or inf each raise a ``ValueError``; other methods' loads are untouched. The config checks
+    are in :func:`explain_mislabelled_configs`.
+    """
+    explain_mislabelled_configs()
     load = PeftModel.load_adapter
     if getattr(load, "_peft_talora_explains", False):
         return
 
     @functools.wraps(load)
-    def load_adapter(self, model_id, *args, **kwargs):
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        folder = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        if os.path.isdir(folder) and _is_our_adapter(folder) and not any(
+            os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES
+        ):
+            raise ValueError(
+                f"The adapter folder {folder!r} has {CONFIG_NAME} but no weights file ({' or '.join(WEIGHT_FILES)}), "
+                "so nothing was loaded. Save the adapter again (save_pretrained), or copy its weights file next to "
+                f"{CONFIG_NAME}."
+            )
+        new = adapter_name not in self.peft_config
         try:
-            return load(self, model_id, *args, **kwargs)
+            result = load(self, model_id, adapter_name, *args, **kwargs)
         except Exception as error:
-            if type(error).__name__ != "SafetensorError" or not _is_our_adapter(model_id, kwargs.get("subfolder")):
+            if type(error).__name__ != "SafetensorError" or not _is_our_adapter(folder):
                 raise
             raise ValueError(
                 f"The adapter weights in {model_id!r} cannot be read: adapter_model.safetensors is truncated or not a "
                 f"safetensors file ({error}). Nothing was loaded; save the adapter again (save_pretrained) or restore "
                 "the file from where it came from."
             ) from error
+        if _is_ours(self.peft_config[adapter_name]):
+            try:
+                tensors = get_peft_model_state_dict(self, adapter_name=adapter_name)
+                _refuse_non_finite(tensors, f"The adapter in {str(model_id)!r}", "The load was stopped")
+            except ValueError:
+                if new and len(self.peft_config) > 1:  # leave the model as it was before the call
+                    self.delete_adapter(adapter_name)
+                raise
+        return result
 
     load_adapter._peft_talora_explains = True
     PeftModel.load_adapter = load_adapter
 
 
-def _is_our_adapter(model_id, subfolder=None) -> bool:
-    import os
+def explain_mislabelled_configs() -> None:
+    """``PeftConfig.from_json_file`` (every PEFT load of a config, local or Hub) refuses a mislabelled config.
 
+    A ``peft_type`` that no installed method registers would be a ``KeyError`` deep in PEFT; a
+    TA-LoRA or MTL-LoRA config relabelled as another type (``LORA``) would load as that type with
+    its defaults and only warnings (an adapter that does nothing). Both raise a ``ValueError``
+    naming the file, the label and, where the keys fit one of this package's methods, the label to
+    write.
+    """
+    from peft.config import PeftConfigMixin
+
+    original = PeftConfigMixin.__dict__["from_json_file"].__func__
+    if getattr(original, "_peft_talora_checks_label", False):
+        return
+
+    @functools.wraps(original)
+    def from_json_file(cls, path_json_file, **kwargs):
+        loaded = original(cls, path_json_file, **kwargs)
+        _check_config_label(loaded, str(path_json_file))
+        return loaded
+
+    from_json_file._peft_talora_checks_label = True
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+
+
+def _check_config_label(loaded, path: str) -> None:
+    from dataclasses import fields
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if not isinstance(loaded, dict) or "peft_type" not in loaded:
+        return
+    label, keys = str(loaded["peft_type"]), set(loaded)
+    fits = sorted(
+        t for t in OUR_PEFT_TYPES
+        if t != label and keys & {"num_tasks", "task_names"}
+        and keys <= {f.name for f in fields(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(t)])}
+    )
+    fix = " or ".join(f'"peft_type": "{t}"' for t in fits)
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(label)
+    if config_cls is None:
+        known = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        raise ValueError(
+            f"{path} says \"peft_type\": {loaded['peft_type']!r}, which no installed PEFT method registers. "
+            + (f"Its keys are those of a {' or '.join(fits)} adapter: write {fix} in the file."
+               if fits else f"Known types: {known}; for another method, install and import the package that adds it.")
+        )
+    unknown = sorted(keys - {f.name for f in fields(config_cls)})
+    if fits and unknown:
+        raise ValueError(
+            f"{path} says \"peft_type\": {label!r}, but its keys {unknown} are not {config_cls.__name__}'s: it is a "
+            f"{' or '.join(fits)} adapter's config with another label. Write {fix} in the file (or save the adapter "
+            "again with save_pretrained)."
+        )
+
+
+def _is_our_adapter(folder: str) -> bool:
+    """Whether ``folder`` holds a readable config of one of this package's methods."""
     from peft.config import PeftConfig
 
-    folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
     try:
         peft_type = PeftConfig._get_peft_type(folder)
     except Exception:  # noqa: BLE001 - no readable config: not ours to explain
