@@ -382,7 +382,19 @@ def test_rank_classification_and_generation_pick_the_forced_label():
         assert ranked.accuracy == pytest.approx(np.mean(np.array([1, 0, 1, 1]) == label))
         generated = evaluate_task(model, tokenizer, data, method="generate", max_new_tokens=2)
         assert generated.predictions == [label] * 4 and generated.answers[0].split()[0] == word
-    assert ranked.metrics() == {"accuracy": 0.25, "macro_f1": pytest.approx(0.2), "n": 4, "unmatched": 0}
+    record = ranked.metrics()
+    assert list(record)[:2] == ["macro_f1", "macro_f1_interval"]  # macro-F1 leads, accuracy beside it
+    assert record["macro_f1"] == pytest.approx(0.2) and record["accuracy"] == 0.25
+    assert {k: record[k] for k in ("n", "unmatched", "num_labels", "predictions", "references")} == {
+        "n": 4, "unmatched": 0, "num_labels": 2, "predictions": [0, 0, 0, 0], "references": [1, 0, 1, 1]
+    }  # fmt: skip
+    # always "no": a row is right iff it is the one "no" row, so accuracy's bootstrap is Binomial(4, 1/4)/4
+    low, high = record["accuracy_interval"]
+    assert (low, high) == (0.0, 0.75) and low <= record["macro_f1_interval"][0] <= record["macro_f1"]
+    assert ranked.interval("accuracy").as_dict()["resampled"] == "rows"
+    summary = ranked.summary()
+    assert summary.startswith("macro-F1 20.0 [") and "accuracy 25.0 [" in summary
+    assert "4 test rows: one row = 25.0 accuracy points" in summary
 
 
 def test_match_label_reads_the_answer_word():

@@ -38,8 +38,17 @@ Prompts and evaluation
 :func:`format_split` turns a split into ``prompt``/``completion``/``task_ids`` rows for
 :func:`peft_talora.data.tokenize_for_causal_lm` (chat template when the tokenizer has one, texts
 truncated from the middle to ``max_text_tokens``). :func:`evaluate_task` scores a model by rank
-classification (label-word log-likelihood) or greedy generation and reports accuracy and
-macro-F1; ``task_id=`` routes multi-task adapters and is left out (``None``) for other models.
+classification (label-word log-likelihood) or greedy generation and reports macro-F1 (the lead
+metric) and accuracy; ``task_id=`` routes multi-task adapters and is left out (``None``) for other models.
+
+Intervals
+---------
+:mod:`peft_talora.suite.intervals` puts a percentile-bootstrap interval on every average: over the
+test rows, and over seeds where several runs exist (:func:`bootstrap_interval`); two methods on
+the same rows get a paired interval on their difference (:func:`paired_difference`)::
+
+    result = evaluate_task(model, tokenizer, splits["test"], task="trec")
+    print(result.summary())   # macro-F1 31.0 [22.4, 39.9]  accuracy 40.6 [...]  (100 test rows: ...)
 """
 
 from .build import (
@@ -65,6 +74,7 @@ from .evaluation import (
     match_label,
     score_choices,
 )
+from .intervals import Interval, TaskRuns, bootstrap_interval, paired_difference, seed_interval
 from .prompts import DEFAULT_MAX_TEXT_TOKENS, MIDDLE_MARKER, PromptFormatter, format_split, truncate_middle
 from .tasks import RegisteredTask, TaskSpec, get_task, register_task, registered_task, task_names, unregister_task
 
@@ -76,6 +86,7 @@ __all__ = [
     "DEFAULT_SEED",
     "DEFAULT_SPLIT_FRACTIONS",
     "EvalResult",
+    "Interval",
     "MIDDLE_MARKER",
     "PromptFormatter",
     "RegisteredTask",
@@ -83,7 +94,9 @@ __all__ = [
     "SPLITS",
     "SUITE_VERSION",
     "TARGET_TASKS",
+    "TaskRuns",
     "TaskSpec",
+    "bootstrap_interval",
     "classification_metrics",
     "deduplicate",
     "evaluate_task",
@@ -94,9 +107,11 @@ __all__ = [
     "load_suite",
     "load_task",
     "match_label",
+    "paired_difference",
     "register_task",
     "registered_task",
     "score_choices",
+    "seed_interval",
     "stratified_split",
     "subsample",
     "suite_cache_dir",

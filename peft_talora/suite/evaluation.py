@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..data import TaskIdEncoder
+from .intervals import Interval, TaskRuns, bootstrap_interval
 from .prompts import DEFAULT_MAX_TEXT_TOKENS, PromptFormatter, resolve_spec
 from .tasks import TaskSpec, column_values
 
@@ -33,7 +34,12 @@ TaskId = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
 
 @dataclass
 class EvalResult:
-    """Predictions and scores of one task. ``predictions`` are label ids, ``-1`` where generation matched none."""
+    """Predictions and scores of one task. ``predictions`` are label ids, ``-1`` where generation matched none.
+
+    Macro-F1 is the lead metric (accuracy on an imbalanced test set mostly measures the label prior:
+    see ``docs/data.md``); :meth:`interval` gives either one a percentile-bootstrap interval over the
+    test rows (:mod:`peft_talora.suite.intervals`), :meth:`summary` prints both.
+    """
 
     task: str
     method: str
@@ -43,18 +49,47 @@ class EvalResult:
     references: list[int]
     scores: Optional[torch.Tensor] = None  # (examples, labels) log-likelihoods, rank classification
     answers: Optional[list[str]] = None  # generated text, generation
+    num_labels: Optional[int] = None  # the task's label count (macro-F1 averages over all of them)
 
     @property
     def unmatched(self) -> int:
         return sum(p < 0 for p in self.predictions)
 
+    @property
+    def labels(self) -> int:
+        """The number of classes macro-F1 averages over (``num_labels``, else the largest label id seen + 1)."""
+        if self.num_labels is not None:
+            return int(self.num_labels)
+        return max([*self.predictions, *self.references]) + 1
+
+    def interval(self, metric: str = "macro_f1", **kwargs) -> Interval:
+        """``metric`` with its percentile-bootstrap interval over the test rows (``kwargs``: resamples, confidence, seed)."""
+        return bootstrap_interval([TaskRuns(self.references, self.predictions, self.labels)], metric, **kwargs)
+
     def metrics(self) -> dict:
+        """Macro-F1 and accuracy with their 95% row-bootstrap intervals, counts, and the per-row predictions
+        and references (so averages over tasks and paired differences can be bootstrapped later)."""
+        out = {}
+        for metric in ("macro_f1", "accuracy"):
+            interval = self.interval(metric)
+            out[metric] = getattr(self, metric)
+            out[f"{metric}_interval"] = [interval.low, interval.high]
         return {
-            "accuracy": self.accuracy,
-            "macro_f1": self.macro_f1,
+            **out,
             "n": len(self.references),
             "unmatched": self.unmatched,
+            "num_labels": self.labels,
+            "predictions": [int(p) for p in self.predictions],
+            "references": [int(r) for r in self.references],
         }
+
+    def summary(self) -> str:
+        """One line: macro-F1 and accuracy in points with 95% intervals, the test-set size and one row's worth."""
+        n = len(self.references)
+        return (
+            f"macro-F1 {self.interval('macro_f1').format()}  accuracy {self.interval('accuracy').format()}  "
+            f"({n} test rows: one row = {100 / n:.1f} accuracy points)"
+        )
 
 
 @contextmanager
@@ -286,7 +321,7 @@ def _metric(name: str):
 
 
 def classification_metrics(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> dict:
-    """Accuracy and macro-F1 over the ``num_labels`` classes (a ``-1`` prediction counts as wrong)."""
+    """Macro-F1 and accuracy over the ``num_labels`` classes (a ``-1`` prediction counts as wrong)."""
     predictions, references = [int(p) for p in predictions], [int(r) for r in references]
     accuracy = _metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
     macro_f1 = _metric("f1").compute(
@@ -311,13 +346,15 @@ def evaluate_task(
     system_prompt: Optional[str] = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Accuracy and macro-F1 of ``model`` on one task's split (``text``/``label`` rows).
+    """Macro-F1 and accuracy of ``model`` on one task's split (``text``/``label`` rows).
 
         ``method="rank"`` picks the label word with the highest log-likelihood after the prompt;
         ``"generate"`` decodes greedily (``max_new_tokens``, default: the longest label + 12 tokens,
     room for an answer in a sentence)
         and matches the answer to a label word with :func:`match_label`. The task's spec comes from
         ``task`` or the dataset's ``task`` column; prompts are those of :class:`PromptFormatter`.
+        The result keeps every row's prediction: ``result.summary()`` prints macro-F1 and accuracy
+        with their bootstrap intervals over the test rows, ``result.metrics()`` is the JSON record.
     """
     if method not in ("rank", "generate"):
         raise ValueError(f"method must be 'rank' or 'generate', got {method!r}.")
@@ -356,5 +393,6 @@ def evaluate_task(
         predictions = [match_label(answer, spec.label_names) for answer in answers]
     metrics = classification_metrics(predictions, references, spec.num_labels)
     return EvalResult(
-        spec.name, method, metrics["accuracy"], metrics["macro_f1"], predictions, references, scores, answers
+        spec.name, method, metrics["accuracy"], metrics["macro_f1"], predictions, references, scores, answers,
+        num_labels=spec.num_labels,
     )
