@@ -1,8 +1,9 @@
 """One test per PEFT internal touched by ``peft_talora/peft_integration.py``, so a PEFT upgrade fails loudly here.
 
 Touches: the ``PeftType`` member, ``register_peft_method`` and the mappings it fills, the wrapper around
-``PeftModelForCausalLM.forward`` (task ids), the ``is_adaption_prompt`` dispatch of ``PeftModel`` and the
-state-dict extension points on the tuner class.
+``PeftModelForCausalLM.forward`` (task ids), the ``is_adaption_prompt`` dispatch of ``PeftModel``, the
+state-dict extension points on the tuner class, the atomic ``save_pretrained``, the checks around
+``load_adapter`` and ``PeftConfig.from_json_file``.
 """
 
 import importlib
@@ -573,3 +574,128 @@ def test_unreadable_weights_of_other_methods_keep_peft_error(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage" * 8)
     with pytest.raises(SafetensorError):
         PeftModel.from_pretrained(tiny_model(), tmp_path)
+
+
+# ------------------------------------------------------------------ 5. atomic saves (save_pretrained wrapper)
+
+
+def test_save_wrapper_keeps_peft_signature_and_binds_its_arguments(tmp_path, monkeypatch):
+    """The atomic save binds PEFT's own ``save_pretrained`` signature to find ``selected_adapters`` and
+    ``is_main_process``; if PEFT renames them, these calls would write into the target directly."""
+    from peft_talora import atomic
+
+    params = inspect.signature(inspect.unwrap(PeftModel.save_pretrained)).parameters
+    assert {"save_directory", "selected_adapters", "is_main_process", "safe_serialization"} <= set(params)
+    calls = []
+    real = atomic.write_folder_atomically
+    monkeypatch.setattr(
+        "peft_talora.peft_integration.write_folder_atomically", lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    )
+    model = perturb(talora())
+    model.save_pretrained(tmp_path / "a", False, ["default"])  # positional safe_serialization, selected_adapters
+    assert calls == [str(tmp_path / "a")] and (tmp_path / "a" / "adapter_model.bin").exists()
+    model.save_pretrained(tmp_path / "b", is_main_process=False)  # PEFT writes nothing on other ranks
+    assert calls == [str(tmp_path / "a")] and not (tmp_path / "b" / "adapter_config.json").exists()
+
+
+def test_save_of_other_methods_is_peft_own(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a LoRA save must not go through the atomic writer")
+
+    monkeypatch.setattr("peft_talora.peft_integration.write_folder_atomically", refuse)
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_save_with_no_adapter_left(tmp_path):
+    model = talora()
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="no adapter left to save .* Nothing was written"):
+        model.save_pretrained(tmp_path / "never-written")
+    assert not (tmp_path / "never-written").exists()
+
+
+# ------------------------------------------------------------------ 7./8. damaged and mislabelled files on load
+
+
+def _relabel(folder, peft_type):
+    path = folder / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["peft_type"] = peft_type
+    path.write_text(json.dumps(saved))
+    return path
+
+
+def test_from_json_file_refuses_an_unregistered_peft_type(tmp_path):
+    perturb(talora()).save_pretrained(tmp_path)
+    path = _relabel(tmp_path, "NOPE")
+    message = re.escape(f'{path} says "peft_type": \'NOPE\', which no installed PEFT method registers')
+    fix = re.escape('write "peft_type": "TALORA" in the file')
+    # every PEFT entry point that reads a config goes through PeftConfig.from_json_file
+    for load in (
+        lambda: PeftConfig.from_pretrained(tmp_path),
+        lambda: PeftConfig._get_peft_type(str(tmp_path)),
+        lambda: PeftModel.from_pretrained(tiny_model(), tmp_path),
+        lambda: talora().load_adapter(tmp_path, adapter_name="other"),
+    ):
+        with pytest.raises(ValueError, match=f"{message}.*{fix}"):
+            load()
+    # a config that fits none of our methods lists the known types instead
+    path.write_text(json.dumps({"peft_type": "NOPE", "r": 4}))
+    with pytest.raises(ValueError, match=r"no installed PEFT method registers\. Known types: \[.*'LORA'.*'TALORA'"):
+        PeftConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("label, method", [("LORA", "TALORA"), ("MTLLORA", "TALORA"), ("TALORA", "MTLLORA")])
+def test_from_json_file_refuses_our_config_under_another_label(tmp_path, label, method):
+    from peft_talora import MTLLoraConfig
+
+    if method == "TALORA":
+        model = talora()
+    else:
+        model = get_peft_model(tiny_model(), MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    _relabel(tmp_path, label)
+    with pytest.raises(ValueError, match=rf"says \"peft_type\": '{label}', but its keys \[.*\] are not .*Config's: "
+                                         rf"it is a {method} adapter's config.*Write \"peft_type\": \"{method}\""):
+        PeftModel.from_pretrained(tiny_model(), tmp_path)
+
+
+def test_from_json_file_leaves_other_methods_configs_alone(tmp_path):
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)
+    assert type(PeftConfig.from_pretrained(tmp_path)) is LoraConfig
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert loaded.peft_config["default"].peft_type is PeftType.LORA
+
+
+def test_load_adapter_missing_weights_file(tmp_path):
+    perturb(talora()).save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / "adapter_model.safetensors").unlink()
+    message = re.escape(f"The adapter folder '{tmp_path / 'ours'}' has adapter_config.json but no weights file")
+    with pytest.raises(ValueError, match=f"{message}.*Save the adapter again"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path / "ours")
+    model = talora()
+    with pytest.raises(ValueError, match=message):
+        model.load_adapter(tmp_path / "ours", adapter_name="other")
+    assert list(model.peft_config) == ["default"]
+    # other methods keep PEFT's own behaviour (it looks for the file on the Hub)
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    (tmp_path / "lora" / "adapter_model.safetensors").unlink()
+    with pytest.raises(Exception) as info:
+        PeftModel.from_pretrained(tiny_model(), tmp_path / "lora")
+    assert "no weights file" not in str(info.value)
+
+
+def test_load_adapter_checks_loaded_weights_of_our_methods_only(tmp_path):
+    """Non-finite values are looked for in what PEFT loaded (get_peft_model_state_dict), for our methods only."""
+    from safetensors.torch import load_file, save_file
+
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    next(iter(tensors.values())).fill_(float("nan"))
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    PeftModel.from_pretrained(tiny_model(), tmp_path)  # PEFT's own behaviour for other methods: no check
