@@ -147,7 +147,11 @@ def export_tasks_through_save_and_push() -> None:
             )
 
     @functools.wraps(save)
-    def save_pretrained(self, save_directory, *args, tasks=None, **kwargs):
+    def save_pretrained(self, save_directory, *args, tasks=None, as_lora=False, **kwargs):
+        if as_lora:  # one MTL-LoRA task as a plain PEFT LoRA adapter, for multi-LoRA servers
+            from .mtl_lora.lora_export import save_task_as_lora
+
+            return save_task_as_lora(self, save_directory, tasks, *args, **kwargs)
         _check(self, tasks)
         if tasks is None:
             return save(self, save_directory, *args, **kwargs)
