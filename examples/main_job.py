@@ -1,12 +1,19 @@
 """Main job: TA-LoRA on the embedded SmolLM2-135M and the packaged 8 + 4 task suite.
 
-1. zero-shot accuracy of the base model (source and target tasks);
+1. zero-shot macro-F1 and accuracy of the base model (source and target tasks);
 2. shared warm-up (task part off), then multi-task training on the 8 source tasks with the stock
    ``Trainer`` (fast/slow learning rates, orthogonality penalty, periodic evaluation);
-3. unseen data: accuracy on each source task's held-out test examples;
+3. unseen data: each source task's held-out test examples;
 4. unseen tasks: each target task is added to the trained adapter (``add_tasks``, freeze mode)
    and trained on k examples per label;
-5. a table on stdout, ``results.json``, ``results.png`` and the adapter in ``--output-dir``.
+5. a peer trained the same way on each target (``--peers pt``: PEFT prompt tuning, same shots,
+   steps, batch and learning rate as step 4, on the base model);
+6. a table on stdout, ``results.json``, ``results.png`` and the adapter in ``--output-dir``.
+
+Macro-F1 leads and accuracy stands beside it: the test subsets are small and imbalanced while
+the shots are balanced, so accuracy mostly measures the label prior (``docs/data.md``). Every
+average carries a 95% percentile-bootstrap interval over the test rows, and TA-LoRA's
+differences from the base model and the peer a paired one (``peft_talora.suite.intervals``).
 
     python examples/main_job.py                 # defaults: under 30 minutes on 2 CPU cores
     python examples/main_job.py --steps 300 --train-per-task 256 --eval-per-task 200   # longer
@@ -27,18 +34,22 @@ from pathlib import Path
 
 import datasets
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
 from peft_talora import TALoraConfig
-from peft_talora.data import k_shot, tokenize_for_causal_lm
+from peft_talora.data import TALoraDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import SOURCE_TASKS, TARGET_TASKS, evaluate_task, format_split, load_task, subsample
+from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, has_rows, paired_difference
 from peft_talora.training import build_trainer
 
 SYSTEM_PROMPT = "You are a precise text classifier."  # short: every token costs time on a CPU
+PT_INIT_TEXT = "Classify the text into one of the given labels."  # the benchmark's PT init text
+METHODS = {"base": "base zero-shot", "ta-lora": "TA-LoRA", "pt": "PEFT prompt tuning"}
+SETTINGS = {"unseen_data": "source tasks (unseen data)", "unseen_tasks": "target tasks (unseen tasks)"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -52,7 +63,10 @@ def training_rows(tasks, tokenizer, per_task: int, split: str, seed: int, max_te
 
 
 def evaluate(model, tokenizer, tasks, per_task: int, seed: int, max_text_tokens: int, route: bool) -> dict:
-    """Rank-classification accuracy and macro-F1 per task on ``per_task`` held-out test examples."""
+    """Rank-classification macro-F1 and accuracy per task on ``per_task`` held-out test examples.
+
+    Each record keeps the per-row predictions, so averages and differences get bootstrap intervals.
+    """
     results = {}
     for name in tasks:
         test = subsample(load_task(name)["test"], per_task, seed=seed)
@@ -61,15 +75,23 @@ def evaluate(model, tokenizer, tasks, per_task: int, seed: int, max_text_tokens:
             max_text_tokens=max_text_tokens, system_prompt=SYSTEM_PROMPT, progress=True,
         )
         results[name] = result.metrics()
-        print(f"  {name:<18} accuracy {result.accuracy:.3f}  macro-F1 {result.macro_f1:.3f}")
+        print(f"  {name:<18} {result.summary()}")
     return results
 
 
 # ----------------------------------------------------------------------------- training
-def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, eval_rows=None) -> None:
-    """One ``Trainer`` run that checkpoints into ``folder`` and resumes from its last checkpoint."""
-    train = tokenize_for_causal_lm(train_rows, tokenizer, task_names=model)
-    evaluation = tokenize_for_causal_lm(eval_rows, tokenizer, task_names=model) if eval_rows is not None else None
+def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, eval_rows=None, route=True) -> None:
+    """One ``Trainer`` run that checkpoints into ``folder`` and resumes from its last checkpoint.
+
+    ``route=False`` (a single-task peer such as prompt tuning): the rows' ``task_ids`` are dropped.
+    """
+    names = model if route else sorted(set(train_rows["task_ids"]))
+    train = tokenize_for_causal_lm(train_rows, tokenizer, task_names=names)
+    evaluation = tokenize_for_causal_lm(eval_rows, tokenizer, task_names=names) if eval_rows is not None else None
+    collator = None
+    if not route:
+        train = train.remove_columns("task_ids")
+        collator = TALoraDataCollator(tokenizer=tokenizer)
     every = max(1, steps // 4)
     training_args = TrainingArguments(
         output_dir=str(folder), max_steps=steps, per_device_train_batch_size=args.batch_size,
@@ -80,7 +102,7 @@ def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, ev
     )
     trainer = build_trainer(
         model, training_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        task_sampling=args.task_sampling,
+        data_collator=collator, task_sampling=args.task_sampling if route else None,
     )
     resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     trainer.train(resume_from_checkpoint=resume)
@@ -90,44 +112,166 @@ def talora_config(tasks, args) -> TALoraConfig:
     return TALoraConfig(task_type="CAUSAL_LM", task_names=list(tasks), num_virtual_tokens=args.virtual_tokens, r=args.rank)
 
 
+def prompt_tuning_config(tokenizer, args) -> PromptTuningConfig:
+    """PEFT prompt tuning with as many virtual tokens as TA-LoRA, initialised from a task-neutral text."""
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=args.virtual_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=PT_INIT_TEXT, tokenizer_name_or_path=tokenizer.name_or_path,
+    )
+
+
 # ----------------------------------------------------------------------------- report
+def method_records(results: dict, method: str, setting: str) -> dict:
+    """``{task: evaluation record}`` of ``method`` (base, ta-lora, pt) in ``setting`` (unseen_data, unseen_tasks)."""
+    tasks = results["source_tasks"] if setting == "unseen_data" else results["target_tasks"]
+    if method == "base":
+        found = results.get("zero_shot", {})
+    elif method == "ta-lora":
+        found = results.get(setting, {})
+    else:
+        found = results.get("peers", {}).get(method, {}) if setting == "unseen_tasks" else {}
+    return {t: found[t] for t in tasks if t in found}
+
+
+def average(records: dict) -> dict:
+    """Macro-F1 and accuracy averaged over tasks, each with its bootstrap interval over the test rows.
+
+    Records cached before per-row predictions were kept get the plain mean and no interval.
+    """
+    if not records:
+        return {}
+    rows = all(has_rows(r) for r in records.values())
+    out = {"tasks": len(records)}
+    for metric in ("macro_f1", "accuracy"):
+        if rows:
+            out[metric] = bootstrap_interval([TaskRuns.from_records([r]) for r in records.values()], metric).as_dict()
+        else:
+            values = [r[metric] for r in records.values()]
+            out[metric] = {"estimate": sum(values) / len(values), "low": None, "high": None, "resampled": None}
+    return out
+
+
+def difference(a: dict, b: dict) -> dict:
+    """``a - b`` over the tasks both have, with a paired bootstrap interval (same rows drawn for both)."""
+    tasks = [t for t in a if t in b]
+    if not tasks or not all(has_rows(a[t]) and has_rows(b[t]) for t in tasks):
+        return {}
+    runs = lambda records: [TaskRuns.from_records([records[t]]) for t in tasks]  # noqa: E731
+    return {"tasks": len(tasks), **{m: paired_difference(runs(a), runs(b), m).as_dict() for m in ("macro_f1", "accuracy")}}
+
+
+def summarize(results: dict) -> None:
+    """Fill ``results["averages"]`` and ``results["differences"]`` (recomputed from the per-task records)."""
+    averages, differences = {}, {}
+    for setting in SETTINGS:
+        records = {m: method_records(results, m, setting) for m in METHODS}
+        averages[setting] = {m: average(r) for m, r in records.items() if r}
+        differences[setting] = {
+            f"ta-lora - {other}": d for other in ("base", "pt")
+            if (d := difference(records["ta-lora"], records[other]))
+        }  # fmt: skip
+    results["averages"], results["differences"] = averages, differences
+
+
+def fmt_interval(entry: dict, signed: bool = False) -> str:
+    if not entry:
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{100 * entry['estimate']:{sign}.1f}"
+    if entry.get("low") is not None:
+        text += f" [{100 * entry['low']:{sign}.1f}, {100 * entry['high']:{sign}.1f}]"
+    return text
+
+
+def fmt_cell(record) -> str:
+    """A task's cell: macro-F1 [interval] / accuracy, in points."""
+    if not record:
+        return "-"
+    interval = record.get("macro_f1_interval")
+    text = f"{100 * record['macro_f1']:.1f}"
+    if interval:
+        text += f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+    return text + f" / {100 * record['accuracy']:.1f}"
+
+
 def report(results: dict, out: Path) -> None:
     """Print the table and write ``results.json`` and ``results.png``."""
-    rows = [("source (unseen data)", name, results["zero_shot"].get(name), results.get("unseen_data", {}).get(name))
-            for name in results["source_tasks"]]
-    rows += [(f"target (k={results['shots']})", name, results["zero_shot"].get(name), results.get("unseen_tasks", {}).get(name))
-             for name in results["target_tasks"]]
-    print(f"\n{'setting':<22}{'task':<20}{'base zero-shot':>16}{'TA-LoRA':>10}")
-    for setting, name, base, tuned in rows:
-        fmt = lambda r: f"{r['accuracy']:.3f}" if r else "-"  # noqa: E731
-        print(f"{setting:<22}{name:<20}{fmt(base):>16}{fmt(tuned):>10}")
-    for key, label in (("unseen_data", "source"), ("unseen_tasks", "target")):
-        values = [r["accuracy"] for r in results.get(key, {}).values()]
-        if values:
-            results.setdefault("averages", {})[key] = sum(values) / len(values)
-            print(f"average TA-LoRA accuracy, {label} tasks: {sum(values) / len(values):.3f}")
+    summarize(results)
+    methods = [m for m in METHODS if any(method_records(results, m, s) for s in SETTINGS)]
+    print("\nMacro-F1 [95% bootstrap interval over the test rows] / accuracy, in points (%). Macro-F1 leads: "
+          "accuracy on these small imbalanced test sets mostly measures the label prior.")
+    sizes = sorted({r["n"] for s in SETTINGS for m in methods for r in method_records(results, m, s).values()})
+    if sizes:
+        print("test rows per task: " + ", ".join(str(n) for n in sizes)
+              + f" (one row = {', '.join(f'{100 / n:.1f}' for n in sizes)} accuracy points)")
+    width = 26
+    print(f"\n{'setting':<22}{'task':<18}" + "".join(f"{METHODS[m]:>{width}}" for m in methods))
+    for setting, label in (("unseen_data", "source (unseen data)"), ("unseen_tasks", f"target (k={results['shots']})")):
+        records = {m: method_records(results, m, setting) for m in methods}
+        tasks = results["source_tasks"] if setting == "unseen_data" else results["target_tasks"]
+        for name in tasks:
+            print(f"{label:<22}{name:<18}" + "".join(f"{fmt_cell(records[m].get(name)):>{width}}" for m in methods))
+    for setting, label in SETTINGS.items():
+        averages = results["averages"].get(setting, {})
+        if not averages:
+            continue
+        print(f"\naverage over the {label}, macro-F1 and accuracy [95% interval]:")
+        for method, entry in averages.items():
+            print(f"  {METHODS[method]:<30} macro-F1 {fmt_interval(entry['macro_f1']):<22}"
+                  f" accuracy {fmt_interval(entry['accuracy'])}")
+        for name, entry in results["differences"].get(setting, {}).items():
+            other = METHODS[name.split(" - ")[1]]
+            print(f"  {'TA-LoRA - ' + other:<30} macro-F1 {fmt_interval(entry['macro_f1'], True):<22}"
+                  f" accuracy {fmt_interval(entry['accuracy'], True)}  (paired)")
+        if any(e["macro_f1"].get("low") is None for e in averages.values()):
+            print("  (no interval where cached results lack per-row predictions: rerun with --fresh)")
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(rows, out / "results.png")
+    plot(results, methods, out / "results.png")
     print(f"wrote {out / 'results.json'}, {out / 'results.png'}; adapter in {out / 'adapter'}")
 
 
-def plot(rows, path: Path) -> None:
+def _errors(values, intervals):
+    """matplotlib's asymmetric ``yerr`` from intervals (0 where there is none)."""
+    below = [v - lo if lo is not None else 0 for v, (lo, _) in zip(values, intervals)]
+    above = [hi - v if hi is not None else 0 for v, (_, hi) in zip(values, intervals)]
+    return [below, above]
+
+
+def plot(results: dict, methods: list, path: Path) -> None:
+    """Macro-F1 (left) and accuracy (right) per task and on average, bars with 95% bootstrap intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for _, name, _, _ in rows]
-    base = [r["accuracy"] if r else 0 for _, _, r, _ in rows]
-    tuned = [r["accuracy"] if r else 0 for _, _, _, r in rows]
-    x = torch.arange(len(names)).float()
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 4))
-    ax.bar(x - 0.2, base, width=0.4, label="base zero-shot")
-    ax.bar(x + 0.2, tuned, width=0.4, label="TA-LoRA")
-    ax.set_xticks(x.tolist(), names, rotation=45, ha="right")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend()
+    groups = [(n, "unseen_data") for n in results["source_tasks"]] + [(n, "unseen_tasks") for n in results["target_tasks"]]
+    groups += [(f"average {s.split()[0]}", setting) for setting, s in SETTINGS.items()]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, len(groups) * 1.3), 4.5), sharey=True)
+    bar = 0.8 / len(methods)
+    for ax, metric, title in zip(axes, ("macro_f1", "accuracy"), ("macro-F1 (lead metric)", "accuracy (beside it)")):
+        for i, method in enumerate(methods):
+            x, values, intervals = [], [], []
+            for g, (name, setting) in enumerate(groups):
+                if name.startswith("average "):
+                    entry = results["averages"].get(setting, {}).get(method, {}).get(metric)
+                    value = entry and entry["estimate"]
+                    low, high = (entry["low"], entry["high"]) if entry else (None, None)
+                else:
+                    record = method_records(results, method, setting).get(name)
+                    value = record and record[metric]
+                    low, high = (record or {}).get(f"{metric}_interval") or (None, None)
+                if value is None:  # e.g. the peer on source tasks: no bar
+                    continue
+                x.append(g + (i - (len(methods) - 1) / 2) * bar)
+                values.append(100 * value)
+                intervals.append((None if low is None else 100 * low, None if high is None else 100 * high))
+            ax.bar(x, values, width=bar, label=METHODS[method], yerr=_errors(values, intervals), capsize=2)
+        ax.set_xticks(range(len(groups)), [name for name, _ in groups], rotation=45, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("points (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Bars: 95% percentile-bootstrap intervals over the test rows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -154,9 +298,10 @@ def run(args) -> dict:
     base, tokenizer = load_model(tiny=args.tiny)
     mtl = dict(seed=args.seed, max_text_tokens=args.max_text_tokens)
 
-    todo = [t for t in [*args.tasks, *args.targets] if t not in results["zero_shot"]]
+    # a record cached before per-row predictions were kept is evaluated again (no training, seconds per task)
+    todo = [t for t in [*args.tasks, *args.targets] if not has_rows(results["zero_shot"].get(t))]
     if todo:
-        print("\n[1/4] zero-shot accuracy of the base model")
+        print("\n[1/5] zero-shot macro-F1 and accuracy of the base model")
         results["zero_shot"].update(evaluate(base, tokenizer, todo, args.eval_per_task, route=False, **mtl))
         save()
 
@@ -166,14 +311,14 @@ def run(args) -> dict:
         model.print_trainable_parameters()
         warm = out / "adapter_warmup"
         if args.warmup_steps and not (warm / "adapter_model.safetensors").exists():
-            print(f"\n[2/4] shared warm-up: {args.warmup_steps} steps, task part off")
+            print(f"\n[2/5] shared warm-up: {args.warmup_steps} steps, task part off")
             model.set_training_stage("shared_warmup")
             rows = training_rows(args.tasks, tokenizer, args.train_per_task, "train", **mtl)
             train_phase(model, tokenizer, rows, out / "checkpoints_warmup", args.warmup_steps, args)
             model.save_pretrained(warm)
         elif args.warmup_steps:
             model.load_adapter(warm, adapter_name="default", is_trainable=True)
-        print(f"\n[2/4] multi-task training: {args.steps} steps on {len(args.tasks)} tasks")
+        print(f"\n[2/5] multi-task training: {args.steps} steps on {len(args.tasks)} tasks")
         model.set_training_stage("multi_task")
         rows = training_rows(args.tasks, tokenizer, args.train_per_task, "train", **mtl)
         val = training_rows(args.tasks, tokenizer, max(2, args.eval_per_task // 8), "validation", **mtl)
@@ -183,8 +328,9 @@ def run(args) -> dict:
         results.pop("unseen_data", None)
         save()
 
-    if set(results.get("unseen_data", {})) != set(args.tasks):
-        print("\n[3/4] unseen data: source-task test examples")
+    unseen = results.get("unseen_data", {})
+    if set(unseen) != set(args.tasks) or not all(has_rows(r) for r in unseen.values()):
+        print("\n[3/5] unseen data: source-task test examples")
         model = PeftModel.from_pretrained(base, adapter)
         results["unseen_data"] = evaluate(model, tokenizer, args.tasks, args.eval_per_task, route=True, **mtl)
         base = model.base_model.unload()
@@ -194,7 +340,7 @@ def run(args) -> dict:
     for name in args.targets:
         if name in results["unseen_tasks"]:
             continue
-        print(f"\n[4/4] unseen task {name}: k={args.shots} examples per label, new task factors only")
+        print(f"\n[4/5] unseen task {name}: k={args.shots} examples per label, new task factors only")
         model = PeftModel.from_pretrained(base, adapter)
         model.add_tasks([name])  # freeze mode: shared parts and source tasks stay bit-identical
         shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
@@ -204,6 +350,21 @@ def run(args) -> dict:
         results["unseen_tasks"].update(evaluate(model, tokenizer, [name], args.eval_per_task, route=True, **mtl))
         base = model.base_model.unload()
         save()
+
+    for peer in args.peers:  # the same shots, steps, batch and learning rate as TA-LoRA's new task, on the base model
+        done = results.setdefault("peers", {}).setdefault(peer, {})
+        for name in args.targets:
+            if name in done:
+                continue
+            print(f"\n[5/5] peer {METHODS[peer]} on {name}: k={args.shots} examples per label, {args.target_steps} steps")
+            torch.manual_seed(args.seed)
+            model = get_peft_model(base, prompt_tuning_config(tokenizer, args))
+            shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
+            rows = format_split(shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
+            train_phase(model, tokenizer, rows, out / f"checkpoints_{peer}_{name}", args.target_steps, args, route=False)
+            done.update(evaluate(model, tokenizer, [name], args.eval_per_task, route=False, **mtl))
+            base = model.get_base_model()
+            save()
 
     results["elapsed_s"] = round(time.time() - start, 1)
     report(results, out)
@@ -215,6 +376,9 @@ def parse(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny random model and tiny budgets (smoke test)")
     parser.add_argument("--tasks", nargs="+", default=list(SOURCE_TASKS), help="source tasks")
     parser.add_argument("--targets", nargs="*", default=list(TARGET_TASKS), help="unseen target tasks")
+    parser.add_argument("--peers", nargs="*", default=["pt"], choices=["pt"],
+                        help="peers trained on each target like TA-LoRA's new task (pt: PEFT prompt tuning; "
+                        "'--peers' alone: none)")
     parser.add_argument("--train-per-task", type=int, default=48)
     parser.add_argument("--eval-per-task", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=8)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,16 +27,34 @@ def test_main_job_tiny_reports_resumes_and_saves(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["zero_shot"]) == {"sms_spam", "trec", "pubmedqa"}
     assert set(results["unseen_data"]) == {"sms_spam", "trec"} and set(results["unseen_tasks"]) == {"pubmedqa"}
-    for metrics in [*results["unseen_data"].values(), *results["unseen_tasks"].values()]:
-        assert 0 <= metrics["accuracy"] <= 1 and metrics["n"] == 4
+    assert set(results["peers"]["pt"]) == {"pubmedqa"}  # the prompt-tuning peer, trained on the same shots
+    records = [*results["zero_shot"].values(), *results["unseen_data"].values(), *results["unseen_tasks"].values(),
+               *results["peers"]["pt"].values()]  # fmt: skip
+    for metrics in records:
+        assert list(metrics)[:2] == ["macro_f1", "macro_f1_interval"] and metrics["n"] == 4
+        for metric in ("macro_f1", "accuracy"):
+            low, high = metrics[f"{metric}_interval"]
+            assert 0 <= low <= metrics[metric] <= high <= 1
+        assert len(metrics["predictions"]) == len(metrics["references"]) == 4
+    averages = results["averages"]
+    assert set(averages["unseen_data"]) == {"base", "ta-lora"} and set(averages["unseen_tasks"]) == {"base", "ta-lora", "pt"}
+    for entry in [*averages["unseen_data"].values(), *averages["unseen_tasks"].values()]:
+        for metric in ("macro_f1", "accuracy"):
+            assert entry[metric]["low"] <= entry[metric]["estimate"] <= entry[metric]["high"]
+            assert entry[metric]["resampled"] == "rows" and entry[metric]["resamples"] == 2000
+    assert set(results["differences"]["unseen_tasks"]) == {"ta-lora - base", "ta-lora - pt"}
+    paired = results["differences"]["unseen_tasks"]["ta-lora - pt"]["macro_f1"]
+    ta, pt = results["unseen_tasks"]["pubmedqa"]["macro_f1"], results["peers"]["pt"]["pubmedqa"]["macro_f1"]
+    assert paired["estimate"] == pytest.approx(ta - pt) and paired["low"] <= paired["estimate"] <= paired["high"]
     assert (out / "results.png").stat().st_size > 1000
-    assert "base zero-shot" in stdout and "sms_spam" in stdout
+    assert "base zero-shot" in stdout and "sms_spam" in stdout and "PEFT prompt tuning" in stdout
+    assert "macro-F1" in stdout and "one row = 25.0 accuracy points" in stdout and "(paired)" in stdout
     assert load_file(out / "adapter" / "adapter_model.safetensors")["base_model.talora_banks.task_u"].shape[1] == 2
     assert json.loads((out / "adapter_pubmedqa" / "adapter_config.json").read_text())["task_names"] == ["pubmedqa"]
 
     adapter_bytes = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     again = run_example("main_job.py", *args, cwd=tmp_path)  # every phase is done: nothing is retrained
-    assert "[2/4]" not in again and "[4/4]" not in again
+    assert "[1/5]" not in again and "[2/5]" not in again and "[4/5]" not in again and "[5/5]" not in again
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_bytes
 
 
