@@ -270,15 +270,24 @@ def doc_snippets():
     return snippets
 
 
-@pytest.mark.parametrize("heading", ["SFT with TA-LoRA", "SFT with MTL-LoRA, conversational data", "DPO"])
-def test_documented_recipe_runs(tmp_path, monkeypatch, heading):
+@pytest.mark.parametrize(
+    "headings",
+    [["SFT with TA-LoRA"], ["SFT with TA-LoRA", "Fast and slow learning rates"],
+     ["SFT with MTL-LoRA, conversational data"], ["DPO"]],
+    ids=["sft-ta-lora", "fast-slow", "sft-mtl-lora-conversational", "dpo"],
+)
+def test_documented_recipe_runs(tmp_path, monkeypatch, headings):
     """Each recipe runs as written on a tiny model; ``base`` and ``tokenizer`` stand for the user's own."""
     monkeypatch.chdir(tmp_path)
     for name in ("SFTConfig", "DPOConfig"):  # TRL's defaults (bf16, gradient checkpointing) kept; CPU forced
         monkeypatch.setattr(trl, name, functools.partial(getattr(trl, name), use_cpu=True))
-    code = doc_snippets()[heading]
-    scope = {"base": tiny_model(), "tokenizer": tokenizer()}
-    exec(compile(code, f"docs/trl.md ({heading})", "exec"), scope)
-    trainer = scope["trainer"]
-    assert trainer.state.global_step > 0 and all(math.isfinite(v) for v in losses(trainer))
-    assert (tmp_path / trainer.args.output_dir / "adapter_config.json").is_file()  # trainer.save_model()
+    scope = {"tokenizer": tokenizer()}
+    for heading in headings:  # a later recipe may use what an earlier one defined (its dataset)
+        scope["base"] = tiny_model()
+        exec(compile(doc_snippets()[heading], f"docs/trl.md ({heading})", "exec"), scope)
+        trainer = scope["trainer"]
+        assert trainer.state.global_step > 0 and all(math.isfinite(v) for v in losses(trainer))
+        assert (tmp_path / trainer.args.output_dir / "adapter_config.json").is_file()  # trainer.save_model()
+    if "Fast and slow learning rates" in headings:
+        rates = sorted({group["initial_lr"] for group in trainer.optimizer.param_groups})
+        assert rates == pytest.approx([1e-2, 4e-2])
