@@ -64,7 +64,7 @@ class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
                 )
             self.adapter_layers = check_int_list(kind, "adapter_layers", self.adapter_layers, example="[0, -1]")
             if not self.adapter_layers:
-                raise ValueError(f"{kind}.adapter_layers is empty; pass None to adapt every layer.")
+                raise ValueError(f"{kind}.adapter_layers is empty (got []); pass None to adapt every layer.")
             if len(set(self.adapter_layers)) != len(self.adapter_layers):
                 raise ValueError(f"{kind}.adapter_layers has repeated indices: {self.adapter_layers}.")
 

@@ -77,7 +77,7 @@ def check_names(kind: str, name: str, value, *, example: str, unique: bool = Tru
     bad = [n for n in value if not isinstance(n, str) or not n]
     if bad:
         error = TypeError if any(not isinstance(n, str) for n in bad) else ValueError
-        raise error(f"{kind}.{name} must be non-empty strings, e.g. {example} (got {list(value)!r}: {bad[0]!r}).")
+        raise error(f"{kind}.{name} must be non-empty strings, e.g. {example} (got {value!r}: {bad[0]!r}).")
     names = [str(n) for n in value]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if unique and duplicates:
@@ -91,9 +91,9 @@ def check_int_list(kind: str, name: str, value, *, minimum: Optional[int] = None
         raise TypeError(f"{kind}.{name} must be a list of ints, e.g. {example} (got {_got(value)}).")
     bad = [i for i in value if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
     if bad:
-        raise TypeError(f"{kind}.{name} must hold ints, e.g. {example} (got {list(value)!r}; {_got(bad[0])}).")
+        raise TypeError(f"{kind}.{name} must hold ints, e.g. {example} (got {value!r}; {_got(bad[0])}).")
     if minimum is not None and any(i < minimum for i in value):
-        raise ValueError(f"{kind}.{name} must hold ints >= {minimum} (got {list(value)!r}).")
+        raise ValueError(f"{kind}.{name} must hold ints >= {minimum} (got {value!r}).")
     return [int(i) for i in value]
 
 
@@ -113,6 +113,8 @@ class MultiTaskConfig(PeftConfig):
         kind = type(self).__name__
         self._validate_peft_fields()
         self.task_names = check_names(kind, "task_names", self.task_names, example="['sst2', 'trec']")
+        if self.task_names == []:
+            raise ValueError(f"{kind}.task_names is empty (got []); name at least one task, e.g. task_names=['sst2'].")
         if self.num_tasks is None and self.task_names is not None:
             self.num_tasks = len(self.task_names)
         if self.num_tasks is None:

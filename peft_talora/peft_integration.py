@@ -48,6 +48,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import json
 import os
 
 import torch
@@ -279,8 +280,8 @@ def explain_unreadable_adapter_files() -> None:
     ``PeftModel.load_adapter`` (behind ``PeftModel.from_pretrained`` too) is wrapped: a local folder
     of ours without a weights file (PEFT would then ask the Hub for the local path:
     ``HFValidationError``), an unreadable weights file (``SafetensorError``) and loaded weights with
-    NaN or inf each raise a ``ValueError``; other methods' loads are untouched. The config checks
-    are in :func:`explain_mislabelled_configs`.
+    NaN or inf each raise a ``ValueError``, and an adapter the failed call added is deleted again;
+    other methods' loads are untouched. The config checks are in :func:`explain_mislabelled_configs`.
     """
     explain_mislabelled_configs()
     load = PeftModel.load_adapter
@@ -302,6 +303,8 @@ def explain_unreadable_adapter_files() -> None:
         try:
             result = load(self, model_id, adapter_name, *args, **kwargs)
         except Exception as error:
+            if new and adapter_name in self.peft_config and _is_ours(self.peft_config[adapter_name]):
+                _forget(self, adapter_name)
             if type(error).__name__ != "SafetensorError" or not _is_our_adapter(folder):
                 raise
             raise ValueError(
@@ -311,16 +314,28 @@ def explain_unreadable_adapter_files() -> None:
             ) from error
         if _is_ours(self.peft_config[adapter_name]):
             try:
+                unexpected = sorted(getattr(result, "unexpected_keys", None) or [])
+                if unexpected:
+                    raise ValueError(
+                        f"The adapter file in {str(model_id)!r} has tensors this model has no place for: {unexpected}. "
+                        "It was saved from another model or method, or it is damaged; nothing was loaded."
+                    )
                 tensors = get_peft_model_state_dict(self, adapter_name=adapter_name)
                 _refuse_non_finite(tensors, f"The adapter in {str(model_id)!r}", "The load was stopped")
             except ValueError:
-                if new and len(self.peft_config) > 1:  # leave the model as it was before the call
-                    self.delete_adapter(adapter_name)
+                if new:
+                    _forget(self, adapter_name)
                 raise
         return result
 
     load_adapter._peft_talora_explains = True
     PeftModel.load_adapter = load_adapter
+
+
+def _forget(peft_model, adapter_name: str) -> None:
+    """Delete the adapter a failed ``load_adapter`` added, so the model is as before the call."""
+    if len(peft_model.peft_config) > 1:  # from_pretrained's only adapter: the model is never returned
+        peft_model.delete_adapter(adapter_name)
 
 
 def explain_mislabelled_configs() -> None:
@@ -340,7 +355,13 @@ def explain_mislabelled_configs() -> None:
 
     @functools.wraps(original)
     def from_json_file(cls, path_json_file, **kwargs):
-        loaded = original(cls, path_json_file, **kwargs)
+        try:
+            loaded = original(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path_json_file} is not valid JSON ({error}): the adapter config is damaged or truncated. Save the "
+                "adapter again (save_pretrained) or restore the file from where it came from."
+            ) from error
         _check_config_label(loaded, str(path_json_file))
         return loaded
 
@@ -353,15 +374,20 @@ def _check_config_label(loaded, path: str) -> None:
 
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    if not isinstance(loaded, dict) or "peft_type" not in loaded:
-        return
-    label, keys = str(loaded["peft_type"]), set(loaded)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds {type(loaded).__name__} where an adapter config (a JSON object) belongs.")
+    label, keys = str(loaded.get("peft_type")), set(loaded)
     fits = sorted(
         t for t in OUR_PEFT_TYPES
         if t != label and keys & {"num_tasks", "task_names"}
         and keys <= {f.name for f in fields(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(t)])}
     )
     fix = " or ".join(f'"peft_type": "{t}"' for t in fits)
+    if "peft_type" not in loaded:
+        if fits:  # PEFT would fail with KeyError: 'peft_type'
+            raise ValueError(f"{path} has no \"peft_type\"; its keys are those of a {' or '.join(fits)} adapter: "
+                             f"write {fix} in the file.")
+        return
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(label)
     if config_cls is None:
         known = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)

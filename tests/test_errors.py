@@ -42,7 +42,7 @@ def config(**kwargs):
         (dict(num_tasks=None, task_names=["a", "b", "a"]), ValueError, r"task_names has duplicates \['a'\]"),
         (dict(num_tasks=None, task_names=["a", ""]), ValueError, r"task_names must be non-empty strings"),
         (dict(num_tasks=None, task_names=["a", 2]), TypeError, r"task_names must be non-empty strings.*\['a', 2\]"),
-        (dict(num_tasks=None, task_names=[]), ValueError, r"num_tasks must be >= 1 \(got 0\)"),
+        (dict(num_tasks=None, task_names=[]), ValueError, r"task_names is empty \(got \[\]\); name at least one"),
         (dict(num_tasks=3, task_names=["a", "b"]), ValueError, r"num_tasks=3 disagrees with the 2 task_names"),
         (dict(adapter_layers=[]), ValueError, r"adapter_layers is empty"),
         (dict(adapter_layers=[0, 0]), ValueError, r"adapter_layers has repeated indices: \[0, 0\]"),

@@ -83,7 +83,7 @@ class MTLLoraConfig(MultiTaskConfig):
             if isinstance(value, set):
                 value = sorted(value) if all(isinstance(v, str) for v in value) else list(value)
             if value == "" or (name == "target_modules" and value == []):
-                raise ValueError(f"{kind}.{name} is empty; leave it None for the default.")
+                raise ValueError(f"{kind}.{name} is empty (got {value!r}); leave it None for the default.")
             if value is not None and not isinstance(value, str):
                 value = check_names(kind, name, value, example="['q_proj', 'v_proj']", unique=False)
             setattr(self, name, value)
