@@ -112,7 +112,7 @@ def _check_task_column(dataset, name: str, column: str, config: MultiTaskConfig)
             _check_task_column(part, f"{name}[{key!r}]", column, config)
         return
     columns = getattr(dataset, "column_names", None)
-    if columns is None:  # an IterableDataset without known features
+    if columns is None or (column not in columns and config.num_tasks == 1):  # one task: task_ids are optional
         return
     if column not in columns:
         raise ValueError(
@@ -139,11 +139,14 @@ class _TaskColumnMixin:
         config = _multitask_config(given.get("model"), given.get("peft_config"))
         for name in ("train_dataset", "eval_dataset"):
             _check_task_column(given.get(name), name.replace("_", " "), task_column, config)
-        self._task_column = task_column
+        columns = getattr(given.get("train_dataset"), "column_names", None) or ()
+        # a single-task adapter needs no task column (no task_ids means task 0)
+        self._task_column = None if config.num_tasks == 1 and task_column not in columns else task_column
         super().__init__(*args, **kwargs)
-        self.data_collator = TaskIdsCollator(
-            self.data_collator, _task_encoder(self.model), task_column, rows_per_example=self._rows_per_example
-        )
+        if self._task_column is not None:
+            self.data_collator = TaskIdsCollator(
+                self.data_collator, _task_encoder(self.model), task_column, rows_per_example=self._rows_per_example
+            )
         if isinstance(self._tuner, TALoraModel):
             self.add_callback(OrthogonalityLogCallback())
 
@@ -163,7 +166,7 @@ class _TaskColumnMixin:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._task_column not in self._signature_columns:
+        if self._task_column is not None and self._task_column not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, self._task_column]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

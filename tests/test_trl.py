@@ -141,6 +141,18 @@ def test_sft_checks_the_task_column_before_preparing_data(tmp_path):
         MultiTaskSFTTrainer(**kwargs, train_dataset=sft_rows("messages"), peft_config=LoraConfig(task_type="CAUSAL_LM"))
 
 
+def test_sft_single_task_adapter_needs_no_task_column(tmp_path):
+    data = sft_rows("prompt-completion").filter(lambda row: row["task_ids"] == "first").remove_columns("task_ids")
+    config = TALoraConfig(task_type="CAUSAL_LM", task_names=["first"], num_virtual_tokens=4, r=4)
+    trainer = MultiTaskSFTTrainer(
+        model=tiny_model(), args=sft_args(tmp_path, max_steps=3), train_dataset=data, processing_class=tokenizer(),
+        peft_config=config,
+    )
+    assert "task_ids" not in next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    assert len(losses(trainer)) == 3 and all(math.isfinite(v) for v in losses(trainer))
+
+
 def test_sft_task_column_may_have_another_name(tmp_path):
     data = sft_rows("prompt-completion").rename_column("task_ids", "task")
     trainer = MultiTaskSFTTrainer(
