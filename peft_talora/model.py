@@ -227,10 +227,17 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         self._enabled = False
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Keep adapter weights in float32 when the base is half precision, as PEFT does for LoRA."""
+        """Adapter weights on a half-precision base: float32 by default, as PEFT does for LoRA, or the
+        base's dtype with ``autocast_adapter_dtype=False`` (``get_peft_model``, ``PeftModel.from_pretrained``)."""
         bank = self.talora_banks[adapter_name]
-        if autocast_adapter_dtype and bank.shared_prompt.dtype in (torch.float16, torch.bfloat16):
-            bank.float()
+        half = (torch.float16, torch.bfloat16)
+        if autocast_adapter_dtype:
+            if bank.shared_prompt.dtype in half:
+                bank.float()
+            return
+        base_dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if base_dtype in half:
+            bank.to(base_dtype)
 
     def unload(self) -> nn.Module:
         """Remove TA-LoRA from the model and return the untouched base model."""

@@ -45,10 +45,7 @@ def base_dtypes(model):
 
 CASES = [
     pytest.param("ta-lora", True, id="ta-lora-autocast"),
-    pytest.param(
-        "ta-lora", False, id="ta-lora-base-dtype",
-        marks=pytest.mark.xfail(strict=True, reason="needs model.py change"),
-    ),
+    pytest.param("ta-lora", False, id="ta-lora-base-dtype"),
     pytest.param("mtl-lora", True, id="mtl-lora-autocast"),
     pytest.param("mtl-lora", False, id="mtl-lora-base-dtype"),
 ]
