@@ -1,7 +1,13 @@
 """RESULTS.md and the plots, generated from results.json (``python benchmarks/report.py [results.json]``).
 
-:func:`summarize` aggregates the cached runs of the current plan (mean, sample std, min-max over
-seeds) and checks the targets; :func:`write` renders ``RESULTS.md`` and the PNGs next to the JSON.
+:func:`summarize` aggregates the cached runs of the current plan and checks the targets;
+:func:`write` renders ``RESULTS.md`` and the PNGs next to the JSON.
+
+Macro-F1 leads and accuracy stands beside it (on small imbalanced test sets accuracy mostly
+measures the label prior; ``docs/benchmarks.md``). Every average carries a 95% percentile-bootstrap
+interval over the test rows and seeds, and every difference between two methods a paired one
+(:mod:`peft_talora.suite.intervals`). Runs cached before per-row predictions were stored get an
+interval over seeds only (marked †), or none with one seed; the report says so.
 """
 
 from __future__ import annotations
@@ -9,12 +15,18 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional
+
+from peft_talora.suite.intervals import METRICS, TaskRuns, bootstrap_interval, has_rows, paired_difference, seed_interval
 
 PROMPT_BASELINES = ("pt", "mpt", "adaption-prompt")
 SINGLE_TASK = ("pt", "adaption-prompt", "lora")
 TARGET_K = "16"
+LEAD = "macro_f1"  # the metric targets are judged by; accuracy is shown beside it
+ONE_POINT_ROWS = 100  # test rows per task for one row to move accuracy by at most 1 point
+SEEDS_ONLY = "†"
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -39,81 +51,221 @@ def _shots(data: dict, key: str) -> list[str]:
     return plan["shots"] if "/" not in key else plan["ablation_shots"]
 
 
+def seed_records(data: dict, key: str, shot: Optional[str] = None) -> list[tuple[int, dict]]:
+    """``[(seed, {task: evaluation record})]`` of method ``key``: unseen data, or the targets at ``shot``."""
+    plan, out = data["plan"], []
+    for s in plan["seeds"]:
+        if shot is None:
+            run = _run(data, f"{key}|seed{s}|unseen_data")
+            records = dict(run["tasks"]) if run else {}
+        else:
+            records = {t: r["tasks"][t] for t in plan["targets"] if (r := _run(data, f"{key}|seed{s}|{t}|k={shot}"))}
+        if records:
+            out.append((s, records))
+    return out
+
+
+def zero_shot_records(data: dict) -> dict:
+    """``{task: record}`` of the base model, zero-shot (one run: the base model does not depend on the seed)."""
+    plan, out = data["plan"], {}
+    for task in [*plan["tasks"], *plan["targets"]]:
+        run = data["runs"].get(f"zero-shot|{task}")
+        if run and run.get("fingerprint") == plan["runs"].get(f"zero-shot|{task}") and "tasks" in run:
+            out[task] = run["tasks"][task]
+    return out
+
+
+def _common_tasks(per_seed: list[dict], wanted: list[str]) -> list[str]:
+    return [t for t in wanted if per_seed and all(t in records for records in per_seed)]
+
+
+def _task_mean(records: dict, tasks: list[str], metric: str) -> float:
+    return statistics.fmean(records[t][metric] for t in tasks)
+
+
+def _no_interval(estimate: float) -> dict:
+    return {"estimate": estimate, "low": None, "high": None, "resampled": None}
+
+
+def aggregate(per_seed: list[dict], wanted: list[str]) -> Optional[dict]:
+    """One method in one setting: for each metric the task average per seed (mean, std, min, max, values over
+    seeds) and its interval: over test rows and seeds when every record has its rows, else over seeds only."""
+    tasks = _common_tasks(per_seed, wanted)
+    if not tasks:
+        return None
+    rows = all(has_rows(r[t]) for r in per_seed for t in tasks)
+    out = {"n": len(per_seed), "tasks": tasks, "rows": rows}
+    for metric in METRICS:
+        entry = stats([_task_mean(r, tasks, metric) for r in per_seed])
+        if rows:
+            runs = [TaskRuns.from_records([r[t] for r in per_seed]) for t in tasks]
+            interval = bootstrap_interval(runs, metric)
+        else:
+            interval = seed_interval(entry["values"])
+        entry["interval"] = interval.as_dict() if interval else None
+        out[metric] = entry
+    return out
+
+
+def compare(a: list[tuple[int, dict]], b: list[tuple[int, dict]], wanted: list[str]) -> Optional[dict]:
+    """``a - b`` of the task averages, paired by seed and test row (same bootstrap draws for both);
+    over seeds only where rows are missing, no interval with one seed."""
+    b_by_seed = dict(b)
+    seeds = [s for s, _ in a if s in b_by_seed]
+    left, right = [dict(a)[s] for s in seeds], [b_by_seed[s] for s in seeds]
+    tasks = _common_tasks(left + right, wanted)
+    if not seeds or not tasks:
+        return None
+    rows = all(has_rows(r[t]) for r in left + right for t in tasks)
+    out = {"n": len(seeds), "tasks": tasks, "rows": rows}
+    for metric in METRICS:
+        if rows:
+            runs = lambda side: [TaskRuns.from_records([r[t] for r in side]) for t in tasks]  # noqa: E731
+            out[metric] = paired_difference(runs(left), runs(right), metric).as_dict()
+        else:
+            diffs = [_task_mean(x, tasks, metric) - _task_mean(y, tasks, metric) for x, y in zip(left, right)]
+            interval = seed_interval(diffs)
+            out[metric] = interval.as_dict() if interval else _no_interval(statistics.fmean(diffs))
+    return out
+
+
 def summarize(data: dict) -> dict:
-    """Fill ``data["quality"]``, ``data["ablations"]``, ``data["zero_shot"]`` and ``data["targets"]``."""
+    """Fill ``quality``, ``differences``, ``ablations``, ``zero_shot``, ``test_sets`` and ``targets`` of ``data``."""
     plan = data["plan"]
-    seeds, targets = plan["seeds"], plan["targets"]
+    tasks, targets = plan["tasks"], plan["targets"]
+    zero = zero_shot_records(data)
     quality = {"unseen_data": {}, "unseen_data_per_task": {}, "unseen_tasks": {}, "unseen_tasks_per_target": {}}
+    runs = {}  # (key, shot) -> [(seed, records)]
     for key in plan["methods"]:
-        per_seed = [r for s in seeds if (r := _run(data, f"{key}|seed{s}|unseen_data"))]
-        quality["unseen_data"][key] = stats([r["average"] for r in per_seed])
-        quality["unseen_data_per_task"][key] = {
-            task: stats([r["tasks"][task]["accuracy"] for r in per_seed if task in r["tasks"]]) for task in plan["tasks"]
-        }
+        runs[key, None] = per_seed = seed_records(data, key)
+        quality["unseen_data"][key] = aggregate([r for _, r in per_seed], tasks)
+        quality["unseen_data_per_task"][key] = {t: aggregate([r for _, r in per_seed], [t]) for t in tasks}
         quality["unseen_tasks"][key], quality["unseen_tasks_per_target"][key] = {}, {}
         for shot in _shots(data, key):
-            seed_means = []
-            for s in seeds:
-                accs = [r["average"] for t in targets if (r := _run(data, f"{key}|seed{s}|{t}|k={shot}"))]
-                if accs:
-                    seed_means.append(statistics.fmean(accs))
-            quality["unseen_tasks"][key][shot] = stats(seed_means)
-            quality["unseen_tasks_per_target"][key][shot] = {
-                t: stats([r["average"] for s in seeds if (r := _run(data, f"{key}|seed{s}|{t}|k={shot}"))])
-                for t in targets
-            }
+            runs[key, shot] = per_seed = seed_records(data, key, shot)
+            quality["unseen_tasks"][key][shot] = aggregate([r for _, r in per_seed], targets)
+            quality["unseen_tasks_per_target"][key][shot] = {t: aggregate([r for _, r in per_seed], [t]) for t in targets}
+    quality["zero_shot"] = {
+        "unseen_data": aggregate([zero], tasks), "unseen_tasks": aggregate([zero], targets),
+        "per_task": {t: aggregate([zero], [t]) for t in [*tasks, *targets]},
+    }  # fmt: skip
     data["quality"] = quality
-    zero = {}
-    for task in [*plan["tasks"], *targets]:
-        run = data["runs"].get(f"zero-shot|{task}")
-        if run and run.get("fingerprint") == plan["runs"].get(f"zero-shot|{task}"):
-            zero[task] = run["tasks"][task]["accuracy"]
-    data["zero_shot"] = zero
-    reference = (quality["unseen_data"].get("ta-lora") or {}).get("mean")
+    data["zero_shot"] = {t: {m: r[m] for m in (*METRICS, "n")} for t, r in zero.items()}
+
+    # TA-LoRA minus every other method (and the base model), paired by seed and test row
+    ta = "ta-lora"
+    differences = {"unseen_data": {}, "unseen_tasks": {}}
+    if (ta, None) in runs:
+        for key in [k for k in plan["methods"] if k != ta]:
+            differences["unseen_data"][key] = compare(runs[ta, None], runs[key, None], tasks)
+            differences["unseen_tasks"][key] = {
+                s: compare(runs[ta, s], runs[key, s], targets) for s in _shots(data, key) if (ta, s) in runs
+            }
+        seeds = [s for s, _ in runs[ta, None]]
+        differences["unseen_data"]["zero-shot"] = compare(runs[ta, None], [(s, zero) for s in seeds], tasks)
+        differences["unseen_tasks"]["zero-shot"] = {
+            s: compare(runs[ta, s], [(seed, zero) for seed, _ in runs[ta, s]], targets) for s in plan["shots"]
+        }
+    data["differences"] = differences
     data["ablations"] = {
         key: {
             "unseen_data": quality["unseen_data"][key],
-            "delta_vs_ta_lora": None if reference is None or quality["unseen_data"][key] is None
-            else quality["unseen_data"][key]["mean"] - reference,
+            "delta_vs_ta_lora": compare(runs[key, None], runs[ta, None], tasks) if (ta, None) in runs else None,
             "unseen_tasks": quality["unseen_tasks"][key],
         }
         for key in plan["methods"] if "/" in key
     }
+    data["test_sets"] = describe_rows(data, zero)
     data["targets"] = check_targets(data)
     return data
 
 
-def _mean(data, setting, key, shot=None) -> Optional[float]:
+def describe_test_sets(tasks: list[str], per_task: int) -> dict:
+    """Rows used, label counts and split size of each task's fixed test subset (reads the suite)."""
+    import quality as Q  # noqa: N812  (benchmarks/quality.py: the subsets the benchmark evaluates on)
+    from peft_talora.suite import get_task, load_task
+
+    out = {}
+    for task in tasks:
+        rows, names = Q.test_rows(task, per_task), get_task(task).label_names
+        counts = Counter(int(label) for label in rows["label"])
+        out[task] = {"rows": len(rows), "split_rows": len(load_task(task)["test"]),
+                     "labels": {names[i]: counts.get(i, 0) for i in range(len(names))}}
+    return out
+
+
+def describe_rows(data: dict, zero: dict) -> dict:
+    """Per task: rows used (from the stored description, else from the zero-shot records), split size and labels
+    when known, and what one row is worth in accuracy points."""
+    plan, known = data["plan"], data.get("test_sets") or {}
+    out = {}
+    for task in [*plan["tasks"], *plan["targets"]]:
+        entry = dict(known.get(task) or {})
+        if "rows" not in entry and task in zero:
+            entry["rows"] = zero[task]["n"]
+        if "rows" in entry:
+            entry["row_points"] = 100 / entry["rows"]
+        out[task] = entry
+    return out
+
+
+def _entry(data, setting, key, shot=None) -> Optional[dict]:
     entry = data["quality"][setting].get(key)
     if entry is not None and shot is not None:
         entry = entry.get(shot)
-    return None if entry is None else entry["mean"]
+    return entry
+
+
+def _mean(data, setting, key, shot=None, metric: str = LEAD) -> Optional[float]:
+    entry = _entry(data, setting, key, shot)
+    return None if entry is None else entry[metric]["mean"]
+
+
+def _diff(data, setting, other, shot=None) -> Optional[dict]:
+    entry = data["differences"][setting].get(other)
+    if entry is not None and shot is not None:
+        entry = entry.get(shot)
+    return entry
 
 
 def check_targets(data: dict) -> list[dict]:
-    """Each target with its measured value and ``met`` (True / False / None when not measured)."""
+    """Each target with its measured value and ``met`` (True / False / None when not measured), judged by the
+    lead metric (macro-F1); ``resolved``: whether the difference's interval lies on one side of the threshold."""
     out = []
 
-    def add(name, measured, text, met, note=""):
-        out.append({"target": name, "measured": measured, "measured_text": text, "met": met, "note": note})
+    def add(name, measured, text, met, note="", interval=None, threshold=None):
+        resolved = None  # unknown: no interval
+        if interval is not None and interval.get("low") is not None:
+            resolved = threshold < interval["low"] or threshold > interval["high"]
+            if resolved and interval.get("resampled") == "seeds":
+                resolved = None  # outside a seeds-only interval says nothing about the test-row noise
+        out.append({"target": name, "measured": measured, "measured_text": text, "met": met, "note": note,
+                    "interval": interval, "threshold": threshold, "resolved": resolved})
+
+    def measured(ta_value, other_value, other_name, diff):
+        lead, acc = diff[LEAD], diff["accuracy"]
+        return (f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}; "
+                f"accuracy {fmt_diff(acc)}")
 
     ta = _mean(data, "unseen_data", "ta-lora")
     baselines = {k: v for k in PROMPT_BASELINES if (v := _mean(data, "unseen_data", k)) is not None}
-    name = "Unseen data: TA-LoRA average accuracy >= best of PT, MPT, AdaptionPrompt + 2 points"
-    if ta is None or not baselines:
+    name = "Unseen data: TA-LoRA average macro-F1 >= best of PT, MPT, AdaptionPrompt + 2 points"
+    if ta is None or not baselines or _diff(data, "unseen_data", max(baselines, key=baselines.get)) is None:
         add(name, None, "not measured", None, "needs TA-LoRA and at least one of PT/MPT/AdaptionPrompt")
     else:
         best = max(baselines, key=baselines.get)
-        diff = 100 * (ta - baselines[best])
-        add(name, diff, f"{100 * ta:.1f} vs {100 * baselines[best]:.1f} ({best}): {diff:+.1f} points", diff >= 2,
-            "" if len(baselines) == len(PROMPT_BASELINES) else f"only {', '.join(baselines)} measured")
+        diff = _diff(data, "unseen_data", best)
+        add(name, 100 * diff[LEAD]["estimate"], measured(ta, baselines[best], best, diff), diff[LEAD]["estimate"] >= 0.02,
+            "" if len(baselines) == len(PROMPT_BASELINES) else f"only {', '.join(baselines)} measured",
+            diff[LEAD], 0.02)
     lora = _mean(data, "unseen_data", "lora")
-    name = "Unseen data: TA-LoRA within 1 point of LoRA"
-    if ta is None or lora is None:
+    name = "Unseen data: TA-LoRA within 1 point of LoRA (macro-F1)"
+    diff = _diff(data, "unseen_data", "lora")
+    if ta is None or lora is None or diff is None:
         add(name, None, "not measured", None)
     else:
-        diff = 100 * (ta - lora)
-        add(name, diff, f"{100 * ta:.1f} vs {100 * lora:.1f}: {diff:+.1f} points", diff >= -1)
+        add(name, 100 * diff[LEAD]["estimate"], measured(ta, lora, "lora", diff), diff[LEAD]["estimate"] >= -0.01,
+            interval=diff[LEAD], threshold=-0.01)
     params = data.get("parameters", {})
     name = "At least 20x fewer per-task parameters than LoRA"
     if "ta-lora" in params and "lora" in params:
@@ -122,15 +274,17 @@ def check_targets(data: dict) -> list[dict]:
             ratio >= 20)
     else:
         add(name, None, "not measured", None)
-    name = f"Unseen tasks, k={TARGET_K}: TA-LoRA above PT and MPT"
+    name = f"Unseen tasks, k={TARGET_K}: TA-LoRA above PT and MPT (macro-F1)"
     ta_k = _mean(data, "unseen_tasks", "ta-lora", TARGET_K)
     others = {k: v for k in ("pt", "mpt") if (v := _mean(data, "unseen_tasks", k, TARGET_K)) is not None}
-    if ta_k is None or not others:
+    diffs = {k: d for k in others if (d := _diff(data, "unseen_tasks", k, TARGET_K)) is not None}
+    if ta_k is None or not diffs:
         add(name, None, "not measured", None, f"needs k={TARGET_K} in --shots")
     else:
-        diff = 100 * (ta_k - max(others.values()))
-        text = f"{100 * ta_k:.1f} vs " + ", ".join(f"{k} {100 * v:.1f}" for k, v in others.items()) + f": {diff:+.1f} points"
-        add(name, diff, text, diff > 0, "" if len(others) == 2 else f"only {', '.join(others)} measured")
+        best = min(diffs, key=lambda k: diffs[k][LEAD]["estimate"])  # the peer TA-LoRA leads least
+        text = "; ".join(measured(ta_k, others[k], k, diffs[k]) for k in diffs)
+        add(name, 100 * diffs[best][LEAD]["estimate"], text, diffs[best][LEAD]["estimate"] > 0,
+            "" if len(diffs) == 2 else f"only {', '.join(diffs)} measured", diffs[best][LEAD], 0.0)
     speed = data.get("speed") or {}
     name = "Generation: TA-LoRA >= 0.97x the base model's tokens/s"
     ratio = ((speed.get("generation") or {}).get("ratios") or {}).get("ta-lora / base")
@@ -142,13 +296,40 @@ def check_targets(data: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- formatting
-def fmt_acc(entry: Optional[dict]) -> str:
+def _entries(quality: dict):
+    """Every aggregate in ``quality`` (to tell whether all of them were resampled over rows)."""
+    for setting in ("unseen_data", "unseen_tasks"):
+        for value in quality.get(setting, {}).values():
+            yield from (value.values() if setting == "unseen_tasks" and value else [value])
+
+
+def fmt_interval(interval: Optional[dict], signed: bool = False) -> str:
+    """``[low, high]`` in points, ``†`` when resampled over seeds only; empty when there is no interval."""
+    if not interval or interval.get("low") is None:
+        return ""
+    sign = "+" if signed else ""
+    mark = SEEDS_ONLY if interval.get("resampled") == "seeds" else ""
+    return f" [{100 * interval['low']:{sign}.1f}, {100 * interval['high']:{sign}.1f}]{mark}"
+
+
+def fmt_metric(entry: Optional[dict], metric: str = LEAD) -> str:
+    """A method's average: ``mean [interval]`` in points."""
     if entry is None:
         return "-"
-    text = f"{100 * entry['mean']:.1f}"
-    if entry["n"] > 1:
-        text += f" ± {100 * entry['std']:.1f} ({100 * entry['min']:.1f}-{100 * entry['max']:.1f})"
-    return text
+    return f"{100 * entry[metric]['mean']:.1f}{fmt_interval(entry[metric]['interval'])}"
+
+
+def fmt_cell(entry: Optional[dict]) -> str:
+    """Macro-F1 [interval] / accuracy, in points."""
+    if entry is None:
+        return "-"
+    return f"{fmt_metric(entry, LEAD)} / {100 * entry['accuracy']['mean']:.1f}"
+
+
+def fmt_diff(interval: Optional[dict]) -> str:
+    if not interval:
+        return "-"
+    return f"{100 * interval['estimate']:+.1f}{fmt_interval(interval, signed=True)}"
 
 
 def label(data: dict, key: str) -> str:
@@ -161,11 +342,17 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _verdict(t: dict) -> str:
+    text = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+    if t.get("resolved") is False:
+        text += " (not resolved: the interval includes the threshold)"
+    return text
+
+
 def targets_text(data: dict) -> str:
     lines = ["Targets:"]
     for t in data.get("targets", []):
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        lines.append(f"  {verdict:<12} {t['target']}: {t['measured_text']}")
+        lines.append(f"  {_verdict(t):<12} {t['target']}: {t['measured_text']}")
     return "\n".join(lines)
 
 
@@ -200,56 +387,115 @@ def render(data: dict, plots: list[str]) -> str:
         "",
     ]
     n_eval = settings["eval_per_task"]
+    q = data.get("quality", {})
+    rows_stored = all(e["rows"] for e in _entries(q) if e)
+    out += ["## How to read the numbers", "",
+            "**Macro-F1 leads, accuracy stands beside it.** The test subsets are small and imbalanced while the "
+            "training shots are balanced, so accuracy mostly measures the label prior: always answering the majority "
+            "label scores its share in accuracy but only about 1/(number of labels) of that share's F1 in macro-F1. "
+            "All values are points (percent). "
+            "**Intervals** `[low, high]` are 95% percentile-bootstrap intervals (2,000 resamples, fixed seed) over "
+            "the test rows and, with several seeds, over the seeds (`peft_talora.suite.intervals`); a difference "
+            "between two methods is bootstrapped paired (the same rows and seeds drawn for both), so it is narrower "
+            "than the two methods' own intervals suggest. A difference whose interval includes the threshold is not "
+            "resolved by this run.", ""]
+    if not rows_stored:
+        out += [f"{SEEDS_ONLY} **Interval over seeds only.** These results were cached before the benchmark stored "
+                "per-row predictions, so the test rows cannot be resampled: the interval spans the seeds' spread only "
+                "and understates the uncertainty (one test row is worth "
+                f"{100 / n_eval:.1f} accuracy points here), and with one seed there is no interval at all. A rerun "
+                "(`--fresh`) stores the rows and gives intervals over rows and seeds.", ""]
+
     out += ["## Targets", "",
-            f"Accuracy differences are in points (percent). With {n_eval} test examples per task one example moves a "
-            f"task's accuracy by {100 / n_eval:.1f} points"
-            + (" and with one seed there is no spread to judge noise by; treat small differences as noise."
-               if len(seeds) == 1 else "; compare differences with the spreads in the tables below."), ""]
+            "Judged by macro-F1 on the point estimate; the measured column gives the paired difference with its "
+            "interval, and accuracy's beside it.", ""]
     rows = []
     for t in data.get("targets", []):
         verdict = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+        if t.get("resolved") is False:
+            verdict += ", not resolved (the interval includes the threshold)"
+        elif t.get("resolved"):
+            verdict += ", resolved (the interval excludes the threshold)"
+        elif (t.get("interval") or {}).get("resampled") == "seeds":
+            verdict += f", resolution unknown (interval over seeds only{SEEDS_ONLY})"
         rows.append([t["target"], t["measured_text"], verdict + (f" ({t['note']})" if t["note"] else "")])
     out += table(["target", "measured", "result"], rows) + [""]
     missed = [t["target"] for t in data.get("targets", []) if t["met"] is False]
     out += [("Missed: " + "; ".join(missed) + ".") if missed else "No target was missed among those measured.", ""]
 
+    # test sets
+    sets = data.get("test_sets", {})
+    if sets:
+        out += ["## Test sets", "",
+                f"The fixed test subset of each task (the same for every method and seed). One row moves a task's "
+                f"accuracy by 100 / rows points (macro-F1 by more when the row is of a rare label); the target is at "
+                f"most 1 point, i.e. at least {ONE_POINT_ROWS} rows, where the task's test split has them "
+                f"(`--eval-per-task {ONE_POINT_ROWS}` or more).", ""]
+        rows = []
+        for task, entry in sets.items():
+            role = "source" if task in plan["tasks"] else "target"
+            n, split = entry.get("rows"), entry.get("split_rows")
+            if n is None:
+                rows.append([task, role, "-", "-", "-", "-", "-"])
+                continue
+            if n >= ONE_POINT_ROWS:
+                ok = "yes"
+            elif split is not None and split <= n:
+                ok = f"no: the split has only {split} rows"
+            else:
+                ok = f"no: raise --eval-per-task to {ONE_POINT_ROWS}"
+            labels = " / ".join(f"{c} {w}" for w, c in entry["labels"].items()) if entry.get("labels") else "-"
+            rows.append([task, role, str(n), labels, f"{entry['row_points']:.1f}", ok, "-" if split is None else str(split)])
+        out += table(["task", "role", "rows used", "labels of the rows used", "one row = (accuracy points)",
+                      "<= 1 point per row", "rows in the test split"], rows) + [""]
+
     # quality: unseen data
-    q = data.get("quality", {})
-    spread = "mean ± sample std (min-max) over seeds" if len(seeds) > 1 else "one seed"
+    over = "over test rows and seeds" if len(seeds) > 1 else "over test rows"
     out += ["## Quality: unseen data", "",
-            f"Rank-classification accuracy (%) on the source tasks' held-out test subsets after multi-task training; "
-            f"{spread}. Same training rows, order and step count for every method.", ""]
-    zero = data.get("zero_shot", {})
-    header = ["method", "average", *plan["tasks"]]
+            f"Rank classification on the source tasks' held-out test subsets after multi-task training: macro-F1 "
+            f"[95% interval {over}] and accuracy, averaged over the tasks and over {len(seeds)} seed(s); per task: "
+            "macro-F1 [interval] / accuracy. The last column is TA-LoRA minus the method, paired. Same training rows, "
+            "order and step count for every method.", ""]
+    zero_q = q.get("zero_shot", {})
+    header = ["method", "macro-F1", "accuracy", "TA-LoRA - this (macro-F1)", *plan["tasks"]]
     rows = []
-    if zero:
-        src = [zero[t] for t in plan["tasks"] if t in zero]
-        rows.append(["Base model, zero-shot", f"{100 * sum(src) / len(src):.1f}" if src else "-",
-                     *[f"{100 * zero[t]:.1f}" if t in zero else "-" for t in plan["tasks"]]])
+    if zero_q.get("unseen_data"):
+        rows.append(["Base model, zero-shot", fmt_metric(zero_q["unseen_data"]), fmt_metric(zero_q["unseen_data"], "accuracy"),
+                     fmt_diff((_diff(data, "unseen_data", "zero-shot") or {}).get(LEAD)),
+                     *[fmt_cell(zero_q["per_task"].get(t)) for t in plan["tasks"]]])
     for key in main:
-        per_task = q.get("unseen_data_per_task", {}).get(key, {})
-        rows.append([label(data, key), fmt_acc(q["unseen_data"].get(key)), *[fmt_acc(per_task.get(t)) for t in plan["tasks"]]])
+        entry, per_task = q["unseen_data"].get(key), q.get("unseen_data_per_task", {}).get(key, {})
+        diff = "" if key == "ta-lora" else fmt_diff((_diff(data, "unseen_data", key) or {}).get(LEAD))
+        rows.append([label(data, key), fmt_metric(entry), fmt_metric(entry, "accuracy"), diff,
+                     *[fmt_cell(per_task.get(t)) for t in plan["tasks"]]])
     out += table(header, rows) + [""]
 
     # quality: unseen tasks
     shots = plan["shots"]
     if plan["targets"] and shots:
         out += ["## Quality: unseen tasks", "",
-                f"Accuracy (%) on the target tasks' test subsets after learning each target from k examples per label "
-                f"(`full`: the training split, at most {settings['full_cap'] or 'all'} rows) for {settings['target_steps']} "
-                f"steps, averaged over the target tasks; {spread}. Protocols per method: see Protocol.", ""]
+                f"The target tasks' test subsets after learning each target from k examples per label (`full`: the "
+                f"training split, at most {settings['full_cap'] or 'all'} rows) for {settings['target_steps']} steps: "
+                f"macro-F1 [95% interval {over}] / accuracy, averaged over the target tasks. Protocols per method: "
+                "see Protocol.", ""]
         header = ["method", *[f"k={s}" if s != "full" else "full" for s in shots]]
         rows = []
-        if zero:
-            tgt = [zero[t] for t in plan["targets"] if t in zero]
-            rows.append(["Base model, zero-shot", *([f"{100 * sum(tgt) / len(tgt):.1f}" if tgt else "-"] * len(shots))])
+        if zero_q.get("unseen_tasks"):
+            rows.append(["Base model, zero-shot", *([fmt_cell(zero_q["unseen_tasks"])] * len(shots))])
         for key in main:
-            rows.append([label(data, key), *[fmt_acc(q["unseen_tasks"].get(key, {}).get(s)) for s in shots]])
+            rows.append([label(data, key), *[fmt_cell(q["unseen_tasks"].get(key, {}).get(s)) for s in shots]])
         out += table(header, rows) + [""]
+        out += ["TA-LoRA minus each method, macro-F1, paired:", ""]
+        others = [k for k in main if k != "ta-lora"]
+        rows = [["Base model, zero-shot", *[fmt_diff(((_diff(data, "unseen_tasks", "zero-shot") or {}).get(s) or {}).get(LEAD))
+                                           for s in shots]]]
+        rows += [[label(data, k), *[fmt_diff(((_diff(data, "unseen_tasks", k) or {}).get(s) or {}).get(LEAD)) for s in shots]]
+                 for k in others]
+        out += table(["TA-LoRA minus", *header[1:]], rows) + [""]
         if len(plan["targets"]) > 1:
-            out += ["Per target task:", ""]
+            out += ["Per target task (macro-F1 [interval] / accuracy):", ""]
             header = ["method", *[f"{t} k={s}" for t in plan["targets"] for s in shots]]
-            rows = [[label(data, key), *[fmt_acc(q["unseen_tasks_per_target"].get(key, {}).get(s, {}).get(t))
+            rows = [[label(data, key), *[fmt_cell(q["unseen_tasks_per_target"].get(key, {}).get(s, {}).get(t))
                                          for t in plan["targets"] for s in shots]] for key in main]
             out += table(header, rows) + [""]
 
@@ -257,18 +503,21 @@ def render(data: dict, plots: list[str]) -> str:
     abl = data.get("ablations", {})
     if abl:
         out += ["## Ablations (TA-LoRA)", "",
-                "Each variant changes one thing of TA-LoRA and keeps the data, order and step budget. "
-                "Unseen-data average accuracy (%); delta vs full TA-LoRA in points.", ""]
+                "Each variant changes one thing of TA-LoRA and keeps the data, order and step budget. Unseen-data "
+                "average macro-F1 and accuracy [95% intervals]; the variant minus full TA-LoRA, paired.", ""]
         ab_shots = plan["ablation_shots"]
-        header = ["variant", "unseen data", "delta vs TA-LoRA", *[f"unseen tasks k={s}" for s in ab_shots]]
+        header = ["variant", "macro-F1", "accuracy", "variant - TA-LoRA (macro-F1)", "variant - TA-LoRA (accuracy)",
+                  *[f"unseen tasks k={s}" for s in ab_shots]]
         rows = []
         if "ta-lora" in q.get("unseen_data", {}):
-            rows.append(["TA-LoRA (full method)", fmt_acc(q["unseen_data"]["ta-lora"]), "0.0",
-                         *[fmt_acc(q["unseen_tasks"].get("ta-lora", {}).get(s)) for s in ab_shots]])
+            ta_entry = q["unseen_data"]["ta-lora"]
+            rows.append(["TA-LoRA (full method)", fmt_metric(ta_entry), fmt_metric(ta_entry, "accuracy"), "0.0", "0.0",
+                         *[fmt_cell(q["unseen_tasks"].get("ta-lora", {}).get(s)) for s in ab_shots]])
         for key, entry in abl.items():
-            delta = entry["delta_vs_ta_lora"]
-            rows.append([label(data, key), fmt_acc(entry["unseen_data"]), "-" if delta is None else f"{100 * delta:+.1f}",
-                         *[fmt_acc(entry["unseen_tasks"].get(s)) for s in ab_shots]])
+            delta = entry["delta_vs_ta_lora"] or {}
+            rows.append([label(data, key), fmt_metric(entry["unseen_data"]), fmt_metric(entry["unseen_data"], "accuracy"),
+                         fmt_diff(delta.get(LEAD)), fmt_diff(delta.get("accuracy")),
+                         *[fmt_cell(entry["unseen_tasks"].get(s)) for s in ab_shots]])
         out += table(header, rows) + [""]
 
     # parameters
@@ -350,7 +599,8 @@ def render(data: dict, plots: list[str]) -> str:
             "`multi_task` the rest (each phase its own linear schedule).",
             "- **Evaluation.** `peft_talora.suite.evaluate_task` (rank classification over the label words, the same "
             "prompts as training); `task_id` is passed only to methods that route tasks (TA-LoRA and MTL-LoRA by name, "
-            "MPT and Poly by id), never to the others.",
+            "MPT and Poly by id), never to the others. Every run stores each test row's prediction in `results.json`, "
+            "from which the report computes macro-F1, accuracy and their bootstrap intervals.",
             "- **Learning rates** (not tuned per method; prompt methods at the main job's 1e-2, LoRA-style methods "
             "at PEFT's usual 1e-3; `--lr` overrides):", ""]
     out += table(["method", "learning rate", "task routing", "unseen-task protocol"],
@@ -375,6 +625,16 @@ def render(data: dict, plots: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+def _value_and_error(entry: Optional[dict], metric: str) -> tuple[float, float, float]:
+    """Mean (points) and the distances to the interval's ends (0 when there is none), for error bars."""
+    if entry is None:
+        return float("nan"), 0.0, 0.0
+    mean, interval = 100 * entry[metric]["mean"], entry[metric]["interval"]
+    if not interval or interval.get("low") is None:
+        return mean, 0.0, 0.0
+    return mean, max(0.0, mean - 100 * interval["low"]), max(0.0, 100 * interval["high"] - mean)
+
+
 def plot(data: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -385,30 +645,42 @@ def plot(data: dict, out: Path) -> list[Path]:
     plan, q = data["plan"], data.get("quality", {})
     main = [k for k in plan["methods"] if "/" not in k]
     names = [label(data, k) for k in main]
+    note = "error bars: 95% bootstrap intervals" + ("" if all(e["rows"] for e in _entries(q) if e)
+                                                  else " (over seeds only for runs without stored rows)")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    means = [100 * (q["unseen_data"].get(k) or {}).get("mean", 0) for k in main]
-    errs = [100 * ((q["unseen_data"].get(k) or {}).get("std") or 0) for k in main]
-    axes[0].bar(range(len(main)), means, yerr=errs, capsize=3, color="tab:blue")
-    axes[0].set_xticks(range(len(main)), names, rotation=30, ha="right")
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].set_title("unseen data (source tasks)")
-    zero = data.get("zero_shot", {})
-    src = [zero[t] for t in plan["tasks"] if t in zero]
-    if src:
-        axes[0].axhline(100 * sum(src) / len(src), color="gray", linestyle="--", label="base zero-shot")
-        axes[0].legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    x = list(range(len(main)))
+    for offset, metric, color, name in ((-0.2, LEAD, "tab:blue", "macro-F1"), (0.2, "accuracy", "tab:gray", "accuracy")):
+        points = [_value_and_error(q["unseen_data"].get(k), metric) for k in main]
+        axes[0].bar([i + offset for i in x], [p[0] for p in points], width=0.4, color=color, label=name,
+                    yerr=[[p[1] for p in points], [p[2] for p in points]], capsize=3)
+    axes[0].set_xticks(x, names, rotation=30, ha="right")
+    axes[0].set_ylabel("points (%)")
+    axes[0].set_title("unseen data (source tasks): macro-F1 leads", fontsize=10)
+    zero = q.get("zero_shot", {}).get("unseen_data")
+    if zero:
+        axes[0].axhline(100 * zero[LEAD]["mean"], color="tab:blue", linestyle="--", linewidth=1,
+                        label="base zero-shot macro-F1")
+    axes[0].set_ylim(0, 100)
+    axes[0].legend(fontsize=7, ncol=3, loc="upper center")
     shots = plan["shots"]
-    for key, name in zip(main, names):
-        ys = [(q["unseen_tasks"].get(key, {}).get(s) or {}).get("mean") for s in shots]
-        xs = [i for i, y in enumerate(ys) if y is not None]
-        if xs:
-            axes[1].plot(xs, [100 * ys[i] for i in xs], marker="o", label=name)
+    for j, (key, name) in enumerate(zip(main, names)):
+        points = [_value_and_error((q["unseen_tasks"].get(key) or {}).get(s), LEAD) for s in shots]
+        xs = [i + (j - len(main) / 2) * 0.04 for i, p in enumerate(points) if p[0] == p[0]]
+        kept = [p for p in points if p[0] == p[0]]
+        if kept:
+            axes[1].errorbar(xs, [p[0] for p in kept], yerr=[[p[1] for p in kept], [p[2] for p in kept]], marker="o",
+                             capsize=2, label=name)
+    zero = q.get("zero_shot", {}).get("unseen_tasks")
+    if zero:
+        axes[1].axhline(100 * zero[LEAD]["mean"], color="gray", linestyle="--", linewidth=1, label="base zero-shot")
     axes[1].set_xticks(range(len(shots)), [f"k={s}" if s != "full" else "full" for s in shots])
-    axes[1].set_ylabel("accuracy (%)")
-    axes[1].set_title("unseen tasks (average over targets)")
-    if any(axes[1].get_lines()):
-        axes[1].legend(fontsize=7)
+    axes[1].set_ylabel("macro-F1 (points)")
+    axes[1].set_title("unseen tasks (average over targets)", fontsize=10)
+    axes[1].set_ylim(0, 100)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7, ncol=3, loc="upper center")
+    fig.suptitle(note, fontsize=8)
     fig.tight_layout()
     paths.append(out / "quality.png")
     fig.savefig(paths[-1], dpi=110)
@@ -418,12 +690,12 @@ def plot(data: dict, out: Path) -> list[Path]:
     if abl:
         keys = ["ta-lora", *abl] if "ta-lora" in q.get("unseen_data", {}) else list(abl)
         fig, ax = plt.subplots(figsize=(8, 4))
-        vals = [100 * (q["unseen_data"].get(k) or {}).get("mean", 0) for k in keys]
-        errs = [100 * ((q["unseen_data"].get(k) or {}).get("std") or 0) for k in keys]
-        ax.barh(range(len(keys)), vals, xerr=errs, capsize=3, color="tab:green")
+        points = [_value_and_error(q["unseen_data"].get(k), LEAD) for k in keys]
+        ax.barh(range(len(keys)), [p[0] for p in points], xerr=[[p[1] for p in points], [p[2] for p in points]],
+                capsize=3, color="tab:green")
         ax.set_yticks(range(len(keys)), [label(data, k) for k in keys], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("unseen-data accuracy (%)")
+        ax.set_xlabel("unseen-data macro-F1 (points); " + note, fontsize=8)
         ax.set_title("TA-LoRA ablations")
         fig.tight_layout()
         paths.append(out / "ablations.png")
@@ -467,6 +739,9 @@ def write(data: dict, out: Path) -> list[Path]:
 if __name__ == "__main__":
     source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results.json"
     loaded = json.loads(source.read_text())
+    if not all("split_rows" in entry for entry in (loaded.get("test_sets") or {None: {}}).values()):
+        plan = loaded["plan"]  # results written before the test sets were described: read them from the suite
+        loaded["test_sets"] = describe_test_sets([*plan["tasks"], *plan["targets"]], loaded["meta"]["settings"]["eval_per_task"])
     summarize(loaded)
     for written in write(loaded, source.parent):
         print(f"wrote {written}")

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -142,8 +143,20 @@ class State:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=float))
+        tmp.write_text(compact_json(self.data))
         os.replace(tmp, self.path)
+
+
+_NUMBER_LIST = re.compile(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]")
+
+
+def compact_json(data) -> str:
+    """``json.dumps(indent=1)`` with every list of numbers on one line (per-row predictions stay readable).
+
+    Only real newlines are matched, and JSON strings never hold one, so string values are left alone.
+    """
+    text = json.dumps(data, indent=1, default=float)
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -526,6 +539,7 @@ def main(argv=None) -> dict:
                                  "lr": learning_rate(args, k), "unseen_tasks": M.ALL[k].unseen_tasks,
                                  "ablation": M.ALL[k].ablation} for k in shown}
     state.data["notes"] = notes
+    state.data["test_sets"] = R.describe_test_sets([*args.tasks, *args.targets], args.eval_per_task)
     log("counting trainable parameters")
     params = state.data.setdefault("parameters", {})
     param_fp = fingerprint(model=model_id(args), tasks=len(args.tasks))

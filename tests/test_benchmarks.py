@@ -15,7 +15,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SECTIONS = [
     "# Benchmark results",
+    "## How to read the numbers",
     "## Targets",
+    "## Test sets",
     "## Quality: unseen data",
     "## Quality: unseen tasks",
     "## Ablations (TA-LoRA)",
@@ -91,6 +93,19 @@ def test_report_structure(quick):
         assert ratio in speed
     assert "Targets:" in stdout and "expected time" in stdout
 
+    # macro-F1 leads, accuracy beside it; every average has its row interval; a test-set row per task
+    unseen = section(report, "## Quality: unseen data")
+    assert "| method | macro-F1 | accuracy | TA-LoRA - this (macro-F1) |" in unseen
+    assert "Interval over seeds only" not in report and "†" not in report  # fresh runs store their rows
+    ta_row = next(line for line in unseen.splitlines() if line.startswith("| TA-LoRA |"))
+    assert ta_row.count("[") == 2 + 2  # two averages and the two tasks' macro-F1 cells
+    tests = section(report, "## Test sets")
+    for task in ("sms_spam", "trec", "pubmedqa"):
+        assert f"| {task} | " in tests and "| 4 | " in tests and "| 25.0 | no: raise --eval-per-task to 100 |" in tests
+    for line in section(report, "## Targets").splitlines():
+        if line.startswith("| Unseen data"):
+            assert "macro-F1" in line and "accuracy" in line and "[" in line
+
 
 def test_json_and_plots(quick):
     import methods
@@ -109,10 +124,25 @@ def test_json_and_plots(quick):
         expected.remove("mtl-lora")
     assert data["plan"]["methods"] == expected
     for key in expected:
-        assert data["quality"]["unseen_data"][key]["n"] == 1
+        entry = data["quality"]["unseen_data"][key]
+        assert entry["n"] == 1 and entry["rows"] and entry["tasks"] == ["sms_spam", "trec"]
+        for metric in ("macro_f1", "accuracy"):
+            interval = entry[metric]["interval"]
+            assert interval["resampled"] == "rows" and interval["low"] <= entry[metric]["mean"] <= interval["high"]
         shots = data["plan"]["shots"] if "/" not in key else data["plan"]["ablation_shots"]
         for shot in shots:
             assert data["quality"]["unseen_tasks"][key][shot]["n"] == 1
+    for key, run in data["runs"].items():  # every evaluation keeps its rows for the bootstrap
+        for record in run.get("tasks", {}).values():
+            assert len(record["predictions"]) == len(record["references"]) == record["n"] == 4, key
+    paired = data["differences"]["unseen_data"]["pt"]["macro_f1"]
+    ta, pt = (data["quality"]["unseen_data"][k]["macro_f1"]["mean"] for k in ("ta-lora", "pt"))
+    assert paired["resampled"] == "rows" and paired["estimate"] == pytest.approx(ta - pt)
+    assert data["ablations"]["ta-lora/equal-lr"]["delta_vs_ta_lora"]["macro_f1"]["resampled"] == "rows"
+    for task in ("sms_spam", "trec", "pubmedqa"):
+        entry = data["test_sets"][task]
+        assert entry["rows"] == 4 and entry["split_rows"] >= 100 and sum(entry["labels"].values()) == 4
+    assert '"predictions": [' in (out / "results.json").read_text()  # lists of numbers on one line
     for key in ("ta-lora", "lora", "pt", "mpt", "poly", "adaption-prompt"):
         p = data["parameters"][key]
         assert p["total"] > 0 and p["per_task"] > 0 and p["shared"] >= 0
@@ -159,3 +189,56 @@ def test_flags_learning_rates_and_fingerprints():
     assert a["zero-shot|trec"] == b["zero-shot|trec"]  # ... but not what it does not affect
     with pytest.raises(SystemExit):
         run.parse(["--shots", "0"])
+
+
+def test_report_regenerates_from_results_cached_without_rows():
+    """The committed results.json predates per-row predictions: the report still renders, leads with macro-F1,
+    gives seeds-only intervals marked † and says so."""
+    import report
+
+    data = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    for run in data["runs"].values():  # as cached before this change, whatever the file holds now
+        for record in run.get("tasks", {}).values():
+            for key in ("predictions", "references", "num_labels", "macro_f1_interval", "accuracy_interval"):
+                record.pop(key, None)
+    data.pop("test_sets", None)
+    report.summarize(data)
+    text = report.render(data, [])
+    assert "Interval over seeds only" in text and "†" in text
+    seeds = len(data["plan"]["seeds"])
+    entry = data["quality"]["unseen_data"]["ta-lora"]
+    assert entry["n"] == seeds and not entry["rows"]
+    if seeds > 1:
+        assert entry["macro_f1"]["interval"]["resampled"] == "seeds"
+    unseen = section(text, "## Quality: unseen data")
+    assert "| method | macro-F1 | accuracy |" in unseen
+    n = data["meta"]["settings"]["eval_per_task"]
+    assert f"| {n} | " in section(text, "## Test sets") and f"{100 / n:.1f}" in section(text, "## Test sets")
+    for target in data["targets"]:
+        assert target["resolved"] is not True  # seeds-only intervals cannot resolve anything
+
+
+def test_aggregate_and_compare_pair_seeds_and_rows():
+    import report
+    from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, paired_difference
+
+    def record(predictions, references):
+        accuracy = sum(p == r for p, r in zip(predictions, references)) / len(references)
+        return {"predictions": predictions, "references": references, "num_labels": 2, "n": len(references),
+                "accuracy": accuracy, "macro_f1": 0.0}
+
+    refs = [0, 1, 1, 0, 1]
+    a = [(0, {"x": record([0, 1, 1, 1, 1], refs)}), (1, {"x": record([0, 1, 0, 0, 1], refs)})]
+    b = [(0, {"x": record([1, 1, 1, 1, 1], refs)}), (1, {"x": record([0, 0, 0, 0, 1], refs)})]
+    for _, seed_records in (*a, *b):  # the stored macro-F1 of each record, from the package's metric
+        r = seed_records["x"]
+        r["macro_f1"] = bootstrap_interval([TaskRuns(r["references"], r["predictions"], 2)]).estimate
+    entry = report.aggregate([r for _, r in a], ["x"])
+    runs_a = TaskRuns(refs, [r["x"]["predictions"] for _, r in a], 2)
+    runs_b = TaskRuns(refs, [r["x"]["predictions"] for _, r in b], 2)
+    assert entry["macro_f1"]["interval"] == bootstrap_interval([runs_a]).as_dict()
+    assert entry["macro_f1"]["interval"]["resampled"] == "rows and seeds"
+    assert report.compare(a, b, ["x"])["accuracy"] == paired_difference([runs_a], [runs_b], "accuracy").as_dict()
+    assert report.compare(a, list(reversed(b)), ["x"]) == report.compare(a, b, ["x"])  # paired by seed, not order
+    legacy = [(s, {"x": {k: v for k, v in r["x"].items() if k not in ("predictions", "references")}}) for s, r in a]
+    assert report.aggregate([r for _, r in legacy], ["x"])["accuracy"]["interval"]["resampled"] == "seeds"
