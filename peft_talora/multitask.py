@@ -107,6 +107,14 @@ class MultiTaskConfig(PeftConfig):
     task_names: Optional[list[str]] = field(
         default=None, metadata={"help": "Task names, in id order. Optional; must be unique."}
     )
+    base_model_shape: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained: type and attention shape of the base model the adapter was saved "
+            "from (model_type, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim). "
+            "Loading onto a base that differs raises; None (adapters saved before this field existed) skips the check."
+        },
+    )
 
     def _validate_tasks(self) -> None:
         """Check ``num_tasks``/``task_names`` and PEFT's own fields; fill ``num_tasks`` from the names."""
@@ -135,6 +143,16 @@ class MultiTaskConfig(PeftConfig):
         kind = type(self).__name__
         if not isinstance(self.inference_mode, bool):
             raise TypeError(f"{kind}.inference_mode must be True or False (got {self.inference_mode!r}).")
+        shape = self.base_model_shape
+        plain = (int, str)
+        if shape is not None and not (
+            isinstance(shape, dict)
+            and all(isinstance(k, str) and isinstance(v, plain) and not isinstance(v, bool) for k, v in shape.items())
+        ):
+            raise TypeError(
+                f"{kind}.base_model_shape must be None or a dict of ints and strings written by save_pretrained "
+                f"(got {_got(shape)}); leave it to save_pretrained."
+            )
         for name in ("base_model_name_or_path", "revision"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -344,6 +362,38 @@ def card_location(location):
     finally:
         if token is not None:
             _CARD_LOCATION.reset(token)
+
+
+def base_model_shape(model) -> dict:
+    """What an adapter depends on in ``model`` (a transformers model): its type and attention shape."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    shape = {
+        "model_type": getattr(text, "model_type", None),
+        "hidden_size": hidden,
+        "num_hidden_layers": getattr(text, "num_hidden_layers", None),
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None),
+    }
+    return {k: v for k, v in shape.items() if isinstance(v, (int, str)) and not isinstance(v, bool)}
+
+
+def check_base_model_shape(config: MultiTaskConfig, model, source: str) -> None:
+    """Raise a ``ValueError`` if ``model`` differs from the base ``config`` was saved from (``base_model_shape``).
+
+    Tensor shapes alone miss some of these: a TA-LoRA prefix projects through the base's own
+    attention, so it loads onto a base with other KV heads, or onto GPT-2 of the same width.
+    """
+    saved, here = config.base_model_shape or {}, base_model_shape(model)
+    differences = [f"{k}: {saved[k]!r} in the file, {here[k]!r} here" for k in saved if k in here and saved[k] != here[k]]
+    if differences:
+        raise ValueError(
+            f"The adapter in {source} was saved from another base model ({'; '.join(differences)}). Load it onto the "
+            f"base model it was trained on ({config.base_model_name_or_path or 'see adapter_config.json'}); an adapter "
+            "does not carry over to a base of another family or attention shape."
+        )
 
 
 def check_saved_shape(

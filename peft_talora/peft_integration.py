@@ -203,10 +203,14 @@ def _saving_atomically(save):
             or not any(_is_ours(self.peft_config[name]) for name in selected)
         ):
             return save(self, save_directory, *args, **kwargs)
+        from .multitask import base_model_shape
+
         state_dict = arguments.get("kwargs", {}).get("state_dict")
         for name in selected:
             tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
             _refuse_non_finite(tensors, f"Adapter {name!r}", f"Nothing was written to {str(save_directory)!r}")
+        for name in selected:  # checked on load, like PEFT's base_model_name_or_path but enforced
+            self.peft_config[name].base_model_shape = base_model_shape(self.get_base_model())
         folders = ["" if name == "default" else name for name in selected]
         rewritten = {os.path.join(f, file) for f in folders for file in (CONFIG_NAME, *WEIGHT_FILES)}
         write_folder_atomically(
@@ -279,14 +283,18 @@ def explain_unreadable_adapter_files() -> None:
 
     ``PeftModel.load_adapter`` (behind ``PeftModel.from_pretrained`` too) is wrapped: a local folder
     of ours without a weights file (PEFT would then ask the Hub for the local path:
-    ``HFValidationError``), an unreadable weights file (``SafetensorError``) and loaded weights with
-    NaN or inf each raise a ``ValueError``, and an adapter the failed call added is deleted again;
+    ``HFValidationError``), an unreadable weights file (``SafetensorError``), tensors the model has no
+    place for, a base model other than the one saved from (``base_model_shape``: family, width,
+    depth, heads, KV heads) and loaded weights with NaN or inf each raise a ``ValueError``, and an
+    adapter the failed call added is deleted again;
     other methods' loads are untouched. The config checks are in :func:`explain_mislabelled_configs`.
     """
     explain_mislabelled_configs()
     load = PeftModel.load_adapter
     if getattr(load, "_peft_talora_explains", False):
         return
+
+    from .multitask import check_base_model_shape
 
     @functools.wraps(load)
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
@@ -299,12 +307,22 @@ def explain_unreadable_adapter_files() -> None:
                 "so nothing was loaded. Save the adapter again (save_pretrained), or copy its weights file next to "
                 f"{CONFIG_NAME}."
             )
-        new = adapter_name not in self.peft_config
+        new, source = adapter_name not in self.peft_config, repr(str(model_id))
         try:
             result = load(self, model_id, adapter_name, *args, **kwargs)
         except Exception as error:
-            if new and adapter_name in self.peft_config and _is_ours(self.peft_config[adapter_name]):
-                _forget(self, adapter_name)
+            config = self.peft_config.get(adapter_name)
+            other_base = None
+            if config is not None and _is_ours(config):
+                if isinstance(error, ValueError):  # the tensors did not fit: was it saved from another base?
+                    try:
+                        check_base_model_shape(config, self.get_base_model(), source)
+                    except ValueError as mismatch:
+                        other_base = mismatch
+                if new:
+                    _forget(self, adapter_name)
+            if other_base is not None:
+                raise ValueError(f"{other_base} What failed: {error}") from error
             if type(error).__name__ != "SafetensorError" or not _is_our_adapter(folder):
                 raise
             raise ValueError(
@@ -314,14 +332,15 @@ def explain_unreadable_adapter_files() -> None:
             ) from error
         if _is_ours(self.peft_config[adapter_name]):
             try:
+                check_base_model_shape(self.peft_config[adapter_name], self.get_base_model(), source)
                 unexpected = sorted(getattr(result, "unexpected_keys", None) or [])
                 if unexpected:
                     raise ValueError(
-                        f"The adapter file in {str(model_id)!r} has tensors this model has no place for: {unexpected}. "
+                        f"The adapter file in {source} has tensors this model has no place for: {unexpected}. "
                         "It was saved from another model or method, or it is damaged; nothing was loaded."
                     )
                 tensors = get_peft_model_state_dict(self, adapter_name=adapter_name)
-                _refuse_non_finite(tensors, f"The adapter in {str(model_id)!r}", "The load was stopped")
+                _refuse_non_finite(tensors, f"The adapter in {source}", "The load was stopped")
             except ValueError:
                 if new:
                     _forget(self, adapter_name)

@@ -263,6 +263,29 @@ def test_adapter_on_a_base_of_another_shape(saved, overrides, name, adapter_shap
     assert str(model_shape) in message, message
 
 
+@pytest.mark.parametrize(
+    "base, differences",
+    [
+        (lambda: tiny_model("llama", num_key_value_heads=4), "num_key_value_heads: 2 in the file, 4 here"),
+        (lambda: tiny_model("gpt2"), "model_type: 'llama' in the file, 'gpt2' here"),
+    ],
+    ids=["kv-heads", "gpt2-of-the-same-width"],
+)
+def test_adapter_on_a_base_with_the_same_tensor_shapes(saved, base, differences):
+    """The prefix projects through the base's own attention, so these bases fit every saved tensor."""
+    with pytest.raises(ValueError, match=re.escape(f"was saved from another base model ({differences}")):
+        PeftModel.from_pretrained(base(), saved)
+
+
+def test_adapter_saved_before_base_model_shape_existed_still_loads(saved):
+    import json
+
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert config.pop("base_model_shape")["num_key_value_heads"] == 2
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    PeftModel.from_pretrained(tiny_model("llama", num_key_value_heads=4), saved)  # nothing to check against
+
+
 def test_load_adapter_of_another_shape_via_load_adapter(saved):
     model = get_peft_model(tiny_model("llama", num_hidden_layers=3), config())
     with pytest.raises(ValueError, match=re.escape("gate has shape (2, 4) in the file but (3, 4) here")):

@@ -336,6 +336,10 @@ FILE_CASES = [
     ("config-nan-scaling", lambda d, m: _edit_config(**{"alpha" if m == "ta-lora" else "lora_alpha": NAN})(d),
      r"alpha must be a finite number"),
     ("config-tasks-disagree", lambda d, m: _edit_config(num_tasks=5)(d), r"num_tasks=5 disagrees"),
+    ("config-other-base", lambda d, m: _edit_config(base_model_shape={"model_type": "qwen2", "num_key_value_heads": 4})(d),
+     r"saved from another base model \(model_type: 'qwen2' in the file, 'llama' here; num_key_value_heads: 4"),
+    ("config-base-shape-not-a-dict", lambda d, m: _edit_config(base_model_shape=[64, 2])(d),
+     r"base_model_shape must be None or a dict"),
 ]
 FILE_CASE_IDS = [(m, name) for m in METHODS for name, *_ in FILE_CASES]
 
@@ -369,11 +373,22 @@ def test_damaged_adapter_files(saved, tmp_path, method, case):
     assert snapshot(folder) == before, "loading never writes"
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_loading_onto_a_base_of_another_width(saved, method):
-    base = tiny_model("llama", hidden_size=32, intermediate_size=48)
-    with pytest.raises(ValueError, match="does not fit this model.*in the file"):
-        PeftModel.from_pretrained(base, saved / method)
+OTHER_BASES = {
+    "width": (lambda: tiny_model("llama", hidden_size=32, intermediate_size=48), "does not fit this model"),
+    "kv-heads": (lambda: tiny_model("llama", num_key_value_heads=4), "another base model|does not fit this model"),
+    "family": (lambda: tiny_model("gpt2"), "another base model|Target modules .* not found"),
+    "depth": (lambda: tiny_model("llama", num_hidden_layers=3), "another base model|does not fit this model"),
+}
+OTHER_BASE_CASES = [(m, kind) for m in METHODS for kind in OTHER_BASES]
+
+
+@pytest.mark.parametrize("method, kind", OTHER_BASE_CASES, ids=[f"{m}-{k}" for m, k in OTHER_BASE_CASES])
+def test_loading_onto_another_base(saved, method, kind):
+    """Tensor shapes or the recorded base_model_shape tell the bases apart, KV heads and family included."""
+    make_base, pattern = OTHER_BASES[kind]
+    with pytest.raises(ValueError, match=pattern) as info:
+        PeftModel.from_pretrained(make_base(), saved / method)
+    assert re.search(r"in the file|not found in the base model", str(info.value))
 
 
 # ------------------------------------------------------------------ call sequences
@@ -485,7 +500,7 @@ def test_deleted_last_adapter_then_save(tmp_path):
 CASE_COUNTS = {
     "configs": len(CONFIG_CASES) + len(EQUIVALENT_CONFIGS),
     "task ids": len(BAD_TASK_IDS) + len(EQUIVALENT_TASK_IDS),
-    "files": len(FILE_CASE_IDS) + len(METHODS),  # + test_loading_onto_a_base_of_another_width
+    "files": len(FILE_CASE_IDS) + len(OTHER_BASE_CASES),
     "calls in random sequences": len(SEQUENCES) * (CALLS_PER_SEQUENCE + 1) + 2,  # + the first save; + deleted-adapter saves
 }
 

@@ -699,3 +699,16 @@ def test_load_adapter_checks_loaded_weights_of_our_methods_only(tmp_path):
     next(iter(tensors.values())).fill_(float("nan"))
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     PeftModel.from_pretrained(tiny_model(), tmp_path)  # PEFT's own behaviour for other methods: no check
+
+
+def test_save_records_the_base_model_shape_and_load_checks_it(tmp_path):
+    """``save_pretrained`` writes ``base_model_shape`` through PEFT's config saving; ``load_adapter`` compares it."""
+    perturb(talora()).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_shape"]
+    assert saved == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 16}
+    with pytest.raises(ValueError, match=r"saved from another base model \(num_key_value_heads: 2 in the file, 4 here"):
+        PeftModel.from_pretrained(tiny_model(num_key_value_heads=4), tmp_path)
+    model = talora()
+    model.load_adapter(tmp_path, adapter_name="other")
+    assert model.peft_config["other"].base_model_shape == saved
