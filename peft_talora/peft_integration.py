@@ -17,7 +17,8 @@ The touches:
 4. ``route_task_ids_through_peft_forward`` wraps ``PeftModelForCausalLM.forward``: in PEFT 0.21
    it drops ``task_ids`` for every non-prompt method except Poly. The wrapper hands the ids to
    tuners that declare ``routes_task_ids = True`` under a private keyword and leaves every other
-   method's call untouched.
+   method's call untouched. It also installs ``explain_missing_adapter`` (the
+   ``active_peft_config`` property of a model whose last adapter was deleted).
 5. ``export_tasks_through_save_and_push`` gives ``PeftModel.save_pretrained`` and ``push_to_hub`` a
    ``tasks=`` argument, for tuners with ``exporting_tasks``: inside that context the tuner swaps
    in a config and state dict restricted to those tasks, and PEFT's own saving does the rest.
@@ -127,6 +128,27 @@ def route_task_ids_through_peft_forward() -> None:
 
     forward._peft_talora_routes_task_ids = True
     PeftModelForCausalLM.forward = forward
+    explain_missing_adapter()
+
+
+def explain_missing_adapter() -> None:
+    """``PeftModel.active_peft_config`` (read by ``forward``, ``generate`` and more) of a multi-task model whose last
+    adapter was deleted raises a ``ValueError`` saying so, instead of ``KeyError: 'default'``."""
+    original = PeftModel.active_peft_config
+    if getattr(original.fget, "_peft_talora_explains", False):
+        return
+
+    @functools.wraps(original.fget)
+    def active_peft_config(self):
+        if not self.peft_config and _exports_tasks(self):
+            raise ValueError(
+                f"This model has no adapter left: {self.active_adapter!r} was its last one and was deleted. Add or "
+                "load an adapter first (add_adapter / load_adapter), or use the base model (get_base_model())."
+            )
+        return original.fget(self)
+
+    active_peft_config._peft_talora_explains = True
+    PeftModel.active_peft_config = property(active_peft_config)
 
 
 def _exports_tasks(peft_model) -> bool:

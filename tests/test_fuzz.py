@@ -484,7 +484,8 @@ def test_call_sequence(method, seed, tmp_path, monkeypatch):
         check()
 
 
-def test_deleted_last_adapter_then_save(tmp_path):
+def test_deleted_last_adapter_then_save_forward_generate(tmp_path):
+    input_ids, mask = batch(batch_size=3)
     for method in METHODS:
         model = make_model(method)
         model.save_pretrained(tmp_path / method)
@@ -493,6 +494,10 @@ def test_deleted_last_adapter_then_save(tmp_path):
         with pytest.raises(ValueError, match="no adapter left to save"):
             model.save_pretrained(tmp_path / method)
         assert snapshot(tmp_path / method) == before
+        for call in (lambda: model(input_ids=input_ids, attention_mask=mask, task_ids=[0, 1, 2]),
+                     lambda: model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=2)):
+            with pytest.raises(ValueError, match="no adapter left: 'default' was its last one.*add_adapter"):
+                call()
 
 
 # ------------------------------------------------------------------ the count reported in the docs
@@ -501,7 +506,8 @@ CASE_COUNTS = {
     "configs": len(CONFIG_CASES) + len(EQUIVALENT_CONFIGS),
     "task ids": len(BAD_TASK_IDS) + len(EQUIVALENT_TASK_IDS),
     "files": len(FILE_CASE_IDS) + len(OTHER_BASE_CASES),
-    "calls in random sequences": len(SEQUENCES) * (CALLS_PER_SEQUENCE + 1) + 2,  # + the first save; + deleted-adapter saves
+    # + each sequence's first save; + save, forward and generate after deleting the last adapter
+    "calls in random sequences": len(SEQUENCES) * (CALLS_PER_SEQUENCE + 1) + 3 * len(METHODS),
 }
 
 

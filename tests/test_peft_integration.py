@@ -608,6 +608,23 @@ def test_save_of_other_methods_is_peft_own(tmp_path, monkeypatch):
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
+def test_active_peft_config_of_a_model_without_adapters():
+    """``explain_missing_adapter`` replaces PEFT's ``active_peft_config`` property for our tuners only."""
+    assert isinstance(PeftModel.__dict__["active_peft_config"], property)
+    model = talora()
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="no adapter left: 'default' was its last one"):
+        logits(model, [0, 1, 2])
+    model.add_adapter("new", talora_config())
+    model.set_adapter("new")
+    assert model.active_peft_config is model.peft_config["new"]
+    assert logits(model, [0, 1, 2]).shape == (3, 7, 128)
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    lora.delete_adapter("default")
+    with pytest.raises(KeyError):  # other methods keep PEFT's behaviour
+        lora.active_peft_config
+
+
 def test_save_with_no_adapter_left(tmp_path):
     model = talora()
     model.delete_adapter("default")
