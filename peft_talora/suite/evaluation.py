@@ -71,9 +71,12 @@ class EvalResult:
         and references (so averages over tasks and paired differences can be bootstrapped later)."""
         out = {}
         for metric in ("macro_f1", "accuracy"):
-            interval = self.interval(metric)
             out[metric] = getattr(self, metric)
-            out[f"{metric}_interval"] = [interval.low, interval.high]
+            if self.references:  # no rows, nothing to resample
+                interval = self.interval(metric)
+                out[f"{metric}_interval"] = [interval.low, interval.high]
+            else:
+                out[f"{metric}_interval"] = None
         return {
             **out,
             "n": len(self.references),
