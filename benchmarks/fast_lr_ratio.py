@@ -2,7 +2,7 @@
 
 For each ratio, the same seed, data and step budget; prints the final training loss and
 whether both tasks answer every country correctly. The ratio with the lowest loss at a small
-budget is the package default (``peft_talora.optim.DEFAULT_FAST_LR_RATIO``).
+budget is the package default (``peft_talora.training.optim.DEFAULT_FAST_LR_RATIO``).
 
     python benchmarks/fast_lr_ratio.py [--steps 8] [--ratios 1 2 4 8 16]
 """

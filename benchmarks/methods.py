@@ -45,7 +45,7 @@ from peft import (
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
 from peft_talora import TALoraConfig
-from peft_talora.optim import DEFAULT_FAST_LR_RATIO
+from peft_talora.training.optim import DEFAULT_FAST_LR_RATIO
 
 try:  # MTL-LoRA is optional: the row is skipped (with a note in the report) if the package lacks it
     from peft_talora import MTLLoraConfig

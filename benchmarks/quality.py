@@ -20,7 +20,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from peft_talora.data import TALoraDataCollator, k_shot, tokenize_for_causal_lm
+from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.suite import evaluate_task, format_split, get_task, load_task, subsample
 from peft_talora.training import build_trainer
 
@@ -105,7 +105,7 @@ def train(
         # the tokenised rows hold only model inputs anyway.
         remove_unused_columns=False,
     )
-    collator = TALoraDataCollator(tokenizer=tokenizer, task_names=list(task_list))
+    collator = MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(task_list))
     trainer = build_trainer(
         model, args, train_dataset=data, processing_class=tokenizer, data_collator=collator,
         fast_lr_ratio=fast_lr_ratio,

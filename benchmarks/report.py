@@ -592,7 +592,7 @@ def render(data: dict, plots: list[str]) -> str:
             "shuffled with the seed and cut to exactly steps x batch rows; Trainer's sequential sampler feeds every method "
             "the same batch at every step. Unseen-task rows (k per label, or `full`) are streamed the same way. Test "
             "subsets are fixed (seed 0) for all methods and seeds.",
-            "- **Training.** `peft_talora.training.build_trainer` (a stock `Trainer`) for every method: AdamW, linear "
+            "- **Training.** `peft_talora.training.trainer.build_trainer` (a stock `Trainer`) for every method: AdamW, linear "
             "decay, no weight decay, the same batch size and steps; TA-LoRA gets its fast/slow parameter groups "
             "(fast = 4x, `fast_lr_ratio`), other methods Trainer's own AdamW. TA-LoRA's shared warm-up "
             "(`set_training_stage('shared_warmup')`) uses the first warm-up steps of the same budget, then "

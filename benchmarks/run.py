@@ -219,7 +219,7 @@ def calibrate(base, tokenizer, args) -> dict:
     """Seconds of one training step, one forward and one short generate on this machine, now."""
     rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
     data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
-    batch = Q.TALoraDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
+    batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
     device = next(base.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     model = M.build("ta-lora", base, args.tasks, 0, M.tokenizer_path())
@@ -399,7 +399,7 @@ def run_speed(args, base, tokenizer) -> dict:
 
     rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
     data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
-    batch = Q.TALoraDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
+    batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
     task_ids = batch.pop("task_ids")
     r = args.speed_repeats
     out = {"repeats": r, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

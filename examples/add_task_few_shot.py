@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 import peft_talora  # noqa: F401
 from peft_talora import TALoraConfig
-from peft_talora.data import k_shot, tokenize_for_causal_lm
+from peft_talora.training.collator import k_shot, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import evaluate_task, format_split, load_task, subsample
 from peft_talora.training import build_trainer

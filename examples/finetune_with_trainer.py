@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 import peft_talora  # noqa: F401  TA-LoRA: registers the method with PEFT
 from peft_talora import TALoraConfig  # TA-LoRA
-from peft_talora.data import TALoraDataCollator, tokenize_for_causal_lm
+from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import format_split, load_task, subsample
 
@@ -44,7 +44,7 @@ trainer = Trainer(
         learning_rate=1e-2, logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
     ),
     train_dataset=train,  # remove_unused_columns=True keeps task_ids: the model's forward declares it
-    data_collator=TALoraDataCollator(tokenizer),  # pads and keeps task_ids
+    data_collator=MultiTaskDataCollator(tokenizer),  # pads and keeps task_ids
 )
 trainer.train()
 model.save_pretrained(args.output_dir)

@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
 from peft_talora import TALoraConfig
-from peft_talora.data import TALoraDataCollator, k_shot, tokenize_for_causal_lm
+from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import SOURCE_TASKS, TARGET_TASKS, evaluate_task, format_split, load_task, subsample
 from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, has_rows, paired_difference
@@ -91,7 +91,7 @@ def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, ev
     collator = None
     if not route:
         train = train.remove_columns("task_ids")
-        collator = TALoraDataCollator(tokenizer=tokenizer)
+        collator = MultiTaskDataCollator(tokenizer=tokenizer)
     every = max(1, steps // 4)
     training_args = TrainingArguments(
         output_dir=str(folder), max_steps=steps, per_device_train_batch_size=args.batch_size,

@@ -2,7 +2,7 @@
 leaves the previous adapter loadable with its previous outputs, for both methods.
 
 The save writes into a hidden folder beside the target and swaps it in at the end
-(``peft_talora.atomic``); the failures are injected into PEFT's own writers.
+(``peft_talora.multitask.atomic_save``); the failures are injected into PEFT's own writers.
 """
 
 import json
@@ -23,7 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-import peft_talora.atomic
+import peft_talora.multitask.atomic_save
 from peft_talora import MTLLoraConfig, TALoraConfig
 
 TASKS = ["a", "b", "c"]
@@ -156,7 +156,7 @@ KILLED_SAVE = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_atomic_save import trained
-import peft.peft_model, peft_talora.atomic, safetensors.torch
+import peft.peft_model, peft_talora.multitask.atomic_save, safetensors.torch
 stage = {stage!r}
 
 def signal_and_hang():
@@ -183,7 +183,7 @@ if stage == "weights":
 elif stage == "config":
     config_cls.save_pretrained = config
 else:  # every file is complete; killed just before the swap
-    peft_talora.atomic._exchange = lambda a, b: signal_and_hang()
+    peft_talora.multitask.atomic_save._exchange = lambda a, b: signal_and_hang()
 trained({method!r}, seed=1).save_pretrained({folder!r})
 """
 
@@ -245,13 +245,13 @@ def test_swap_is_one_step_and_keeps_the_users_files(old, method, monkeypatch):
     (folder / "README.md").write_text(card.replace("## Tasks", "My own notes on this adapter.\n\n## Tasks", 1))
     before = snapshot(folder)
     seen = []
-    exchange = peft_talora.atomic._exchange
+    exchange = peft_talora.multitask.atomic_save._exchange
 
     def observed(new_folder, target):
         seen.append(snapshot(target))  # the target just before the swap: still the whole old folder
         return exchange(new_folder, target)
 
-    monkeypatch.setattr(peft_talora.atomic, "_exchange", observed)
+    monkeypatch.setattr(peft_talora.multitask.atomic_save, "_exchange", observed)
     new = trained(method, seed=1)
     new.save_pretrained(folder)
     assert seen == [before], "nothing is written into the target before the swap"
@@ -313,7 +313,7 @@ def test_save_into_the_working_directory_and_through_a_symlink(tmp_path, monkeyp
 
 def test_without_an_atomic_exchange_two_renames_swap_it(old, method, monkeypatch):
     folder, _ = old
-    monkeypatch.setattr(peft_talora.atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(peft_talora.multitask.atomic_save, "_exchange", lambda a, b: False)
     new = trained(method, seed=1)
     new.save_pretrained(folder)
     assert torch.equal(loaded_outputs(folder), outputs(new))

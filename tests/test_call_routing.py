@@ -16,7 +16,7 @@ from peft import get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from peft_talora import MTLLoraConfig, TALoraConfig
-from peft_talora.layer import gated_prefix_attention
+from peft_talora.talora.layer import gated_prefix_attention
 
 METHODS = ("talora", "mtllora")
 
@@ -200,7 +200,7 @@ def test_gated_prefix_attention_equals_the_formula_with_softcap_and_groups():
 
 def test_the_base_attention_dropout_and_softcap_reach_the_prefix(monkeypatch):
     """Gemma 2 passes its logit softcap and, in training, its dropout to the attention call; the prefix gets both."""
-    import peft_talora.attention as attention
+    import peft_talora.talora.attention as attention
 
     seen = []
     original = attention.gated_prefix_attention
@@ -222,7 +222,7 @@ def test_the_base_attention_dropout_and_softcap_reach_the_prefix(monkeypatch):
 
 def test_prefix_computation_happens_inside_each_layer_forward(monkeypatch):
     """Each layer projects its prefix while that layer runs (where FSDP/offloading have its weights)."""
-    from peft_talora.attention import AttentionSite
+    from peft_talora.talora.attention import AttentionSite
 
     model = adapted("talora")
     running, order = [], []
@@ -276,7 +276,7 @@ def test_torch_requirement_admits_only_releases_with_enable_gqa():
 
 
 def test_new_tasks_stage_from_the_command_line(tmp_path):
-    """``python -m peft_talora.train --training_stage new_tasks --adapter_path ...`` adds and trains the new tasks."""
+    """``python -m peft_talora.training --training_stage new_tasks --adapter_path ...`` adds and trains the new tasks."""
     import subprocess
 
     from safetensors.torch import load_file
@@ -297,7 +297,7 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
               "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
 
     def train(*args):
-        result = subprocess.run([sys.executable, "-m", "peft_talora.train", *common, *args], cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-m", "peft_talora.training", *common, *args], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
         assert result.returncode == 0, result.stderr[-4000:]
 

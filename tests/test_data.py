@@ -10,7 +10,7 @@ from peft import get_peft_model
 from talora_text import ids, tiny_tokenizer
 
 from peft_talora import TALoraConfig
-from peft_talora.data import TALoraDataCollator, TaskIdEncoder, k_shot, tokenize_for_causal_lm
+from peft_talora.training.collator import MultiTaskDataCollator, TaskIdEncoder, k_shot, tokenize_for_causal_lm
 
 TASKS = ["colour", "answer", "topic"]
 EOS, PAD = 2, 0
@@ -51,7 +51,7 @@ def test_encode_dataset_turns_a_name_column_into_ints():
 
 # ----------------------------------------------------------------------------- collator
 def test_collator_from_text_masks_prompt_pads_right_and_keeps_task_ids():
-    collate = TALoraDataCollator(tokenizer=tiny_tokenizer(), task_names=config())
+    collate = MultiTaskDataCollator(tokenizer=tiny_tokenizer(), task_names=config())
     features = [
         {"prompt": "question red", "completion": "yes", "task_ids": "answer"},
         {"prompt": "question", "completion": "blue", "task_ids": 0},
@@ -65,7 +65,7 @@ def test_collator_from_text_masks_prompt_pads_right_and_keeps_task_ids():
 
 
 def test_collator_from_tokens_prompt_length_labels_and_left_padding():
-    collate = TALoraDataCollator(tokenizer=tiny_tokenizer(), padding_side="left")
+    collate = MultiTaskDataCollator(tokenizer=tiny_tokenizer(), padding_side="left")
     batch = collate([
         {"input_ids": [5, 6, 7, 8], "prompt_length": 3, "task_ids": 2},
         {"input_ids": [9, 10], "prompt_length": 1, "task_ids": torch.tensor(0)},
@@ -74,12 +74,12 @@ def test_collator_from_tokens_prompt_length_labels_and_left_padding():
     assert batch["labels"].tolist() == [[-100, -100, -100, 8], [-100, -100, -100, 10]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert batch["task_ids"].tolist() == [2, 0]
-    given = TALoraDataCollator(pad_token_id=PAD, pad_to_multiple_of=4)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
+    given = MultiTaskDataCollator(pad_token_id=PAD, pad_to_multiple_of=4)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
     assert given["labels"].tolist() == [[-100, 6, 7, -100]] and "task_ids" not in given
 
 
 def test_collator_pads_with_eos_when_the_tokenizer_has_no_pad_token():
-    batch = TALoraDataCollator(tokenizer=tiny_tokenizer(pad=False))(
+    batch = MultiTaskDataCollator(tokenizer=tiny_tokenizer(pad=False))(
         [{"prompt": "question", "completion": "yes no"}, {"prompt": "question", "completion": "no"}]
     )
     assert batch["input_ids"][1].tolist() == ids("question", "no") + [EOS, EOS]
@@ -90,11 +90,11 @@ def test_collator_pads_with_eos_when_the_tokenizer_has_no_pad_token():
 def test_collator_errors_on_unknown_names_and_names_without_task_names():
     features = [{"input_ids": [5], "task_ids": "sports"}]
     with pytest.raises(ValueError, match=re.escape("Unknown task name 'sports'; valid tasks are ids 0..2 or names")):
-        TALoraDataCollator(pad_token_id=0, task_names=TASKS)(features)
+        MultiTaskDataCollator(pad_token_id=0, task_names=TASKS)(features)
     with pytest.raises(ValueError, match="pass task_names="):
-        TALoraDataCollator(pad_token_id=0)(features)
+        MultiTaskDataCollator(pad_token_id=0)(features)
     with pytest.raises(ValueError, match="tokenize_for_causal_lm"):
-        TALoraDataCollator(pad_token_id=0)([{"text": "question"}])
+        MultiTaskDataCollator(pad_token_id=0)([{"text": "question"}])
 
 
 # ----------------------------------------------------------------------------- tokenisation

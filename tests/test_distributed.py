@@ -69,7 +69,7 @@ def adapter(folder):
 @pytest.fixture(scope="module")
 def single_process(workspace):
     out = workspace / "single"
-    result = run([sys.executable, "-m", "peft_talora.train", *train_args(workspace, out, 4)], cwd=workspace)
+    result = run([sys.executable, "-m", "peft_talora.training", *train_args(workspace, out, 4)], cwd=workspace)
     assert "world size 1, global batch 4" in result.stdout
     return adapter(out)
 
@@ -86,7 +86,7 @@ def assert_same_adapter(got, expected):
 def test_torchrun_two_processes_equal_one_process(workspace, single_process):
     out = workspace / "torchrun"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "peft_talora.train",
+    result = run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "peft_talora.training",
                   *train_args(workspace, out, 2)], cwd=workspace)
     assert "world size 2, global batch 4" in result.stdout
     assert_same_adapter(adapter(out), single_process)
@@ -98,7 +98,7 @@ def test_accelerate_launch_two_processes_equal_one_process(workspace, single_pro
     # (accelerate's --cpu flag would pick its single-process/MPI launcher instead.)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                "-m", "peft_talora.train"]
+                "-m", "peft_talora.training"]
     result = run([*launcher, *train_args(workspace, out, 2)], cwd=workspace)
     assert "world size 2, global batch 4" in result.stdout
     assert_same_adapter(adapter(out), single_process)

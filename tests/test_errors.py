@@ -211,7 +211,7 @@ def test_numpy_ids_and_one_name_for_the_whole_batch(named):
 
 
 def test_empty_batch_of_task_ids():
-    from peft_talora.routing import resolve_task_ids
+    from peft_talora.multitask.task_ids import resolve_task_ids
 
     for empty in ([], (), torch.tensor([], dtype=torch.long), __import__("numpy").array([], dtype=int)):
         ids = resolve_task_ids(empty, batch_size=0, num_tasks=3)

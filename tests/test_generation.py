@@ -5,7 +5,7 @@ from conftest import batch, perturb, tiny_model
 from peft import get_peft_model
 
 from peft_talora import TALoraConfig
-from peft_talora.attention import AttentionSite
+from peft_talora.talora.attention import AttentionSite
 
 TASKS = torch.tensor([2, 0, 1])
 

@@ -16,8 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_talora import MTLLoraConfig, MTLLoraModel
 from peft_talora.mtl_lora import MTLLoraLayer
-from peft_talora.peft_integration import ROUTED_TASK_IDS_KWARG
-from peft_talora.task_routing import CallRouting, routing_scope
+from peft_talora.peft_patches import ROUTED_TASK_IDS_KWARG
+from peft_talora.multitask.routing import CallRouting, routing_scope
 
 TASKS = torch.tensor([0, 2, 1])
 NAMES = ["a", "b", "c"]
@@ -574,7 +574,7 @@ def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from peft_talora.data import tokenize_for_causal_lm
+    from peft_talora.training.collator import tokenize_for_causal_lm
 
     tasks, answers, prompts = ["first", "second"], ["A", "B"], [f"question w{i}" for i in range(4)]
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peft_talora.sampling import MultiTaskSampler, normalized_entropy, task_sampling_probabilities
+from peft_talora.training.sampling import MultiTaskSampler, normalized_entropy, task_sampling_probabilities
 
 COUNTS = [600, 300, 100]  # an imbalanced 3-task set
 DRAWS = 20_000

@@ -28,7 +28,7 @@ from conftest import batch, tiny_model
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-import peft_talora.attention as attention
+import peft_talora.talora.attention as attention
 from peft_talora import TALoraConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,7 @@ from peft import PromptTuningConfig, get_peft_model
 from talora_text import ids, tiny_tokenizer
 
 from peft_talora import TALoraConfig
-from peft_talora.data import tokenize_for_causal_lm
+from peft_talora.training.collator import tokenize_for_causal_lm
 from peft_talora.suite import (
     MIDDLE_MARKER,
     SOURCE_TASKS,

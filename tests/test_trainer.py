@@ -19,9 +19,9 @@ from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_talora import TALoraConfig
-from peft_talora.data import TALoraDataCollator, tokenize_for_causal_lm
+from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
 from peft_talora.metrics import load_metric
-from peft_talora.sampling import MultiTaskSampler, MultiTaskTrainer
+from peft_talora.training import MultiTaskSampler, MultiTaskTrainer
 
 TASKS = ["first", "second"]
 ANSWERS = ["A", "B"]  # same prompts, task 0 answers A, task 1 answers B
@@ -88,7 +88,7 @@ def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path, task_as_names)
         # the names column reaches the collator untouched (Trainer keeps `task_ids`, drops the text columns)
         data = tokenize_for_causal_lm(raw(True), tokenizer, task_column=None, remove_columns=False, add_eos=False)
         assert data["task_ids"][:4] == ["first"] * 4
-        collator = TALoraDataCollator(tokenizer=tokenizer, task_names=model)
+        collator = MultiTaskDataCollator(tokenizer=tokenizer, task_names=model)
     else:
         data = tokenize_for_causal_lm(raw(False), tokenizer, padding="longest", add_eos=False)
         collator = None  # transformers' default_data_collator
@@ -231,7 +231,7 @@ def test_multitask_trainer_draws_batches_from_the_temperature_sampler(tmp_path):
     data = imbalanced(task_as_names=True)
     trainer = MultiTaskTrainer(
         model=three_task_model(), args=arguments(tmp_path, per_device_train_batch_size=4, seed=7), train_dataset=data,
-        data_collator=TALoraDataCollator(pad_token_id=0, task_names=["big", "mid", "small"]),
+        data_collator=MultiTaskDataCollator(pad_token_id=0, task_names=["big", "mid", "small"]),
         task_sampling="temperature", task_sampling_temperature=2.0,
     )
     loader = trainer.get_train_dataloader()
@@ -247,7 +247,7 @@ def test_multitask_trainer_draws_batches_from_the_temperature_sampler(tmp_path):
 def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
     trainer = MultiTaskTrainer(
         model=three_task_model(), args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8),
-        train_dataset=imbalanced(), data_collator=TALoraDataCollator(pad_token_id=0), task_sampling="uncertainty",
+        train_dataset=imbalanced(), data_collator=MultiTaskDataCollator(pad_token_id=0), task_sampling="uncertainty",
         uncertainty_refresh_every=8,
     )
     trainer.train()

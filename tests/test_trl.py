@@ -20,7 +20,7 @@ from talora_text import ids, tiny_tokenizer
 from trl import DPOConfig, SFTConfig, SFTTrainer
 
 from peft_talora import MTLLoraConfig, TALoraConfig
-from peft_talora.trl_support import MultiTaskDPOTrainer, MultiTaskSFTTrainer, TaskIdsCollator
+from peft_talora.training.trl_trainers import MultiTaskDPOTrainer, MultiTaskSFTTrainer, TaskIdsCollator
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "trl.md"
 TASKS = ["first", "second"]

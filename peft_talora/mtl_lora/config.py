@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..multitask import MultiTaskConfig, check_int, check_int_list, check_names, check_number
-from ..peft_integration import add_peft_type
+from ..peft_patches import add_peft_type
 
 MTLLORA = add_peft_type("MTLLORA")
 

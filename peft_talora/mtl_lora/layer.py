@@ -11,7 +11,7 @@ and ``T`` tasks:
 
 For example ``b`` of task ``t``: ``h = W x + s * sum_i softmax(w_t / tau)_i B_i Lambda_t A dropout(x)``
 with ``s = lora_alpha / r``. The task ids come from the call's routing, made current around each
-decoder layer (:func:`~peft_talora.task_routing.current_routing`). A batch is routed as a whole: the per-example ``Lambda`` ``(B, r, r)``
+decoder layer (:func:`~peft_talora.multitask.routing.current_routing`). A batch is routed as a whole: the per-example ``Lambda`` ``(B, r, r)``
 and mixing weights ``(B, k)`` are gathered by task id and applied with ``bmm`` and broadcasting, so
 mixed batches need no loop over tasks or examples.
 
@@ -31,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..task_routing import current_routing
+from ..multitask.routing import current_routing
 
 
 class MTLLoraLayer(BaseTunerLayer):

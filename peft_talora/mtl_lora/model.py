@@ -2,9 +2,9 @@
 
 ``BaseTuner`` gives target-module matching (names, regex, ``"all-linear"``, ``layers_to_transform``),
 module replacement, ``disable_adapter``, adapter add/set/delete and unloading; this class adds what
-is multi-task: the shared :class:`~peft_talora.task_routing.TaskRouter` puts each call's resolved
+is multi-task: the shared :class:`~peft_talora.multitask.routing.TaskRouter` puts each call's resolved
 ``task_ids`` ``(B,)`` into the call's routing, which each decoder layer makes current for the
-MTL-LoRA layers inside it (:func:`~peft_talora.task_routing.install_routing_scopes`), ``add_tasks`` (new
+MTL-LoRA layers inside it (:func:`~peft_talora.multitask.routing.install_routing_scopes`), ``add_tasks`` (new
 per-task blocks), ``merge_and_unload(task=...)`` and the per-task state-dict layout (blocks
 concatenated on save, only exported tasks kept, split again on load).
 """
@@ -21,9 +21,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..multitask import MultiTaskTunerMixin, check_saved_shape
-from ..peft_integration import ROUTED_TASK_IDS_KWARG
-from ..routing import TaskIds
-from ..task_routing import (
+from ..peft_patches import ROUTED_TASK_IDS_KWARG
+from ..multitask.task_ids import TaskIds
+from ..multitask.routing import (
     ROUTING_KWARG,
     CallRouting,
     TaskRouter,

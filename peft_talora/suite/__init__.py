@@ -36,7 +36,7 @@ A missing column, an empty source, a label outside the label words or a taken na
 Prompts and evaluation
 ----------------------
 :func:`format_split` turns a split into ``prompt``/``completion``/``task_ids`` rows for
-:func:`peft_talora.data.tokenize_for_causal_lm` (chat template when the tokenizer has one, texts
+:func:`peft_talora.training.collator.tokenize_for_causal_lm` (chat template when the tokenizer has one, texts
 truncated from the middle to ``max_text_tokens``). :func:`evaluate_task` scores a model by rank
 classification (label-word log-likelihood) or greedy generation and reports macro-F1 (the lead
 metric) and accuracy; ``task_id=`` routes multi-task adapters and is left out (``None``) for other models.

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..data import TaskIdEncoder
+from ..training.collator import TaskIdEncoder
 from .intervals import Interval, TaskRuns, bootstrap_interval
 from .prompts import DEFAULT_MAX_TEXT_TOKENS, PromptFormatter, resolve_spec
 from .tasks import TaskSpec, column_values
@@ -197,7 +197,7 @@ def score_choices(
     """Log-likelihood of each choice after each prompt, shape ``(len(prompts), len(choices))``.
 
     Prompts are tokenised with the tokenizer's special tokens and choices without, exactly as
-    :func:`peft_talora.data.tokenize_for_causal_lm` tokenises prompt and completion. A choice of
+    :func:`peft_talora.training.collator.tokenize_for_causal_lm` tokenises prompt and completion. A choice of
     several tokens scores the sum of their log-probabilities (the mean with ``length_normalize``).
     Choices of one token are all read from a single forward pass of the prompt; each choice of
     several tokens gets a forward pass of prompt + choice, batched across examples.

@@ -4,7 +4,7 @@ The user turn is the task's instruction, the (middle-truncated) text and the lis
 the completion is the label word. With a chat template the completion follows the assistant
 header directly (``"positive"``); in plain text it follows ``"Answer:"`` after a space
 (``" positive"``). :func:`format_split` gives ``prompt``/``completion``/``task_ids`` rows for
-:func:`peft_talora.data.tokenize_for_causal_lm` (``task_ids`` holds task names: pass
+:func:`peft_talora.training.collator.tokenize_for_causal_lm` (``task_ids`` holds task names: pass
 ``task_names=`` there, e.g. the TA-LoRA model or its config).
 """
 

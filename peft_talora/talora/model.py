@@ -1,11 +1,11 @@
 """``TALoraModel``: the PEFT tuner that adds TA-LoRA to any transformers causal LM.
 
-Per call, the shared :class:`~peft_talora.task_routing.TaskRouter` turns ``task_ids`` into the
+Per call, the shared :class:`~peft_talora.multitask.routing.TaskRouter` turns ``task_ids`` into the
 call's routing, which travels with the call's keyword arguments down to every attention call.
 There, inside its own forward, each adapted layer forms the prompts of the tasks present in the
 batch (the shared prompt plus a rank-1 update per task), projects them to prefix keys/values
 through its own frozen attention, and gives each example its task's prefix
-(:meth:`~peft_talora.attention.AttentionSite.prefix`). Inside a ``generate`` call each layer
+(:meth:`~peft_talora.talora.attention.AttentionSite.prefix`). Inside a ``generate`` call each layer
 computes its prefix once, at the first forward, and reuses it at every decoding step.
 """
 
@@ -21,10 +21,10 @@ from torch import nn
 from .attention import AttentionSite, PrefixSource, execution_device, install_sites, remove_site
 from .config import TALoraConfig
 from .layer import TALoraPromptBank
-from .multitask import MultiTaskTunerMixin, check_saved_shape
-from .peft_integration import ROUTED_TASK_IDS_KWARG
-from .routing import TaskIds
-from .task_routing import ROUTING_KWARG, CallRouting, TaskRouter, refuse_adapted_base
+from ..multitask import MultiTaskTunerMixin, check_saved_shape
+from ..peft_patches import ROUTED_TASK_IDS_KWARG
+from ..multitask.task_ids import TaskIds
+from ..multitask.routing import ROUTING_KWARG, CallRouting, TaskRouter, refuse_adapted_base
 
 #: Training stages (see ``set_training_stage``) and the bank parameters each one trains.
 STAGES = ("shared_warmup", "multi_task", "new_tasks")

@@ -1,4 +1,4 @@
-"""One test per PEFT internal touched by ``peft_talora/peft_integration.py``, so a PEFT upgrade fails loudly here.
+"""One test per PEFT internal touched by ``peft_talora/peft_patches.py``, so a PEFT upgrade fails loudly here.
 
 Touches: the ``PeftType`` member, ``register_peft_method`` and the mappings it fills, the wrapper around
 ``PeftModelForCausalLM.forward`` (task ids), the ``is_adaption_prompt`` dispatch of ``PeftModel``, the
@@ -27,7 +27,7 @@ from peft.utils import PeftType, get_peft_model_state_dict
 
 import peft_talora
 from peft_talora import TALoraConfig, TALoraModel
-from peft_talora.peft_integration import (
+from peft_talora.peft_patches import (
     ROUTED_TASK_IDS_KWARG,
     add_peft_type,
     register_tuner,
@@ -501,9 +501,9 @@ def test_reload_of_every_module_of_the_package_is_harmless():
     from pathlib import Path
 
     code = (
-        "import importlib, peft_talora, peft_talora.config, peft_talora.model\n"
-        "importlib.reload(peft_talora.config)\n"
-        "importlib.reload(peft_talora.model)\n"
+        "import importlib, peft_talora, peft_talora.talora.config, peft_talora.talora.model\n"
+        "importlib.reload(peft_talora.talora.config)\n"
+        "importlib.reload(peft_talora.talora.model)\n"
         "importlib.reload(peft_talora)\n"
         "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING\n"
         "from peft.utils import PeftType\n"
@@ -582,14 +582,14 @@ def test_unreadable_weights_of_other_methods_keep_peft_error(tmp_path):
 def test_save_wrapper_keeps_peft_signature_and_binds_its_arguments(tmp_path, monkeypatch):
     """The atomic save binds PEFT's own ``save_pretrained`` signature to find ``selected_adapters`` and
     ``is_main_process``; if PEFT renames them, these calls would write into the target directly."""
-    from peft_talora import atomic
+    from peft_talora.multitask import atomic_save as atomic
 
     params = inspect.signature(inspect.unwrap(PeftModel.save_pretrained)).parameters
     assert {"save_directory", "selected_adapters", "is_main_process", "safe_serialization"} <= set(params)
     calls = []
     real = atomic.write_folder_atomically
     monkeypatch.setattr(
-        "peft_talora.peft_integration.write_folder_atomically", lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+        "peft_talora.peft_patches.write_folder_atomically", lambda *a, **k: calls.append(a[0]) or real(*a, **k)
     )
     model = perturb(talora())
     model.save_pretrained(tmp_path / "a", False, ["default"])  # positional safe_serialization, selected_adapters
@@ -602,7 +602,7 @@ def test_save_of_other_methods_is_peft_own(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a LoRA save must not go through the atomic writer")
 
-    monkeypatch.setattr("peft_talora.peft_integration.write_folder_atomically", refuse)
+    monkeypatch.setattr("peft_talora.peft_patches.write_folder_atomically", refuse)
     lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists()

@@ -6,8 +6,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .multitask import MultiTaskConfig, check_int, check_int_list, check_number
-from .peft_integration import PeftModelDispatch, add_peft_type
+from ..multitask import MultiTaskConfig, check_int, check_int_list, check_number
+from ..peft_patches import PeftModelDispatch, add_peft_type
 
 TALORA = add_peft_type("TALORA")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .layer import is_fast_parameter
+from ..talora.layer import is_fast_parameter
 
 #: Default ratio of the fast to the slow learning rate; see docs/training.md for the measurement.
 DEFAULT_FAST_LR_RATIO = 4.0

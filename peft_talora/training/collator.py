@@ -3,7 +3,7 @@
 - :class:`TaskIdEncoder` turns task names (or ids) into validated int ids of an adapter's tasks.
 - :func:`tokenize_for_causal_lm` turns a ``datasets.Dataset`` of ``prompt``/``completion`` text into
   ``input_ids``/``attention_mask``/``labels``/``task_ids`` columns, prompt tokens masked from the loss.
-- :class:`TALoraDataCollator` pads such rows (or tokenises raw text rows) into a batch.
+- :class:`MultiTaskDataCollator` pads such rows (or tokenises raw text rows) into a batch.
 - :func:`k_shot` picks ``k`` examples per label with a fixed seed.
 
 ``Trainer(remove_unused_columns=True)`` (the default) keeps only the columns named in the model's
@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .multitask import MultiTaskConfig
-from .routing import resolve_task_ids, task_index
+from ..multitask import MultiTaskConfig
+from ..multitask.task_ids import resolve_task_ids, task_index
 
 IGNORE_INDEX = -100
 
@@ -49,7 +49,7 @@ class TaskIdEncoder:
 
     Build it from the adapter's config or model (``TaskIdEncoder.from_config(model)``) or from
     ``task_names``/``num_tasks`` directly. Unknown names or out-of-range ids raise a
-    ``ValueError`` that names the valid tasks (the messages of :mod:`peft_talora.routing`).
+    ``ValueError`` that names the valid tasks (the messages of :mod:`peft_talora.multitask.task_ids`).
     """
 
     def __init__(self, task_names: Optional[Sequence[str]] = None, num_tasks: Optional[int] = None):
@@ -126,7 +126,7 @@ def _encode_pairs(tokenizer, prompts, completions, add_eos: bool, max_length: Op
     appended to the completion when ``add_eos``. Truncation keeps the first ``max_length`` tokens.
     """
     if tokenizer is None:
-        raise ValueError("Text features (prompt/completion) need a tokenizer: TALoraDataCollator(tokenizer=...).")
+        raise ValueError("Text features (prompt/completion) need a tokenizer: MultiTaskDataCollator(tokenizer=...).")
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
@@ -161,7 +161,7 @@ def _width(lengths, pad_to_multiple_of: Optional[int]) -> int:
 
 
 @dataclass
-class TALoraDataCollator:
+class MultiTaskDataCollator:
     """Collates causal-LM examples for TA-LoRA: prompt tokens masked out of the loss, padded, task ids kept.
 
     Each feature is either
@@ -194,7 +194,7 @@ class TALoraDataCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
-            raise ValueError("TALoraDataCollator got an empty list of features.")
+            raise ValueError("MultiTaskDataCollator got an empty list of features.")
         first = features[0]
         if "input_ids" in first:
             input_ids = [list(f["input_ids"]) for f in features]
@@ -216,7 +216,7 @@ class TALoraDataCollator:
             masks = [[1] * len(ids) for ids in input_ids]
         else:
             raise ValueError(
-                "TALoraDataCollator needs features with `input_ids` (and `labels` or `prompt_length`) or with "
+                "MultiTaskDataCollator needs features with `input_ids` (and `labels` or `prompt_length`) or with "
                 f"`prompt` and `completion` text; got keys {sorted(first)}. (With Trainer(remove_unused_columns=True) "
                 "text columns are dropped before collation: tokenise first with tokenize_for_causal_lm.)"
             )
@@ -261,7 +261,7 @@ def tokenize_for_causal_lm(
     and, when ``task_column`` is present, ``task_ids`` as ints (names are mapped with
     ``task_names``: a list, the adapter's ``TALoraConfig`` or the PEFT model). Other columns are
     dropped when ``remove_columns``. ``padding=False`` leaves rows ragged (use
-    :class:`TALoraDataCollator`); ``"longest"`` pads every row to the longest one and
+    :class:`MultiTaskDataCollator`); ``"longest"`` pads every row to the longest one and
     ``"max_length"`` to ``max_length`` (right side), so transformers' ``default_data_collator``
     works too.
     """
@@ -336,3 +336,7 @@ def k_shot(dataset, k: int, label_column: str = "label", seed: int = 0):
     if isinstance(dataset, list):
         return [dataset[i] for i in picked]
     return dataset.select(picked)
+
+
+#: The collator's name before 0.2.0 (it serves every multi-task tuner of the package, not only TA-LoRA).
+TALoraDataCollator = MultiTaskDataCollator

@@ -17,7 +17,7 @@ reach the interface are captured, so fused projections (GPT-2, Phi-3, GPT-NeoX),
 (Qwen3, Gemma3, OLMo2) and grouped-query heads are all handled by the model's own code.
 
 Everything happens inside the attention module's own forward, from the call's routing (the
-``talora_routing`` keyword argument, see :mod:`peft_talora.task_routing`): the prefix is computed
+``talora_routing`` keyword argument, see :mod:`peft_talora.multitask.routing`): the prefix is computed
 with the layer's weights as they are at that moment (unsharded by FSDP, loaded by an offload
 hook, on the layer's device, in its compute dtype), and a layer recomputed by gradient
 checkpointing recomputes its prefix from the parameters. A site holds only static facts about
@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .layer import TALoraPromptBank, gated_prefix_attention
-from .task_routing import ROUTING_KWARG, CallRouting
+from ..multitask.routing import ROUTING_KWARG, CallRouting
 
 ROUTED_PREFIX = "talora+"
 

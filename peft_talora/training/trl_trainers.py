@@ -31,12 +31,12 @@ from datasets import Dataset
 try:
     from trl import DPOTrainer, SFTTrainer
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("peft_talora.trl_support needs TRL: `pip install trl`.") from error
+    raise ImportError("peft_talora.training.trl_trainers needs TRL: `pip install trl`.") from error
 
 from .callbacks import OrthogonalityLogCallback
-from .data import TaskIdEncoder, _encode_task_column
-from .model import TALoraModel, _share_of_items
-from .multitask import MultiTaskConfig
+from .collator import TaskIdEncoder, _encode_task_column
+from ..talora.model import TALoraModel, _share_of_items
+from ..multitask import MultiTaskConfig
 
 
 class TaskIdsCollator:

@@ -1,8 +1,8 @@
-"""Command-line training entry point: ``python -m peft_talora.train``; the same under torchrun/accelerate.
+"""Command-line training entry point: ``python -m peft_talora.training``; the same under torchrun/accelerate.
 
-    python -m peft_talora.train --model_name_or_path MODEL --train_file train.jsonl --output_dir out
-    torchrun --nproc_per_node 2 -m peft_talora.train ...                 # DDP (gloo on CPU)
-    accelerate launch --num_processes 2 -m peft_talora.train ...        # DDP through accelerate
+    python -m peft_talora.training --model_name_or_path MODEL --train_file train.jsonl --output_dir out
+    torchrun --nproc_per_node 2 -m peft_talora.training ...                 # DDP (gloo on CPU)
+    accelerate launch --num_processes 2 -m peft_talora.training ...        # DDP through accelerate
 
 The data file (JSON lines or CSV, read with ``datasets``) has ``prompt``, ``completion`` and a task
 column (names or ids). Every ``transformers.TrainingArguments`` flag works (``--max_steps``,
@@ -70,9 +70,9 @@ def main(argv: Optional[list[str]] = None) -> str:
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import TALoraConfig
-    from .data import tokenize_for_causal_lm
-    from .training import build_trainer
+    from .. import TALoraConfig
+    from .collator import tokenize_for_causal_lm
+    from .trainer import build_trainer
 
     parser = HfArgumentParser((TALoraArguments, TrainingArguments))
     talora_args, args = parser.parse_args_into_dataclasses(args=argv)
@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     resume = get_last_checkpoint(args.output_dir) if args.output_dir and os.path.isdir(args.output_dir) else None
     if trainer.is_world_process_zero():
         global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        print(f"peft_talora.train: world size {args.world_size}, global batch {global_batch}", flush=True)
+        print(f"peft_talora.training: world size {args.world_size}, global batch {global_batch}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     _end_process_group()

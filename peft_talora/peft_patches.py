@@ -2,7 +2,7 @@
 
 PEFT 0.21 has no public plugin API for a tuner that lives outside its source tree, so a
 few internals have to be touched. Each touch is a small function here with its own test in
-``tests/test_peft_integration.py``, so that a PEFT upgrade that moves one of them fails
+``tests/test_peft_patches.py``, so that a PEFT upgrade that moves one of them fails
 loudly in one place instead of silently in many.
 
 The touches:
@@ -24,7 +24,7 @@ The touches:
    in a config and state dict restricted to those tasks, and PEFT's own saving does the rest.
    Saves of this package's adapters (``push_to_hub`` saves through ``save_pretrained``) refuse NaN
    or inf weights and are atomic: PEFT writes into a new folder that replaces the target in one
-   step (``_saving_atomically``, :mod:`peft_talora.atomic`).
+   step (``_saving_atomically``, :mod:`peft_talora.multitask.atomic_save`).
 6. ``complete_model_cards`` extends ``PeftModel.create_or_update_model_card`` with the tuner's
    ``update_model_card`` (method tag, task names), and re-applies both cards before a
    ``push_to_hub`` upload: transformers' ``push_to_hub`` replaces the README that
@@ -40,7 +40,7 @@ The touches:
 The state-dict hooks (``_get_adapter_state_dict`` and friends) are the supported extension point
 and live on the tuner classes themselves. MTL-LoRA subclasses PEFT's ``BaseTuner``/``BaseTunerLayer``
 as PEFT's own tuners do and overrides their injection, enabling, unloading and freezing hooks;
-``tests/test_peft_integration.py::test_base_tuner_hooks_that_mtl_lora_overrides`` fails if PEFT
+``tests/test_peft_patches.py::test_base_tuner_hooks_that_mtl_lora_overrides`` fails if PEFT
 stops calling them.
 """
 
@@ -57,7 +57,7 @@ from peft import PeftModel, PeftModelForCausalLM
 from peft.utils import PeftType, get_peft_model_state_dict, register_peft_method
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .atomic import write_folder_atomically
+from .multitask.atomic_save import write_folder_atomically
 
 #: The weights files PEFT saves an adapter as (safetensors, or torch.save with safe_serialization=False).
 WEIGHT_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
@@ -201,7 +201,7 @@ def _saving_atomically(save):
     PEFT writes ``README.md``, and per adapter ``adapter_model.safetensors`` (or ``.bin``) and
     ``adapter_config.json``, into the folder (``<folder>/<name>/`` for a non-default adapter name).
     Here it writes into a new folder beside the target, which replaces the target in one step once
-    every file is complete (:func:`peft_talora.atomic.write_folder_atomically`); the old folder's
+    every file is complete (:func:`peft_talora.multitask.atomic_save.write_folder_atomically`); the old folder's
     other files (a tokenizer, other adapters' subfolders) are carried over. Other methods' saves,
     and processes other than the main one (PEFT writes nothing there), are PEFT's own.
     """

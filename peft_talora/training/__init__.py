@@ -1,0 +1,32 @@
+"""Training multi-task adapters with the stock ``transformers.Trainer``.
+
+- ``collator``: task-name encoding, prompt/completion tokenisation and the collator that keeps
+  ``task_ids`` (:class:`MultiTaskDataCollator`);
+- ``sampling``: multi-task samplers for imbalanced tasks;
+- ``trainer``: :class:`MultiTaskTrainer` and :func:`build_trainer`, the training helper;
+- ``optim``: TA-LoRA's fast/slow parameter groups; ``callbacks``: the orthogonality log entry;
+- ``trl_trainers``: TRL's SFT and DPO trainers with a task column (imports ``trl``);
+- ``cli``: the command line, ``python -m peft_talora.training`` (also under torchrun / accelerate launch).
+"""
+
+from .callbacks import OrthogonalityLogCallback
+from .collator import MultiTaskDataCollator, TALoraDataCollator, TaskIdEncoder, k_shot, tokenize_for_causal_lm
+from .optim import talora_optimizer, talora_parameter_groups
+from .sampling import MultiTaskSampler, normalized_entropy, task_sampling_probabilities
+from .trainer import MultiTaskTrainer, build_trainer
+
+__all__ = [
+    "MultiTaskDataCollator",
+    "MultiTaskSampler",
+    "MultiTaskTrainer",
+    "OrthogonalityLogCallback",
+    "TALoraDataCollator",
+    "TaskIdEncoder",
+    "build_trainer",
+    "k_shot",
+    "normalized_entropy",
+    "talora_optimizer",
+    "talora_parameter_groups",
+    "task_sampling_probabilities",
+    "tokenize_for_causal_lm",
+]

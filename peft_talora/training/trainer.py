@@ -1,0 +1,177 @@
+"""The training helper: a stock ``Trainer`` set up the way a multi-task adapter wants it.
+
+:func:`build_trainer` adds, to whatever a user would pass ``Trainer`` anyway:
+
+- fast/slow learning rates for TA-LoRA (:func:`peft_talora.talora_optimizer`; Trainer's
+  scheduler then scales every group);
+- multi-task sampling (``task_sampling``: ``"proportional"``, ``"temperature"``, ``"uncertainty"``);
+- the orthogonality penalty as its own log entry;
+- a collator that masks prompt tokens, pads and keeps ``task_ids``.
+
+It runs unchanged under ``torchrun`` and ``accelerate launch`` (Trainer handles DDP);
+``python -m peft_talora.training`` is the command-line entry point built on it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .callbacks import OrthogonalityLogCallback
+from .collator import MultiTaskDataCollator
+from ..talora.model import TALoraModel
+from .optim import DEFAULT_FAST_LR_RATIO, talora_optimizer
+from .sampling import STRATEGIES, MultiTaskSampler, normalized_entropy
+
+
+def build_trainer(
+    model,
+    args: TrainingArguments,
+    train_dataset=None,
+    eval_dataset=None,
+    *,
+    processing_class=None,
+    data_collator=None,
+    fast_lr_ratio: float = DEFAULT_FAST_LR_RATIO,
+    task_sampling: Optional[str] = None,
+    task_sampling_temperature: float = 2.0,
+    compute_metrics=None,
+    callbacks: Optional[list] = None,
+    **trainer_kwargs,
+) -> MultiTaskTrainer:
+    """A :class:`~peft_talora.training.trainer.MultiTaskTrainer` for ``model`` (a ``PeftModel``).
+
+    For a TA-LoRA adapter the optimizer is AdamW over fast/slow groups built from ``args``
+    (learning rate, weight decay, betas, epsilon) with ``fast_lr_ratio``; other methods get
+    Trainer's own optimizer. ``data_collator`` defaults to :class:`MultiTaskDataCollator`.
+    """
+    optimizers = (None, None)
+    if isinstance(getattr(model, "base_model", None), TALoraModel):
+        optimizer = talora_optimizer(
+            model,
+            lr=args.learning_rate,
+            fast_lr_ratio=fast_lr_ratio,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
+        optimizers = (optimizer, None)
+    if data_collator is None:
+        data_collator = MultiTaskDataCollator(tokenizer=processing_class, task_names=model)
+    return MultiTaskTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
+        callbacks=[OrthogonalityLogCallback(), *(callbacks or [])],
+        optimizers=optimizers,
+        task_sampling=task_sampling,
+        task_sampling_temperature=task_sampling_temperature,
+        **trainer_kwargs,
+    )
+
+
+def _column_values(dataset, column: str) -> list:
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        if column not in names:
+            raise ValueError(
+                f"task_sampling needs a {column!r} column in the training set; its columns are {names}."
+            )
+        return list(dataset[column])
+    return [dataset[i][column] for i in range(len(dataset))]
+
+
+def _next_token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean normalised entropy of a causal LM's predictions at its target tokens ``(B,)``."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    entropy = normalized_entropy(logits.float())  # (B, L-1), normalised by log(vocab)
+    counts = mask.sum(-1)
+    means = (entropy * mask).sum(-1) / counts.clamp(min=1)
+    return torch.where(counts > 0, means, torch.zeros_like(means))
+
+
+class MultiTaskTrainer(Trainer):
+    """``transformers.Trainer`` whose training order follows a multi-task sampling strategy.
+
+    ``task_sampling``: ``None`` (the stock sampler), ``"proportional"``, ``"temperature"`` or
+    ``"uncertainty"`` (see :mod:`peft_talora.training.sampling`); ``task_sampling_temperature`` is ``T``;
+    the sampler is seeded with ``args.data_seed`` (else ``args.seed``). The training set needs a
+    ``task_column`` column (int ids, or task names of the adapter). With ``"uncertainty"`` every
+    training batch updates its tasks' uncertainties from the model's own predictions at the
+    target tokens (entropy normalised by the vocabulary size; on several processes each keeps
+    its own estimate); the probabilities are refreshed every ``uncertainty_refresh_every``
+    examples drawn. The sampler in use is ``trainer.task_sampler``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        task_sampling: Optional[str] = None,
+        task_sampling_temperature: float = 2.0,
+        task_column: str = "task_ids",
+        uncertainty_momentum: float = 0.0,
+        uncertainty_refresh_every: Optional[int] = None,
+        **kwargs,
+    ):
+        if task_sampling is not None and task_sampling not in STRATEGIES:
+            raise ValueError(f"Unknown task_sampling {task_sampling!r}; choose None or one of {list(STRATEGIES)}.")
+        self.task_sampling = task_sampling
+        self.task_sampling_temperature = task_sampling_temperature
+        self.task_column = task_column
+        self.uncertainty_momentum = uncertainty_momentum
+        self.uncertainty_refresh_every = uncertainty_refresh_every
+        self.task_sampler: Optional[MultiTaskSampler] = None
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.task_sampling is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        values = _column_values(dataset, self.task_column)
+        num_tasks = None
+        try:
+            from .collator import TaskIdEncoder
+
+            encoder = TaskIdEncoder.from_config(self.accelerator.unwrap_model(self.model))
+            values, num_tasks = encoder.encode(values), encoder.num_tasks
+        except TypeError:  # not a TA-LoRA model: take the ids as they are
+            values = [int(v) for v in values]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.task_sampler = MultiTaskSampler(
+            values,
+            self.task_sampling,
+            temperature=self.task_sampling_temperature,
+            num_tasks=num_tasks,
+            seed=seed,
+            uncertainty_momentum=self.uncertainty_momentum,
+            refresh_every=self.uncertainty_refresh_every,
+        )
+        return self.task_sampler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sampler = self.task_sampler
+        track = (
+            sampler is not None
+            and sampler.strategy == "uncertainty"
+            and model.training
+            and inputs.get("labels") is not None
+            and inputs.get(self.task_column) is not None
+        )
+        if not track:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels, task_ids = inputs["labels"], inputs[self.task_column]
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        with torch.no_grad():
+            entropies = _next_token_entropies(logits.detach(), labels)
+            has_targets = (labels[:, 1:] != -100).any(-1)
+            if has_targets.any() and isinstance(task_ids, torch.Tensor):
+                sampler.update_uncertainties(task_ids[has_targets].cpu(), entropies=entropies[has_targets].cpu())
+        return (loss, outputs) if return_outputs else loss
