@@ -58,12 +58,10 @@ from peft.utils import PeftType, get_peft_model_state_dict, register_peft_method
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .multitask.atomic_save import write_folder_atomically
+from .multitask.routing import ROUTED_TASK_IDS_KWARG
 
 #: The weights files PEFT saves an adapter as (safetensors, or torch.save with safe_serialization=False).
 WEIGHT_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
-
-#: Keyword under which the wrapped ``PeftModelForCausalLM.forward`` passes task ids to a tuner.
-ROUTED_TASK_IDS_KWARG = "_peft_talora_task_ids"
 
 
 def add_peft_type(name: str) -> PeftType:

@@ -21,7 +21,6 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..multitask import MultiTaskTunerMixin, check_saved_shape
-from ..peft_patches import ROUTED_TASK_IDS_KWARG
 from ..multitask.task_ids import TaskIds
 from ..multitask.routing import (
     ROUTING_KWARG,
@@ -34,8 +33,8 @@ from ..multitask.routing import (
 from .config import MTLLoraConfig
 from .layer import Linear, MTLLoraLayer
 
-#: Training stages (see ``set_training_stage``).
-STAGES = ("multi_task", "new_tasks")
+#: Training stages (see ``set_training_stage``): the shared ones.
+STAGES = MultiTaskTunerMixin.STAGES
 
 #: Default ``target_modules`` per ``model_type``: LoRA's (attention q/v), plus fused/missing families.
 TARGET_MODULES = {
@@ -87,6 +86,7 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         """Tuner state; ``BaseTuner.__init__`` calls this once, after ``nn.Module.__init__`` and before injecting."""
         self._enabled = True
         self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
+        self._frozen_blocks: dict[str, int] = {}  # adapter -> leading task blocks frozen in the "new_tasks" stage
         self._merged_tasks: dict[str, int] = {}  # adapter name -> task merged by merge_adapter
         self._exported_tasks: dict[str, list[int]] = {}  # set inside exporting_tasks()
 
@@ -107,12 +107,6 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
             if isinstance(m, MTLLoraLayer) and (adapter_name is None or adapter_name in m.mtllora_A)
         ]
 
-    def _check_adapter(self, adapter_name: Optional[str]) -> str:
-        name = adapter_name or self._active_name
-        if name not in self.peft_config:
-            raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
-        return name
-
     @property
     def _active_name(self) -> Optional[str]:
         active = self.active_adapters
@@ -130,7 +124,7 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._stages.pop(adapter_name, None)
+        self._forget_adapter(adapter_name)
         active = self.active_adapters
         self.active_adapter = active[0] if active else []  # PEFT's layers pick the next adapter, if any
 
@@ -148,56 +142,24 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         trainable = self._enabled and adapter_name in self.active_adapters and not config.inference_mode
         self.set_requires_grad(adapter_name, trainable)  # the layers keep a stage's frozen parts frozen
 
-    # ----------------------------------------------------------------- stages and tasks
-    def set_training_stage(self, stage: str, adapter_name: Optional[str] = None) -> None:
-        """Choose what trains for ``adapter_name`` (default: the active adapter).
+    # ----------------------------------------------------------------- stages and tasks (hooks of the mixin)
+    def _num_task_blocks(self, adapter_name: str) -> int:
+        layers = self._layers(adapter_name)
+        return len(layers[0].mtllora_lambda[adapter_name]) if layers else 1
 
-        - ``"multi_task"`` (the default): everything trains.
-        - ``"new_tasks"``: only ``Lambda``/mixing logits of the tasks added by the latest :meth:`add_tasks`
-          call train; ``A``, the ``B_i`` and every earlier task are frozen and stay bit-identical.
+    def _add_task_block(self, adapter_name: str, count: int) -> None:
+        """Each new task gets ``Lambda = I`` and fresh mixing logits in its own block; no output changes."""
+        for layer in self._layers(adapter_name):
+            layer.add_task_block(adapter_name, count)
 
-        Setting a stage makes the adapter trainable (when active), even if it was loaded for inference.
-        """
-        name = self._check_adapter(adapter_name)
-        if stage not in STAGES:
-            raise ValueError(f"Unknown training stage {stage!r}; choose one of {list(STAGES)}.")
-        layers = self._layers(name)
-        blocks = len(layers[0].mtllora_lambda[name]) if layers else 1
-        if stage == "new_tasks" and blocks == 1:
-            raise ValueError(
-                f"Adapter {name!r} has no added tasks to train: call add_tasks([...]) first, which also selects "
-                "the 'new_tasks' stage."
-            )
-        frozen = blocks - 1 if stage == "new_tasks" else 0
-        for layer in layers:
-            layer.frozen_task_blocks[name] = frozen
-        self._stages[name] = stage
-        self.peft_config[name].inference_mode = False
-        self._refresh_trainability(name)
-
-    def training_stage(self, adapter_name: Optional[str] = None) -> str:
-        """The training stage of ``adapter_name`` (default: the active adapter)."""
-        return self._stages.get(adapter_name or self._active_name, "multi_task")
-
-    def add_tasks(
-        self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
-    ) -> list[int]:
-        """Add tasks (new names, or a count for unnamed adapters) and return their ids.
-
-        Each new task gets ``Lambda = I`` and fresh mixing logits in its own parameter block; no
-        existing task's output changes. With ``freeze=True`` (the default) the adapter moves to the
-        ``"new_tasks"`` stage: only these new tasks train. With ``freeze=False`` the stage stays.
-        Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
-        """
-        name = self._check_adapter(adapter_name)
-        first, count = self._extend_task_list(name, tasks)
-        for layer in self._layers(name):
-            layer.add_task_block(name, count)
-        if freeze:
-            self.set_training_stage("new_tasks", name)
-        else:
-            self._refresh_trainability(name)
-        return list(range(first, first + count))
+    def _apply_stage(self, adapter_name: str) -> None:
+        """``multi_task``: everything trains. ``new_tasks``: ``A``, the ``B_i`` and the earlier task blocks
+        stay frozen (the layers keep them frozen through PEFT's ``requires_grad`` changes)."""
+        new_tasks = self.training_stage(adapter_name) == "new_tasks"
+        frozen = self._frozen_blocks.get(adapter_name, 0) if new_tasks else 0
+        for layer in self._layers(adapter_name):
+            layer.frozen_task_blocks[adapter_name] = frozen
+        self._refresh_trainability(adapter_name)
 
     # ----------------------------------------------------------------- routing
     def routing_for_call(
@@ -216,21 +178,6 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
                 f"(got task ids {resolved.tolist()}); call unmerge_adapter() to route other tasks."
             )
         return CallRouting(resolved, adapter=name, cache=cache)
-
-    def forward(self, *args, task_ids: TaskIds = None, **kwargs):
-        routed = kwargs.pop(ROUTED_TASK_IDS_KWARG, None)
-        task_ids = routed if task_ids is None else task_ids
-        if task_ids is not None:
-            kwargs["task_ids"] = task_ids
-        return self.model(*args, **kwargs)
-
-    def generate(self, *args, task_ids: TaskIds = None, **kwargs):
-        """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences."""
-        inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        if inputs is None:
-            raise ValueError("generate needs input_ids or inputs_embeds so that task_ids can be matched to examples.")
-        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, inputs)
-        return self.model.generate(*args, **kwargs)
 
     # ----------------------------------------------------------------- merging
     def _tasks_to_merge(self, adapter_names: Sequence[str], task: Union[int, str, None]) -> dict[str, int]:

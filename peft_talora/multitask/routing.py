@@ -39,6 +39,9 @@ from torch import nn
 #: Keyword argument that carries a call's :class:`CallRouting` through the model.
 ROUTING_KWARG = "talora_routing"
 
+#: Keyword under which the patched ``PeftModelForCausalLM.forward`` passes task ids to a tuner.
+ROUTED_TASK_IDS_KWARG = "_peft_talora_task_ids"
+
 
 class CallRouting:
     """The task routing of one forward or ``generate`` call.

@@ -16,25 +16,121 @@ from typing import Optional, Union
 import torch
 from peft.config import PeftConfig
 
+from .config import MultiTaskConfig, TaskList
+from .routing import ROUTED_TASK_IDS_KWARG, ROUTING_KWARG
 from .task_ids import TaskIds, resolve_task_ids, task_index
 
 
 class MultiTaskTunerMixin:
-    """Task handling shared by the multi-task tuners: validation, adding, export, model card.
+    """What the multi-task tuners share: calls, stages, ``add_tasks``, task validation, export, model card.
 
-    The tuner has ``peft_config`` (adapter name -> :class:`MultiTaskConfig`), ``active_adapter``,
-    ``_exported_tasks`` (a dict, empty outside an export) and a ``model_card_tags`` tuple. Its
-    ``_get_adapter_state_dict`` keeps only ``_exported_tasks[adapter]`` rows when that is set.
+    The tuner has ``model`` (the wrapped transformers model), ``peft_config`` (adapter name ->
+    :class:`MultiTaskConfig`), ``_active_name`` (the active adapter, ``None`` when there is none),
+    ``_router`` (its :class:`~peft_talora.multitask.routing.TaskRouter`), ``_stages`` and
+    ``_frozen_blocks`` (dicts), ``_exported_tasks`` (a dict, empty outside an export) and a
+    ``model_card_tags`` tuple, and implements three hooks: ``_num_task_blocks(name)``,
+    ``_add_task_block(name, count)`` and ``_apply_stage(name)`` (set ``requires_grad`` for the
+    adapter's stage; ``_frozen_blocks[name]`` leading task blocks stay frozen in ``"new_tasks"``),
+    plus ``_refresh_trainability(name)`` (apply the stage if the adapter trains now, else freeze it).
+    Its ``_get_adapter_state_dict`` keeps only ``_exported_tasks[adapter]`` rows when that is set.
     """
 
+    #: Training stages (see ``set_training_stage``); a method may add its own (TA-LoRA's warm-up).
+    STAGES: tuple[str, ...] = ("multi_task", "new_tasks")
     model_card_tags: tuple[str, ...] = ("multi-task", "peft-talora")
 
+    # ----------------------------------------------------------------- calls
+    def forward(self, *args, task_ids: TaskIds = None, **kwargs):
+        """The wrapped model's forward; ``task_ids`` (from the PEFT model or given here) route each example."""
+        routed = kwargs.pop(ROUTED_TASK_IDS_KWARG, None)
+        task_ids = routed if task_ids is None else task_ids
+        if task_ids is not None:
+            kwargs["task_ids"] = task_ids
+        return self._after_forward(self.model(*args, **kwargs), kwargs)
+
+    def _after_forward(self, output, kwargs: dict):
+        """What the method adds to a forward's output (TA-LoRA: its orthogonality penalty)."""
+        return output
+
+    def generate(self, *args, task_ids: TaskIds = None, **kwargs):
+        """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences.
+
+        One routing serves the whole call, so what the layers compute from it (TA-LoRA's prefixes)
+        is computed once per call, not at every decoding step.
+        """
+        inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
+        if inputs is None:
+            raise ValueError("generate needs input_ids or inputs_embeds so that task_ids can be matched to examples.")
+        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, inputs)
+        return self.model.generate(*args, **kwargs)
+
     def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device=None) -> torch.Tensor:
-        """Validate ``task_ids`` against the active adapter's tasks; see :func:`routing.resolve_task_ids`."""
-        config = self.peft_config[self.active_adapter]
+        """Validate ``task_ids`` against the active adapter's tasks; see :func:`~peft_talora.multitask.resolve_task_ids`."""
+        config = self.peft_config[self._active_name]
         return resolve_task_ids(
             task_ids, batch_size=batch_size, num_tasks=config.num_tasks, task_names=config.task_names, device=device
         )
+
+    # ----------------------------------------------------------------- stages and tasks
+    def _check_adapter(self, adapter_name: Optional[str] = None) -> str:
+        """``adapter_name`` (default: the active adapter), if it exists; else a ``ValueError`` listing them."""
+        name = adapter_name or self._active_name
+        if name not in self.peft_config:
+            raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
+        return name
+
+    def training_stage(self, adapter_name: Optional[str] = None) -> str:
+        """The training stage of ``adapter_name`` (default: the active adapter)."""
+        return self._stages.get(adapter_name or self._active_name, "multi_task")
+
+    def set_training_stage(self, stage: str, adapter_name: Optional[str] = None) -> None:
+        """Choose what trains for ``adapter_name`` (default: the active adapter); see the method's ``STAGES``.
+
+        - ``"multi_task"`` (the default): everything trains; each example gets its task's parameters.
+        - ``"new_tasks"``: only the tasks added since the stage began (by ``add_tasks``) train; the shared
+          parts and every earlier task are frozen and stay bit-identical.
+
+        Setting a stage makes the adapter trainable, even if it was loaded for inference.
+        """
+        name = self._check_adapter(adapter_name)
+        if stage not in self.STAGES:
+            raise ValueError(f"Unknown training stage {stage!r}; choose one of {list(self.STAGES)}.")
+        blocks = self._num_task_blocks(name)
+        if stage == "new_tasks":
+            if blocks == 1:
+                raise ValueError(
+                    f"Adapter {name!r} has no added tasks to train: call add_tasks([...]) first, which also selects "
+                    "the 'new_tasks' stage."
+                )
+            self._frozen_blocks[name] = blocks - 1
+        self._stages[name] = stage
+        self.peft_config[name].inference_mode = False
+        self._apply_stage(name)
+
+    def add_tasks(
+        self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
+    ) -> list[int]:
+        """Add tasks (new names, or a count for unnamed adapters) and return their ids.
+
+        The new tasks get their own parameter block, initialised so that no existing task's output
+        changes. With ``freeze=True`` (the default) the adapter moves to the ``"new_tasks"`` stage:
+        only the new tasks train. With ``freeze=False`` the stage stays; in the ``"new_tasks"``
+        stage the new block then trains beside the blocks added since that stage began.
+        Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
+        """
+        name = self._check_adapter(adapter_name)
+        first, count = self._extend_task_list(name, tasks)
+        self._add_task_block(name, count)
+        if freeze:
+            self.set_training_stage("new_tasks", name)
+        else:
+            self._refresh_trainability(name)
+        return list(range(first, first + count))
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        """Drop the per-adapter state of a deleted adapter, so a new adapter of that name starts afresh."""
+        self._stages.pop(adapter_name, None)
+        self._frozen_blocks.pop(adapter_name, None)
 
     def _extend_task_list(self, adapter_name: str, tasks: Union[int, Sequence[str]]) -> tuple[int, int]:
         """Grow the adapter's config by ``tasks`` (validated first); returns (first new id, count)."""

@@ -18,16 +18,16 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..multitask import MultiTaskTunerMixin, check_saved_shape
+from ..multitask.routing import CallRouting, TaskRouter, refuse_adapted_base
+from ..multitask.task_ids import TaskIds
 from .attention import AttentionSite, PrefixSource, execution_device, install_sites, remove_site
 from .config import TALoraConfig
 from .layer import TALoraPromptBank
-from ..multitask import MultiTaskTunerMixin, check_saved_shape
-from ..peft_patches import ROUTED_TASK_IDS_KWARG
-from ..multitask.task_ids import TaskIds
-from ..multitask.routing import ROUTING_KWARG, CallRouting, TaskRouter, refuse_adapted_base
 
-#: Training stages (see ``set_training_stage``) and the bank parameters each one trains.
-STAGES = ("shared_warmup", "multi_task", "new_tasks")
+#: Training stages (see ``set_training_stage``): the shared ones plus the shared warm-up, where the task part
+#: is off and only the shared prompt and the gates train (every example gets the shared prompt).
+STAGES = ("shared_warmup", *MultiTaskTunerMixin.STAGES)
 
 
 def _text_config(model: nn.Module):
@@ -43,7 +43,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     """
 
     prefix = "talora_"
-    routes_task_ids = True  # read by peft_integration.route_task_ids_through_peft_forward
+    STAGES = STAGES
+    routes_task_ids = True  # read by peft_patches.route_task_ids_through_peft_forward
     model_card_tags = ("ta-lora", "multi-task", "peft-talora")
 
     def __init__(self, model: nn.Module, peft_config: dict, adapter_name: str, low_cpu_mem_usage: bool = False):
@@ -143,71 +144,36 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             else:
                 self.talora_banks[name].requires_grad_(False)
 
-    # ----------------------------------------------------------------- stages and tasks
-    def set_training_stage(self, stage: str, adapter_name: Optional[str] = None) -> None:
-        """Choose what trains (and how prompts are built) for ``adapter_name`` (default: the active one).
+    # ----------------------------------------------------------------- stages and tasks (hooks of the mixin)
+    @property
+    def _active_name(self) -> Optional[str]:
+        return self.active_adapter if self.active_adapter in self.peft_config else None
 
-        - ``"shared_warmup"``: the task part is switched off; every example gets the shared prompt,
-          and only the shared prompt and the gates train (``task_ids`` are optional).
-        - ``"multi_task"`` (the default): everything trains; each example gets its task's prompt.
-        - ``"new_tasks"``: only the factors of the tasks added by the latest :meth:`add_tasks` call
-          train; the shared parts and every earlier task are frozen and stay bit-identical.
+    def _num_task_blocks(self, adapter_name: str) -> int:
+        return len(self.talora_banks[adapter_name].task_u_blocks)
 
-        Setting a stage makes the adapter trainable, even if it was loaded for inference.
-        """
-        name = adapter_name or self.active_adapter
-        if name not in self.peft_config:
-            raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
-        if stage not in STAGES:
-            raise ValueError(f"Unknown training stage {stage!r}; choose one of {list(STAGES)}.")
-        if stage == "new_tasks" and len(self.talora_banks[name].task_u_blocks) == 1:
-            raise ValueError(
-                f"Adapter {name!r} has no added tasks to train: call add_tasks([...]) first, which also selects "
-                "the 'new_tasks' stage."
-            )
-        self._stages[name] = stage
-        self.peft_config[name].inference_mode = False
-        self._apply_stage(name)
+    def _add_task_block(self, adapter_name: str, count: int) -> None:
+        """New tasks' factors; their prompts start equal to the shared prompt, so no output changes."""
+        self.talora_banks[adapter_name].add_task_block(count)
 
-    def training_stage(self, adapter_name: Optional[str] = None) -> str:
-        """The training stage of ``adapter_name`` (default: the active adapter)."""
-        return self._stages.get(adapter_name or self.active_adapter, "multi_task")
+    def _refresh_trainability(self, adapter_name: str) -> None:
+        if not self.peft_config[adapter_name].inference_mode and adapter_name == self.active_adapter:
+            self._apply_stage(adapter_name)
 
     def _apply_stage(self, adapter_name: str) -> None:
+        """``shared_warmup``: only the shared prompt and the gates train (every example gets the shared
+        prompt; ``task_ids`` are optional). ``multi_task``: everything. ``new_tasks``: the task blocks
+        added since the stage began."""
         bank = self.talora_banks[adapter_name]
         stage = self.training_stage(adapter_name)
         bank.requires_grad_(stage == "multi_task")
         if stage == "shared_warmup":
             bank.shared_prompt.requires_grad_(True)
             bank.gate.requires_grad_(True)
-        elif stage == "new_tasks":  # blocks added since the stage began: earlier blocks stay bit-identical
+        elif stage == "new_tasks":  # earlier blocks stay bit-identical
             frozen = self._frozen_blocks.get(adapter_name, len(bank.task_u_blocks) - 1)
             for block in (*bank.task_u_blocks[frozen:], *bank.task_v_blocks[frozen:]):
                 block.requires_grad_(True)
-
-    def add_tasks(
-        self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
-    ) -> list[int]:
-        """Add tasks (new names, or a count for unnamed adapters) and return their ids.
-
-        New tasks get fresh factors whose prompts start equal to the shared prompt, so every
-        existing task's outputs are unchanged. With ``freeze=True`` (the default) the adapter moves
-        to the ``"new_tasks"`` stage: only the new tasks' factors train. With ``freeze=False``
-        the current stage stays. Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
-        """
-        name = adapter_name or self.active_adapter
-        if name not in self.peft_config:
-            raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.peft_config)}.")
-        first, count = self._extend_task_list(name, tasks)
-        bank = self.talora_banks[name]
-        if freeze:
-            self._frozen_blocks[name] = len(bank.task_u_blocks)
-        bank.add_task_block(count)
-        if freeze:
-            self.set_training_stage("new_tasks", name)
-        elif not self.peft_config[name].inference_mode and name == self.active_adapter:
-            self._apply_stage(name)
-        return list(range(first, first + count))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -215,8 +181,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         del self.peft_config[adapter_name]
         del self.talora_banks[adapter_name]
         del self._layer_positions[adapter_name]
-        self._stages.pop(adapter_name, None)
-        self._frozen_blocks.pop(adapter_name, None)
+        self._forget_adapter(adapter_name)
         if adapter_name == self.active_adapter:
             self.active_adapter = next(iter(self.peft_config), None)
 
@@ -284,12 +249,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         return CallRouting(resolved, adapter=source, cache=cache)
 
     # ----------------------------------------------------------------- calls
-    def forward(self, *args, task_ids: TaskIds = None, **kwargs):
-        routed = kwargs.pop(ROUTED_TASK_IDS_KWARG, None)
-        task_ids = routed if task_ids is None else task_ids
-        if task_ids is not None:
-            kwargs["task_ids"] = task_ids
-        output = self.model(*args, **kwargs)
+    def _after_forward(self, output, kwargs: dict):
+        """In training, add the orthogonality penalty to the loss (once per optimizer step, see ``_share_of_items``)."""
         bank = self.active_bank
         weight = self.peft_config[self.active_adapter].orthogonality_weight if bank is not None else 0.0
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
@@ -304,14 +265,6 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             output.loss = output.loss + weight * share * penalty
             self.orthogonality_log.add(penalty.detach())
         return output
-
-    def generate(self, *args, task_ids: TaskIds = None, **kwargs):
-        """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences."""
-        inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        if inputs is None:
-            raise ValueError("generate needs input_ids or inputs_embeds so that task_ids can be matched to examples.")
-        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, inputs)
-        return self.model.generate(*args, **kwargs)
 
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(_NO_MERGE)
