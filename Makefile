@@ -1,7 +1,15 @@
-.PHONY: setup test demo
+.PHONY: setup lint format test demo
 
 setup:
 	bash scripts/setup_env.sh
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -71,8 +71,10 @@ def main(argv=None) -> dict:
 
     models, tokenizer = build_models(args.num_tasks)
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in (PROMPTS * args.batch_size)[: args.batch_size]]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in (PROMPTS * args.batch_size)[: args.batch_size]
+    ]
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     extra = {
         "base": {},
@@ -87,8 +89,10 @@ def main(argv=None) -> dict:
         for name, model in models.items():
             speeds[name].append(tokens_per_second(model, inputs, args.new_tokens, {**extra[name], **common}))
     median = {name: statistics.median(v) for name, v in speeds.items()}
-    print(f"SmolLM2-135M, batch {args.batch_size}, {args.new_tokens} new tokens, median of {args.repeats} "
-          f"interleaved runs, torch threads {torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M, batch {args.batch_size}, {args.new_tokens} new tokens, median of {args.repeats} "
+        f"interleaved runs, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'model':<16} {'tokens/s':>10} {'vs base':>8}")
     for name, value in median.items():
         print(f"{name:<16} {value:>10.1f} {value / median['base']:>7.3f}x")

@@ -76,36 +76,58 @@ class Method:
 
 METHODS = {
     "ta-lora": Method(
-        "ta-lora", "TA-LoRA", "prompt", "names",
+        "ta-lora",
+        "TA-LoRA",
+        "prompt",
+        "names",
         "`add_tasks([name])`, freeze mode: only the new task's `u, v` train; shared parts and source tasks frozen",
     ),
     "pt": Method(
-        "pt", "Prompt tuning (PT)", "prompt", None,
+        "pt",
+        "Prompt tuning (PT)",
+        "prompt",
+        None,
         "single-task: the multi-task prompt is trained further on the target task (a copy per target)",
     ),
     "mpt": Method(
-        "mpt", "MPT", "prompt", "ids",
+        "mpt",
+        "MPT",
+        "prompt",
+        "ids",
         "PEFT's MPT transfer: a new one-task MPT initialised with `AVERAGE_SOURCE_TASKS` from the source "
         "prompt (shared prompt and task factors averaged over source tasks), all of it trained",
     ),
     "adaption-prompt": Method(
-        "adaption-prompt", "LLaMA-Adapter (AdaptionPrompt)", "prompt", None,
+        "adaption-prompt",
+        "LLaMA-Adapter (AdaptionPrompt)",
+        "prompt",
+        None,
         "single-task: the multi-task adapter is trained further on the target task (a copy per target)",
     ),
     "lora": Method(
-        "lora", "LoRA (r=8, q/v)", "lora", None,
+        "lora",
+        "LoRA (r=8, q/v)",
+        "lora",
+        None,
         "single-task: the multi-task LoRA is trained further on the target task (a copy per target)",
     ),
     "poly": Method(
-        "poly", "Poly", "lora", "ids",
+        "poly",
+        "Poly",
+        "lora",
+        "ids",
         "a one-task copy: router row = mean of the source tasks' rows, skills and router trained "
         "(the analogue of MPT's `AVERAGE_SOURCE_TASKS`)",
     ),
     "mtl-lora": Method(
-        "mtl-lora", "MTL-LoRA", "lora", "names",
+        "mtl-lora",
+        "MTL-LoRA",
+        "lora",
+        "names",
         "`add_tasks([name])`, freeze mode: only the new task's `Lambda` and mixing logits train",
     ),
 }
+
 
 def _talora_variant(key: str, label: str, **changes) -> Method:
     """TA-LoRA with one thing changed (``changes``: config fields, ``lr``, ``fast_lr_ratio``, ``gate_init``, ``warmup``)."""
@@ -178,9 +200,14 @@ def make_config(key: str, tasks: list[str], num_layers: int, *, counting: bool =
     """
     method = ALL[key]
     base_key = key.split("/")[0]
-    text_init = {} if counting else dict(
-        prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=PROMPT_INIT_TEXT,
-        tokenizer_name_or_path=tok_path,
+    text_init = (
+        {}
+        if counting
+        else dict(
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=PROMPT_INIT_TEXT,
+            tokenizer_name_or_path=tok_path,
+        )
     )
     if base_key == "ta-lora":
         extra = {k: v for k, v in method.ablation.items() if k in ("orthogonality_weight", "prompt_init_std")}
@@ -272,11 +299,17 @@ def for_target(key: str, state: dict, base, sources: list[str], target: str, see
 
         scratch.mkdir(parents=True, exist_ok=True)
         path = scratch / f"mpt_source_seed{seed}.safetensors"
-        encoder = {name.split(".")[-1] if "prefix_task" in name else "prompt_embeddings": value
-                   for name, value in state.items() if "prompt_encoder" in name}
+        encoder = {
+            name.split(".")[-1] if "prefix_task" in name else "prompt_embeddings": value
+            for name, value in state.items()
+            if "prompt_encoder" in name
+        }
         save_file({k: v.contiguous() for k, v in encoder.items()}, str(path))  # the keys PEFT's MPT reads
         config = MultitaskPromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS, num_tasks=1, num_ranks=1,
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+            num_tasks=1,
+            num_ranks=1,
             prompt_tuning_init=MultitaskPromptTuningInit.AVERAGE_SOURCE_TASKS,
             prompt_tuning_init_state_dict_path=str(path),
         )
@@ -349,5 +382,10 @@ def count_parameters(key: str, base_config, tasks: list[str]) -> dict:
         per_unseen = _count(trainable(1))
     else:
         per_unseen = total
-    return {"total": total, "per_task": per_task, "shared": shared, "per_unseen_task": per_unseen,
-            "convention": convention}
+    return {
+        "total": total,
+        "per_task": per_task,
+        "shared": shared,
+        "per_unseen_task": per_unseen,
+        "convention": convention,
+    }

@@ -20,9 +20,9 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.suite import evaluate_task, format_split, get_task, load_task, subsample
 from peft_talora.training import build_trainer
+from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 
 SYSTEM_PROMPT = "You are a precise text classifier."  # short, as in examples/main_job.py
 EVAL_BATCH_SIZE = 8
@@ -44,8 +44,9 @@ def stream(rows: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 
 def source_stream(tasks, tokenizer, per_task: int, seed: int, n: int, max_text_tokens: int) -> datasets.Dataset:
     """``n`` formatted training rows from ``per_task`` stratified examples of every source task, mixed."""
-    parts = [format_rows(subsample(load_task(t)["train"], per_task, seed=seed), tokenizer, max_text_tokens)
-             for t in tasks]
+    parts = [
+        format_rows(subsample(load_task(t)["train"], per_task, seed=seed), tokenizer, max_text_tokens) for t in tasks
+    ]
     return stream(datasets.concatenate_datasets(parts), n, seed)
 
 
@@ -96,10 +97,21 @@ def train(
     if not route:
         data = data.remove_columns("task_ids")
     args = TrainingArguments(
-        output_dir=str(folder), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-        lr_scheduler_type="linear", warmup_steps=min(5, steps // 10), weight_decay=0.0,
-        logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        train_sampling_strategy="sequential", use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        output_dir=str(folder),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=min(5, steps // 10),
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 4),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        train_sampling_strategy="sequential",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
         disable_tqdm=True,
         # Trainer inspects the *base* model's forward for a PeftModel and would drop task_ids for MPT/Poly;
         # the tokenised rows hold only model inputs anyway.
@@ -107,7 +119,11 @@ def train(
     )
     collator = MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(task_list))
     trainer = build_trainer(
-        model, args, train_dataset=data, processing_class=tokenizer, data_collator=collator,
+        model,
+        args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        data_collator=collator,
         fast_lr_ratio=fast_lr_ratio,
     )
     trainer.remove_callback(PrinterCallback)  # one line per run from the caller instead of a dict per log
@@ -116,8 +132,12 @@ def train(
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     seconds = time.perf_counter() - start
     print(f"    {steps} steps in {seconds:.1f} s, training loss {output.training_loss:.3f}", flush=True)
-    return {"steps": steps, "train_loss": float(output.training_loss), "logged_losses": losses,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "steps": steps,
+        "train_loss": float(output.training_loss),
+        "logged_losses": losses,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -127,8 +147,14 @@ def evaluate(model, tokenizer, tests: dict, task_id_of, max_text_tokens: int) ->
     for name, rows in tests.items():
         start = time.perf_counter()
         result = evaluate_task(
-            model, tokenizer, rows, task=name, task_id=task_id_of(name), batch_size=EVAL_BATCH_SIZE,
-            max_text_tokens=max_text_tokens, system_prompt=SYSTEM_PROMPT,
+            model,
+            tokenizer,
+            rows,
+            task=name,
+            task_id=task_id_of(name),
+            batch_size=EVAL_BATCH_SIZE,
+            max_text_tokens=max_text_tokens,
+            system_prompt=SYSTEM_PROMPT,
         )
         results[name] = {**result.metrics(), "seconds": round(time.perf_counter() - start, 1)}
     return results

@@ -19,7 +19,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from peft_talora.suite.intervals import METRICS, TaskRuns, bootstrap_interval, has_rows, paired_difference, seed_interval
+from peft_talora.suite.intervals import (
+    METRICS,
+    TaskRuns,
+    bootstrap_interval,
+    has_rows,
+    paired_difference,
+    seed_interval,
+)
 
 PROMPT_BASELINES = ("pt", "mpt", "adaption-prompt")
 SINGLE_TASK = ("pt", "adaption-prompt", "lora")
@@ -34,8 +41,12 @@ def stats(values: list[float]) -> Optional[dict]:
     if not values:
         return None
     return {
-        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-        "min": min(values), "max": max(values), "n": len(values), "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
     }
 
 
@@ -144,7 +155,9 @@ def summarize(data: dict) -> dict:
         for shot in _shots(data, key):
             runs[key, shot] = per_seed = seed_records(data, key, shot)
             quality["unseen_tasks"][key][shot] = aggregate([r for _, r in per_seed], targets)
-            quality["unseen_tasks_per_target"][key][shot] = {t: aggregate([r for _, r in per_seed], [t]) for t in targets}
+            quality["unseen_tasks_per_target"][key][shot] = {
+                t: aggregate([r for _, r in per_seed], [t]) for t in targets
+            }
     quality["zero_shot"] = {
         "unseen_data": aggregate([zero], tasks), "unseen_tasks": aggregate([zero], targets),
         "per_task": {t: aggregate([zero], [t]) for t in [*tasks, *targets]},
@@ -173,7 +186,8 @@ def summarize(data: dict) -> dict:
             "delta_vs_ta_lora": compare(runs[key, None], runs[ta, None], tasks) if (ta, None) in runs else None,
             "unseen_tasks": quality["unseen_tasks"][key],
         }
-        for key in plan["methods"] if "/" in key
+        for key in plan["methods"]
+        if "/" in key
     }
     data["test_sets"] = describe_rows(data, zero)
     data["targets"] = check_targets(data)
@@ -183,14 +197,18 @@ def summarize(data: dict) -> dict:
 def describe_test_sets(tasks: list[str], per_task: int) -> dict:
     """Rows used, label counts and split size of each task's fixed test subset (reads the suite)."""
     import quality as Q  # noqa: N812  (benchmarks/quality.py: the subsets the benchmark evaluates on)
+
     from peft_talora.suite import get_task, load_task
 
     out = {}
     for task in tasks:
         rows, names = Q.test_rows(task, per_task), get_task(task).label_names
         counts = Counter(int(label) for label in rows["label"])
-        out[task] = {"rows": len(rows), "split_rows": len(load_task(task)["test"]),
-                     "labels": {names[i]: counts.get(i, 0) for i in range(len(names))}}
+        out[task] = {
+            "rows": len(rows),
+            "split_rows": len(load_task(task)["test"]),
+            "labels": {names[i]: counts.get(i, 0) for i in range(len(names))},
+        }
     return out
 
 
@@ -239,13 +257,25 @@ def check_targets(data: dict) -> list[dict]:
             resolved = threshold < interval["low"] or threshold > interval["high"]
             if resolved and interval.get("resampled") == "seeds":
                 resolved = None  # outside a seeds-only interval says nothing about the test-row noise
-        out.append({"target": name, "measured": measured, "measured_text": text, "met": met, "note": note,
-                    "interval": interval, "threshold": threshold, "resolved": resolved})
+        out.append(
+            {
+                "target": name,
+                "measured": measured,
+                "measured_text": text,
+                "met": met,
+                "note": note,
+                "interval": interval,
+                "threshold": threshold,
+                "resolved": resolved,
+            }
+        )
 
     def measured(ta_value, other_value, other_name, diff):
         lead, acc = diff[LEAD], diff["accuracy"]
-        return (f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}; "
-                f"accuracy {fmt_diff(acc)}")
+        return (
+            f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}; "
+            f"accuracy {fmt_diff(acc)}"
+        )
 
     ta = _mean(data, "unseen_data", "ta-lora")
     baselines = {k: v for k in PROMPT_BASELINES if (v := _mean(data, "unseen_data", k)) is not None}
@@ -255,23 +285,39 @@ def check_targets(data: dict) -> list[dict]:
     else:
         best = max(baselines, key=baselines.get)
         diff = _diff(data, "unseen_data", best)
-        add(name, 100 * diff[LEAD]["estimate"], measured(ta, baselines[best], best, diff), diff[LEAD]["estimate"] >= 0.02,
+        add(
+            name,
+            100 * diff[LEAD]["estimate"],
+            measured(ta, baselines[best], best, diff),
+            diff[LEAD]["estimate"] >= 0.02,
             "" if len(baselines) == len(PROMPT_BASELINES) else f"only {', '.join(baselines)} measured",
-            diff[LEAD], 0.02)
+            diff[LEAD],
+            0.02,
+        )
     lora = _mean(data, "unseen_data", "lora")
     name = "Unseen data: TA-LoRA within 1 point of LoRA (macro-F1)"
     diff = _diff(data, "unseen_data", "lora")
     if ta is None or lora is None or diff is None:
         add(name, None, "not measured", None)
     else:
-        add(name, 100 * diff[LEAD]["estimate"], measured(ta, lora, "lora", diff), diff[LEAD]["estimate"] >= -0.01,
-            interval=diff[LEAD], threshold=-0.01)
+        add(
+            name,
+            100 * diff[LEAD]["estimate"],
+            measured(ta, lora, "lora", diff),
+            diff[LEAD]["estimate"] >= -0.01,
+            interval=diff[LEAD],
+            threshold=-0.01,
+        )
     params = data.get("parameters", {})
     name = "At least 20x fewer per-task parameters than LoRA"
     if "ta-lora" in params and "lora" in params:
         ratio = params["lora"]["per_task"] / params["ta-lora"]["per_task"]
-        add(name, ratio, f"{params['ta-lora']['per_task']:,} vs {params['lora']['per_task']:,}: {ratio:.1f}x fewer",
-            ratio >= 20)
+        add(
+            name,
+            ratio,
+            f"{params['ta-lora']['per_task']:,} vs {params['lora']['per_task']:,}: {ratio:.1f}x fewer",
+            ratio >= 20,
+        )
     else:
         add(name, None, "not measured", None)
     name = f"Unseen tasks, k={TARGET_K}: TA-LoRA above PT and MPT (macro-F1)"
@@ -283,8 +329,15 @@ def check_targets(data: dict) -> list[dict]:
     else:
         best = min(diffs, key=lambda k: diffs[k][LEAD]["estimate"])  # the peer TA-LoRA leads least
         text = "; ".join(measured(ta_k, others[k], k, diffs[k]) for k in diffs)
-        add(name, 100 * diffs[best][LEAD]["estimate"], text, diffs[best][LEAD]["estimate"] > 0,
-            "" if len(diffs) == 2 else f"only {', '.join(diffs)} measured", diffs[best][LEAD], 0.0)
+        add(
+            name,
+            100 * diffs[best][LEAD]["estimate"],
+            text,
+            diffs[best][LEAD]["estimate"] > 0,
+            "" if len(diffs) == 2 else f"only {', '.join(diffs)} measured",
+            diffs[best][LEAD],
+            0.0,
+        )
     speed = data.get("speed") or {}
     name = "Generation: TA-LoRA >= 0.97x the base model's tokens/s"
     ratio = ((speed.get("generation") or {}).get("ratios") or {}).get("ta-lora / base")
@@ -365,9 +418,13 @@ def render(data: dict, plots: list[str]) -> str:
     mach, vers = meta["machine"], meta["versions"]
     seeds = plan["seeds"]
     main = [k for k in plan["methods"] if "/" not in k]
-    out = ["# Benchmark results", "",
-           "Generated by `benchmarks/run.py` from `results.json`; regenerate instead of editing. "
-           "What is compared and how: `docs/benchmarks.md` and the Protocol section below.", ""]
+    out = [
+        "# Benchmark results",
+        "",
+        "Generated by `benchmarks/run.py` from `results.json`; regenerate instead of editing. "
+        "What is compared and how: `docs/benchmarks.md` and the Protocol section below.",
+        "",
+    ]
     out += [
         f"- **Command:** `{meta['command']}`",
         f"- **Date (UTC):** {meta['date']}"
@@ -389,26 +446,37 @@ def render(data: dict, plots: list[str]) -> str:
     n_eval = settings["eval_per_task"]
     q = data.get("quality", {})
     rows_stored = all(e["rows"] for e in _entries(q) if e)
-    out += ["## How to read the numbers", "",
-            "**Macro-F1 leads, accuracy stands beside it.** The test subsets are small and imbalanced while the "
-            "training shots are balanced, so accuracy mostly measures the label prior: always answering the majority "
-            "label scores its share in accuracy but only about 1/(number of labels) of that share's F1 in macro-F1. "
-            "All values are points (percent). "
-            "**Intervals** `[low, high]` are 95% percentile-bootstrap intervals (2,000 resamples, fixed seed) over "
-            "the test rows and, with several seeds, over the seeds (`peft_talora.suite.intervals`); a difference "
-            "between two methods is bootstrapped paired (the same rows and seeds drawn for both), so it is narrower "
-            "than the two methods' own intervals suggest. A difference whose interval includes the threshold is not "
-            "resolved by this run.", ""]
+    out += [
+        "## How to read the numbers",
+        "",
+        "**Macro-F1 leads, accuracy stands beside it.** The test subsets are small and imbalanced while the "
+        "training shots are balanced, so accuracy mostly measures the label prior: always answering the majority "
+        "label scores its share in accuracy but only about 1/(number of labels) of that share's F1 in macro-F1. "
+        "All values are points (percent). "
+        "**Intervals** `[low, high]` are 95% percentile-bootstrap intervals (2,000 resamples, fixed seed) over "
+        "the test rows and, with several seeds, over the seeds (`peft_talora.suite.intervals`); a difference "
+        "between two methods is bootstrapped paired (the same rows and seeds drawn for both), so it is narrower "
+        "than the two methods' own intervals suggest. A difference whose interval includes the threshold is not "
+        "resolved by this run.",
+        "",
+    ]
     if not rows_stored:
-        out += [f"{SEEDS_ONLY} **Interval over seeds only.** These results were cached before the benchmark stored "
-                "per-row predictions, so the test rows cannot be resampled: the interval spans the seeds' spread only "
-                "and understates the uncertainty (one test row is worth "
-                f"{100 / n_eval:.1f} accuracy points here), and with one seed there is no interval at all. A rerun "
-                "(`--fresh`) stores the rows and gives intervals over rows and seeds.", ""]
+        out += [
+            f"{SEEDS_ONLY} **Interval over seeds only.** These results were cached before the benchmark stored "
+            "per-row predictions, so the test rows cannot be resampled: the interval spans the seeds' spread only "
+            "and understates the uncertainty (one test row is worth "
+            f"{100 / n_eval:.1f} accuracy points here), and with one seed there is no interval at all. A rerun "
+            "(`--fresh`) stores the rows and gives intervals over rows and seeds.",
+            "",
+        ]
 
-    out += ["## Targets", "",
-            "Judged by macro-F1 on the point estimate; the measured column gives the paired difference with its "
-            "interval, and accuracy's beside it.", ""]
+    out += [
+        "## Targets",
+        "",
+        "Judged by macro-F1 on the point estimate; the measured column gives the paired difference with its "
+        "interval, and accuracy's beside it.",
+        "",
+    ]
     rows = []
     for t in data.get("targets", []):
         verdict = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
@@ -426,11 +494,15 @@ def render(data: dict, plots: list[str]) -> str:
     # test sets
     sets = data.get("test_sets", {})
     if sets:
-        out += ["## Test sets", "",
-                f"The fixed test subset of each task (the same for every method and seed). One row moves a task's "
-                f"accuracy by 100 / rows points (macro-F1 by more when the row is of a rare label); the target is at "
-                f"most 1 point, i.e. at least {ONE_POINT_ROWS} rows, where the task's test split has them "
-                f"(`--eval-per-task {ONE_POINT_ROWS}` or more).", ""]
+        out += [
+            "## Test sets",
+            "",
+            f"The fixed test subset of each task (the same for every method and seed). One row moves a task's "
+            f"accuracy by 100 / rows points (macro-F1 by more when the row is of a rare label); the target is at "
+            f"most 1 point, i.e. at least {ONE_POINT_ROWS} rows, where the task's test split has them "
+            f"(`--eval-per-task {ONE_POINT_ROWS}` or more).",
+            "",
+        ]
         rows = []
         for task, entry in sets.items():
             role = "source" if task in plan["tasks"] else "target"
@@ -445,39 +517,72 @@ def render(data: dict, plots: list[str]) -> str:
             else:
                 ok = f"no: raise --eval-per-task to {ONE_POINT_ROWS}"
             labels = " / ".join(f"{c} {w}" for w, c in entry["labels"].items()) if entry.get("labels") else "-"
-            rows.append([task, role, str(n), labels, f"{entry['row_points']:.1f}", ok, "-" if split is None else str(split)])
-        out += table(["task", "role", "rows used", "labels of the rows used", "one row = (accuracy points)",
-                      "<= 1 point per row", "rows in the test split"], rows) + [""]
+            rows.append(
+                [task, role, str(n), labels, f"{entry['row_points']:.1f}", ok, "-" if split is None else str(split)]
+            )
+        out += table(
+            [
+                "task",
+                "role",
+                "rows used",
+                "labels of the rows used",
+                "one row = (accuracy points)",
+                "<= 1 point per row",
+                "rows in the test split",
+            ],
+            rows,
+        ) + [""]
 
     # quality: unseen data
     over = "over test rows and seeds" if len(seeds) > 1 else "over test rows"
-    out += ["## Quality: unseen data", "",
-            f"Rank classification on the source tasks' held-out test subsets after multi-task training: macro-F1 "
-            f"[95% interval {over}] and accuracy, averaged over the tasks and over {len(seeds)} seed(s); per task: "
-            "macro-F1 [interval] / accuracy. The last column is TA-LoRA minus the method, paired. Same training rows, "
-            "order and step count for every method.", ""]
+    out += [
+        "## Quality: unseen data",
+        "",
+        f"Rank classification on the source tasks' held-out test subsets after multi-task training: macro-F1 "
+        f"[95% interval {over}] and accuracy, averaged over the tasks and over {len(seeds)} seed(s); per task: "
+        "macro-F1 [interval] / accuracy. The last column is TA-LoRA minus the method, paired. Same training rows, "
+        "order and step count for every method.",
+        "",
+    ]
     zero_q = q.get("zero_shot", {})
     header = ["method", "macro-F1", "accuracy", "TA-LoRA - this (macro-F1)", *plan["tasks"]]
     rows = []
     if zero_q.get("unseen_data"):
-        rows.append(["Base model, zero-shot", fmt_metric(zero_q["unseen_data"]), fmt_metric(zero_q["unseen_data"], "accuracy"),
-                     fmt_diff((_diff(data, "unseen_data", "zero-shot") or {}).get(LEAD)),
-                     *[fmt_cell(zero_q["per_task"].get(t)) for t in plan["tasks"]]])
+        rows.append(
+            [
+                "Base model, zero-shot",
+                fmt_metric(zero_q["unseen_data"]),
+                fmt_metric(zero_q["unseen_data"], "accuracy"),
+                fmt_diff((_diff(data, "unseen_data", "zero-shot") or {}).get(LEAD)),
+                *[fmt_cell(zero_q["per_task"].get(t)) for t in plan["tasks"]],
+            ]
+        )
     for key in main:
         entry, per_task = q["unseen_data"].get(key), q.get("unseen_data_per_task", {}).get(key, {})
         diff = "" if key == "ta-lora" else fmt_diff((_diff(data, "unseen_data", key) or {}).get(LEAD))
-        rows.append([label(data, key), fmt_metric(entry), fmt_metric(entry, "accuracy"), diff,
-                     *[fmt_cell(per_task.get(t)) for t in plan["tasks"]]])
+        rows.append(
+            [
+                label(data, key),
+                fmt_metric(entry),
+                fmt_metric(entry, "accuracy"),
+                diff,
+                *[fmt_cell(per_task.get(t)) for t in plan["tasks"]],
+            ]
+        )
     out += table(header, rows) + [""]
 
     # quality: unseen tasks
     shots = plan["shots"]
     if plan["targets"] and shots:
-        out += ["## Quality: unseen tasks", "",
-                f"The target tasks' test subsets after learning each target from k examples per label (`full`: the "
-                f"training split, at most {settings['full_cap'] or 'all'} rows) for {settings['target_steps']} steps: "
-                f"macro-F1 [95% interval {over}] / accuracy, averaged over the target tasks. Protocols per method: "
-                "see Protocol.", ""]
+        out += [
+            "## Quality: unseen tasks",
+            "",
+            f"The target tasks' test subsets after learning each target from k examples per label (`full`: the "
+            f"training split, at most {settings['full_cap'] or 'all'} rows) for {settings['target_steps']} steps: "
+            f"macro-F1 [95% interval {over}] / accuracy, averaged over the target tasks. Protocols per method: "
+            "see Protocol.",
+            "",
+        ]
         header = ["method", *[f"k={s}" if s != "full" else "full" for s in shots]]
         rows = []
         if zero_q.get("unseen_tasks"):
@@ -487,56 +592,120 @@ def render(data: dict, plots: list[str]) -> str:
         out += table(header, rows) + [""]
         out += ["TA-LoRA minus each method, macro-F1, paired:", ""]
         others = [k for k in main if k != "ta-lora"]
-        rows = [["Base model, zero-shot", *[fmt_diff(((_diff(data, "unseen_tasks", "zero-shot") or {}).get(s) or {}).get(LEAD))
-                                           for s in shots]]]
-        rows += [[label(data, k), *[fmt_diff(((_diff(data, "unseen_tasks", k) or {}).get(s) or {}).get(LEAD)) for s in shots]]
-                 for k in others]
+        rows = [
+            [
+                "Base model, zero-shot",
+                *[fmt_diff(((_diff(data, "unseen_tasks", "zero-shot") or {}).get(s) or {}).get(LEAD)) for s in shots],
+            ]
+        ]
+        rows += [
+            [
+                label(data, k),
+                *[fmt_diff(((_diff(data, "unseen_tasks", k) or {}).get(s) or {}).get(LEAD)) for s in shots],
+            ]
+            for k in others
+        ]
         out += table(["TA-LoRA minus", *header[1:]], rows) + [""]
         if len(plan["targets"]) > 1:
             out += ["Per target task (macro-F1 [interval] / accuracy):", ""]
             header = ["method", *[f"{t} k={s}" for t in plan["targets"] for s in shots]]
-            rows = [[label(data, key), *[fmt_cell(q["unseen_tasks_per_target"].get(key, {}).get(s, {}).get(t))
-                                         for t in plan["targets"] for s in shots]] for key in main]
+            rows = [
+                [
+                    label(data, key),
+                    *[
+                        fmt_cell(q["unseen_tasks_per_target"].get(key, {}).get(s, {}).get(t))
+                        for t in plan["targets"]
+                        for s in shots
+                    ],
+                ]
+                for key in main
+            ]
             out += table(header, rows) + [""]
 
     # ablations
     abl = data.get("ablations", {})
     if abl:
-        out += ["## Ablations (TA-LoRA)", "",
-                "Each variant changes one thing of TA-LoRA and keeps the data, order and step budget. Unseen-data "
-                "average macro-F1 and accuracy [95% intervals]; the variant minus full TA-LoRA, paired.", ""]
+        out += [
+            "## Ablations (TA-LoRA)",
+            "",
+            "Each variant changes one thing of TA-LoRA and keeps the data, order and step budget. Unseen-data "
+            "average macro-F1 and accuracy [95% intervals]; the variant minus full TA-LoRA, paired.",
+            "",
+        ]
         ab_shots = plan["ablation_shots"]
-        header = ["variant", "macro-F1", "accuracy", "variant - TA-LoRA (macro-F1)", "variant - TA-LoRA (accuracy)",
-                  *[f"unseen tasks k={s}" for s in ab_shots]]
+        header = [
+            "variant",
+            "macro-F1",
+            "accuracy",
+            "variant - TA-LoRA (macro-F1)",
+            "variant - TA-LoRA (accuracy)",
+            *[f"unseen tasks k={s}" for s in ab_shots],
+        ]
         rows = []
         if "ta-lora" in q.get("unseen_data", {}):
             ta_entry = q["unseen_data"]["ta-lora"]
-            rows.append(["TA-LoRA (full method)", fmt_metric(ta_entry), fmt_metric(ta_entry, "accuracy"), "0.0", "0.0",
-                         *[fmt_cell(q["unseen_tasks"].get("ta-lora", {}).get(s)) for s in ab_shots]])
+            rows.append(
+                [
+                    "TA-LoRA (full method)",
+                    fmt_metric(ta_entry),
+                    fmt_metric(ta_entry, "accuracy"),
+                    "0.0",
+                    "0.0",
+                    *[fmt_cell(q["unseen_tasks"].get("ta-lora", {}).get(s)) for s in ab_shots],
+                ]
+            )
         for key, entry in abl.items():
             delta = entry["delta_vs_ta_lora"] or {}
-            rows.append([label(data, key), fmt_metric(entry["unseen_data"]), fmt_metric(entry["unseen_data"], "accuracy"),
-                         fmt_diff(delta.get(LEAD)), fmt_diff(delta.get("accuracy")),
-                         *[fmt_cell(entry["unseen_tasks"].get(s)) for s in ab_shots]])
+            rows.append(
+                [
+                    label(data, key),
+                    fmt_metric(entry["unseen_data"]),
+                    fmt_metric(entry["unseen_data"], "accuracy"),
+                    fmt_diff(delta.get(LEAD)),
+                    fmt_diff(delta.get("accuracy")),
+                    *[fmt_cell(entry["unseen_tasks"].get(s)) for s in ab_shots],
+                ]
+            )
         out += table(header, rows) + [""]
 
     # parameters
     params = data.get("parameters", {})
     if params:
-        out += ["## Trainable parameters", "",
-                f"Counted from models built with {meta['model']}'s shapes and the benchmark's configs. **Per task**: how "
-                "much the trainable count grows when one more task is configured; **shared**: the rest. Single-task "
-                "methods (PT, AdaptionPrompt, LoRA) do not grow with tasks, so by convention all their parameters are per "
-                "task (one adapter per task) and none are shared. **Per unseen task**: what trains for a new task under "
-                "the method's unseen-task protocol.", ""]
+        out += [
+            "## Trainable parameters",
+            "",
+            f"Counted from models built with {meta['model']}'s shapes and the benchmark's configs. **Per task**: how "
+            "much the trainable count grows when one more task is configured; **shared**: the rest. Single-task "
+            "methods (PT, AdaptionPrompt, LoRA) do not grow with tasks, so by convention all their parameters are per "
+            "task (one adapter per task) and none are shared. **Per unseen task**: what trains for a new task under "
+            "the method's unseen-task protocol.",
+            "",
+        ]
         lora_pt = params.get("lora", {}).get("per_task")
         rows = []
         for key in [k for k in main if k in params]:
             p = params[key]
-            rows.append([label(data, key), f"{p['per_task']:,}", f"{p['shared']:,}", f"{p['per_unseen_task']:,}",
-                         f"{p['total']:,}", f"{lora_pt / p['per_task']:.1f}x" if lora_pt else "-"])
-        out += table(["method", "per task", "shared", "per unseen task",
-                      f"total ({len(plan['tasks'])} source tasks)", "LoRA per task / this"], rows) + [""]
+            rows.append(
+                [
+                    label(data, key),
+                    f"{p['per_task']:,}",
+                    f"{p['shared']:,}",
+                    f"{p['per_unseen_task']:,}",
+                    f"{p['total']:,}",
+                    f"{lora_pt / p['per_task']:.1f}x" if lora_pt else "-",
+                ]
+            )
+        out += table(
+            [
+                "method",
+                "per task",
+                "shared",
+                "per unseen task",
+                f"total ({len(plan['tasks'])} source tasks)",
+                "LoRA per task / this",
+            ],
+            rows,
+        ) + [""]
 
     # speed
     speed = data.get("speed")
@@ -545,67 +714,141 @@ def render(data: dict, plots: list[str]) -> str:
         out += ["Not measured (`--skip-speed` and no earlier measurement).", ""]
     else:
         ts, gen, tb = speed["train_step"], speed["generation"], speed["task_batch"]
-        out += [f"Ratios of variants measured side by side, interleaved, median of {speed['repeats']} repeats after a "
-                f"warm-up (measured {speed['date']}). Lower is better for time and memory, higher for tokens/s.", ""]
+        out += [
+            f"Ratios of variants measured side by side, interleaved, median of {speed['repeats']} repeats after a "
+            f"warm-up (measured {speed['date']}). Lower is better for time and memory, higher for tokens/s.",
+            "",
+        ]
         rows = [
-            [f"training step, batch {ts['batch_shape']} (TA-LoRA mixed-task)", "TA-LoRA / LoRA",
-             f"{ts['ratios']['ta-lora / lora']:.3f}x", f"{ts['median_s']['ta-lora']:.2f} s vs {ts['median_s']['lora']:.2f} s"],
-            ["", "TA-LoRA / AdaptionPrompt", f"{ts['ratios']['ta-lora / adaption-prompt']:.3f}x",
-             f"{ts['median_s']['ta-lora']:.2f} s vs {ts['median_s']['adaption-prompt']:.2f} s"],
-            [f"generation, batch {gen['batch_size']}, {gen['new_tokens']} new tokens (greedy)", "TA-LoRA / base tokens/s",
-             f"{gen['ratios']['ta-lora / base']:.3f}x",
-             f"{gen['median_tokens_per_s']['ta-lora']:.1f} vs {gen['median_tokens_per_s']['base']:.1f} tokens/s"],
-            ["", "AdaptionPrompt / base tokens/s", f"{gen['ratios']['adaption-prompt / base']:.3f}x",
-             f"{gen['median_tokens_per_s']['adaption-prompt']:.1f} tokens/s"],
+            [
+                f"training step, batch {ts['batch_shape']} (TA-LoRA mixed-task)",
+                "TA-LoRA / LoRA",
+                f"{ts['ratios']['ta-lora / lora']:.3f}x",
+                f"{ts['median_s']['ta-lora']:.2f} s vs {ts['median_s']['lora']:.2f} s",
+            ],
+            [
+                "",
+                "TA-LoRA / AdaptionPrompt",
+                f"{ts['ratios']['ta-lora / adaption-prompt']:.3f}x",
+                f"{ts['median_s']['ta-lora']:.2f} s vs {ts['median_s']['adaption-prompt']:.2f} s",
+            ],
+            [
+                f"generation, batch {gen['batch_size']}, {gen['new_tokens']} new tokens (greedy)",
+                "TA-LoRA / base tokens/s",
+                f"{gen['ratios']['ta-lora / base']:.3f}x",
+                f"{gen['median_tokens_per_s']['ta-lora']:.1f} vs {gen['median_tokens_per_s']['base']:.1f} tokens/s",
+            ],
+            [
+                "",
+                "AdaptionPrompt / base tokens/s",
+                f"{gen['ratios']['adaption-prompt / base']:.3f}x",
+                f"{gen['median_tokens_per_s']['adaption-prompt']:.1f} tokens/s",
+            ],
         ]
         if "mtl-lora / lora" in ts["ratios"]:  # measured since MTL-LoRA joined the speed runs
-            rows.insert(2, ["", "MTL-LoRA / LoRA (MTL-LoRA mixed-task)", f"{ts['ratios']['mtl-lora / lora']:.3f}x",
-                            f"{ts['median_s']['mtl-lora']:.2f} s vs {ts['median_s']['lora']:.2f} s"])
-            rows.append(["", "MTL-LoRA / base tokens/s", f"{gen['ratios']['mtl-lora / base']:.3f}x",
-                         f"{gen['median_tokens_per_s']['mtl-lora']:.1f} tokens/s"])
+            rows.insert(
+                2,
+                [
+                    "",
+                    "MTL-LoRA / LoRA (MTL-LoRA mixed-task)",
+                    f"{ts['ratios']['mtl-lora / lora']:.3f}x",
+                    f"{ts['median_s']['mtl-lora']:.2f} s vs {ts['median_s']['lora']:.2f} s",
+                ],
+            )
+            rows.append(
+                [
+                    "",
+                    "MTL-LoRA / base tokens/s",
+                    f"{gen['ratios']['mtl-lora / base']:.3f}x",
+                    f"{gen['median_tokens_per_s']['mtl-lora']:.1f} tokens/s",
+                ]
+            )
         many = next(iter(tb["ratios"]))
-        rows.append([f"TA-LoRA training step, batch {tb['batch_shape']}, {tb['num_tasks']} tasks configured", many,
-                     f"{tb['ratios'][many]:.3f}x", " vs ".join(f"{v:.2f} s" for v in tb["median_s"].values())])
+        rows.append(
+            [
+                f"TA-LoRA training step, batch {tb['batch_shape']}, {tb['num_tasks']} tasks configured",
+                many,
+                f"{tb['ratios'][many]:.3f}x",
+                " vs ".join(f"{v:.2f} s" for v in tb["median_s"].values()),
+            ]
+        )
         rows += [
-            [f"training memory, batch {ts['batch_shape']}", "TA-LoRA / LoRA", f"{ts['memory_ratios']['ta-lora / lora']:.3f}x",
-             " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora", "lora"))],
-            ["", "TA-LoRA / AdaptionPrompt", f"{ts['memory_ratios']['ta-lora / adaption-prompt']:.3f}x",
-             " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora", "adaption-prompt"))],
-            *([["", "MTL-LoRA / LoRA", f"{ts['memory_ratios']['mtl-lora / lora']:.3f}x",
-                " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("mtl-lora", "lora"))]]
-              if "mtl-lora / lora" in ts["memory_ratios"] else []),
-            [f"training memory, batch {tb['batch_shape']}", many, f"{tb['memory_ratios'][many]:.3f}x",
-             " vs ".join(_gib(v["total_bytes"]) for v in tb["memory"].values())],
+            [
+                f"training memory, batch {ts['batch_shape']}",
+                "TA-LoRA / LoRA",
+                f"{ts['memory_ratios']['ta-lora / lora']:.3f}x",
+                " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora", "lora")),
+            ],
+            [
+                "",
+                "TA-LoRA / AdaptionPrompt",
+                f"{ts['memory_ratios']['ta-lora / adaption-prompt']:.3f}x",
+                " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora", "adaption-prompt")),
+            ],
+            *(
+                [
+                    [
+                        "",
+                        "MTL-LoRA / LoRA",
+                        f"{ts['memory_ratios']['mtl-lora / lora']:.3f}x",
+                        " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("mtl-lora", "lora")),
+                    ]
+                ]
+                if "mtl-lora / lora" in ts["memory_ratios"]
+                else []
+            ),
+            [
+                f"training memory, batch {tb['batch_shape']}",
+                many,
+                f"{tb['memory_ratios'][many]:.3f}x",
+                " vs ".join(_gib(v["total_bytes"]) for v in tb["memory"].values()),
+            ],
         ]
         out += table(["measurement", "ratio", "value", "medians / sizes"], rows) + [""]
-        out += ["Memory is what a training step holds beyond the frozen base weights: the bytes of the tensors autograd "
-                "saves for backward during one training forward (found with `torch.autograd.graph.saved_tensors_hooks`, "
-                "each storage counted once, parameter storages excluded), plus parameters, gradients and the two AdamW "
-                "moments of the trainable weights. It is an exact count of those tensors, not a process peak "
-                "(`ru_maxrss` is process-wide and never goes down, so it cannot compare variants in one process); "
-                "transient buffers freed within the forward are not in it."
-                + (" On the GPU the CUDA peak over a step is in `results.json`." if "cuda_device" in mach else ""), ""]
+        out += [
+            "Memory is what a training step holds beyond the frozen base weights: the bytes of the tensors autograd "
+            "saves for backward during one training forward (found with `torch.autograd.graph.saved_tensors_hooks`, "
+            "each storage counted once, parameter storages excluded), plus parameters, gradients and the two AdamW "
+            "moments of the trainable weights. It is an exact count of those tensors, not a process peak "
+            "(`ru_maxrss` is process-wide and never goes down, so it cannot compare variants in one process); "
+            "transient buffers freed within the forward are not in it."
+            + (" On the GPU the CUDA peak over a step is in `results.json`." if "cuda_device" in mach else ""),
+            "",
+        ]
 
     # protocol
-    out += ["## Protocol", "",
-            "- **Data.** Each source task contributes the same stratified training examples (per seed); the mixture is "
-            "shuffled with the seed and cut to exactly steps x batch rows; Trainer's sequential sampler feeds every method "
-            "the same batch at every step. Unseen-task rows (k per label, or `full`) are streamed the same way. Test "
-            "subsets are fixed (seed 0) for all methods and seeds.",
-            "- **Training.** `peft_talora.training.trainer.build_trainer` (a stock `Trainer`) for every method: AdamW, linear "
-            "decay, no weight decay, the same batch size and steps; TA-LoRA gets its fast/slow parameter groups "
-            "(fast = 4x, `fast_lr_ratio`), other methods Trainer's own AdamW. TA-LoRA's shared warm-up "
-            "(`set_training_stage('shared_warmup')`) uses the first warm-up steps of the same budget, then "
-            "`multi_task` the rest (each phase its own linear schedule).",
-            "- **Evaluation.** `peft_talora.suite.evaluate_task` (rank classification over the label words, the same "
-            "prompts as training); `task_id` is passed only to methods that route tasks (TA-LoRA and MTL-LoRA by name, "
-            "MPT and Poly by id), never to the others. Every run stores each test row's prediction in `results.json`, "
-            "from which the report computes macro-F1, accuracy and their bootstrap intervals.",
-            "- **Learning rates** (not tuned per method; prompt methods at the main job's 1e-2, LoRA-style methods "
-            "at PEFT's usual 1e-3; `--lr` overrides):", ""]
-    out += table(["method", "learning rate", "task routing", "unseen-task protocol"],
-                 [[label(data, k), f"{data['methods'][k]['lr']:g}", data["methods"][k]["routes"] or "none",
-                   data["methods"][k]["unseen_tasks"]] for k in main]) + [""]
+    out += [
+        "## Protocol",
+        "",
+        "- **Data.** Each source task contributes the same stratified training examples (per seed); the mixture is "
+        "shuffled with the seed and cut to exactly steps x batch rows; Trainer's sequential sampler feeds every method "
+        "the same batch at every step. Unseen-task rows (k per label, or `full`) are streamed the same way. Test "
+        "subsets are fixed (seed 0) for all methods and seeds.",
+        "- **Training.** `peft_talora.training.trainer.build_trainer` (a stock `Trainer`) for every method: AdamW, linear "
+        "decay, no weight decay, the same batch size and steps; TA-LoRA gets its fast/slow parameter groups "
+        "(fast = 4x, `fast_lr_ratio`), other methods Trainer's own AdamW. TA-LoRA's shared warm-up "
+        "(`set_training_stage('shared_warmup')`) uses the first warm-up steps of the same budget, then "
+        "`multi_task` the rest (each phase its own linear schedule).",
+        "- **Evaluation.** `peft_talora.suite.evaluate_task` (rank classification over the label words, the same "
+        "prompts as training); `task_id` is passed only to methods that route tasks (TA-LoRA and MTL-LoRA by name, "
+        "MPT and Poly by id), never to the others. Every run stores each test row's prediction in `results.json`, "
+        "from which the report computes macro-F1, accuracy and their bootstrap intervals.",
+        "- **Learning rates** (not tuned per method; prompt methods at the main job's 1e-2, LoRA-style methods "
+        "at PEFT's usual 1e-3; `--lr` overrides):",
+        "",
+    ]
+    out += table(
+        ["method", "learning rate", "task routing", "unseen-task protocol"],
+        [
+            [
+                label(data, k),
+                f"{data['methods'][k]['lr']:g}",
+                data["methods"][k]["routes"] or "none",
+                data["methods"][k]["unseen_tasks"],
+            ]
+            for k in main
+        ],
+    ) + [""]
     notes = list(data.get("notes", []))
     for key, run in sorted(data["runs"].items()):
         if key in plan["runs"] and run.get("fingerprint") == plan["runs"][key]:
@@ -613,10 +856,13 @@ def render(data: dict, plots: list[str]) -> str:
                 notes.append(f"`{key}` failed: {run['error']}")
             elif "skipped" in run:
                 notes.append(f"`{key}` skipped: {run['skipped']}")
-    missing = [k for k in plan["runs"] if k not in data["runs"]
-               or data["runs"][k].get("fingerprint") != plan["runs"][k]]
+    missing = [
+        k for k in plan["runs"] if k not in data["runs"] or data["runs"][k].get("fingerprint") != plan["runs"][k]
+    ]
     if missing:
-        notes.append(f"{len(missing)} planned runs have no result yet (e.g. `{missing[0]}`); rerun the command to finish.")
+        notes.append(
+            f"{len(missing)} planned runs have no result yet (e.g. `{missing[0]}`); rerun the command to finish."
+        )
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if plots:
@@ -645,22 +891,34 @@ def plot(data: dict, out: Path) -> list[Path]:
     plan, q = data["plan"], data.get("quality", {})
     main = [k for k in plan["methods"] if "/" not in k]
     names = [label(data, k) for k in main]
-    note = "error bars: 95% bootstrap intervals" + ("" if all(e["rows"] for e in _entries(q) if e)
-                                                  else " (over seeds only for runs without stored rows)")
+    note = "error bars: 95% bootstrap intervals" + (
+        "" if all(e["rows"] for e in _entries(q) if e) else " (over seeds only for runs without stored rows)"
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     x = list(range(len(main)))
-    for offset, metric, color, name in ((-0.2, LEAD, "tab:blue", "macro-F1"), (0.2, "accuracy", "tab:gray", "accuracy")):
+    for offset, metric, color, name in (
+        (-0.2, LEAD, "tab:blue", "macro-F1"),
+        (0.2, "accuracy", "tab:gray", "accuracy"),
+    ):
         points = [_value_and_error(q["unseen_data"].get(k), metric) for k in main]
-        axes[0].bar([i + offset for i in x], [p[0] for p in points], width=0.4, color=color, label=name,
-                    yerr=[[p[1] for p in points], [p[2] for p in points]], capsize=3)
+        axes[0].bar(
+            [i + offset for i in x],
+            [p[0] for p in points],
+            width=0.4,
+            color=color,
+            label=name,
+            yerr=[[p[1] for p in points], [p[2] for p in points]],
+            capsize=3,
+        )
     axes[0].set_xticks(x, names, rotation=30, ha="right")
     axes[0].set_ylabel("points (%)")
     axes[0].set_title("unseen data (source tasks): macro-F1 leads", fontsize=10)
     zero = q.get("zero_shot", {}).get("unseen_data")
     if zero:
-        axes[0].axhline(100 * zero[LEAD]["mean"], color="tab:blue", linestyle="--", linewidth=1,
-                        label="base zero-shot macro-F1")
+        axes[0].axhline(
+            100 * zero[LEAD]["mean"], color="tab:blue", linestyle="--", linewidth=1, label="base zero-shot macro-F1"
+        )
     axes[0].set_ylim(0, 100)
     axes[0].legend(fontsize=7, ncol=3, loc="upper center")
     shots = plan["shots"]
@@ -669,8 +927,14 @@ def plot(data: dict, out: Path) -> list[Path]:
         xs = [i + (j - len(main) / 2) * 0.04 for i, p in enumerate(points) if p[0] == p[0]]
         kept = [p for p in points if p[0] == p[0]]
         if kept:
-            axes[1].errorbar(xs, [p[0] for p in kept], yerr=[[p[1] for p in kept], [p[2] for p in kept]], marker="o",
-                             capsize=2, label=name)
+            axes[1].errorbar(
+                xs,
+                [p[0] for p in kept],
+                yerr=[[p[1] for p in kept], [p[2] for p in kept]],
+                marker="o",
+                capsize=2,
+                label=name,
+            )
     zero = q.get("zero_shot", {}).get("unseen_tasks")
     if zero:
         axes[1].axhline(100 * zero[LEAD]["mean"], color="gray", linestyle="--", linewidth=1, label="base zero-shot")
@@ -691,8 +955,13 @@ def plot(data: dict, out: Path) -> list[Path]:
         keys = ["ta-lora", *abl] if "ta-lora" in q.get("unseen_data", {}) else list(abl)
         fig, ax = plt.subplots(figsize=(8, 4))
         points = [_value_and_error(q["unseen_data"].get(k), LEAD) for k in keys]
-        ax.barh(range(len(keys)), [p[0] for p in points], xerr=[[p[1] for p in points], [p[2] for p in points]],
-                capsize=3, color="tab:green")
+        ax.barh(
+            range(len(keys)),
+            [p[0] for p in points],
+            xerr=[[p[1] for p in points], [p[2] for p in points]],
+            capsize=3,
+            color="tab:green",
+        )
         ax.set_yticks(range(len(keys)), [label(data, k) for k in keys], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("unseen-data macro-F1 (points); " + note, fontsize=8)
@@ -741,7 +1010,9 @@ if __name__ == "__main__":
     loaded = json.loads(source.read_text())
     if not all("split_rows" in entry for entry in (loaded.get("test_sets") or {None: {}}).values()):
         plan = loaded["plan"]  # results written before the test sets were described: read them from the suite
-        loaded["test_sets"] = describe_test_sets([*plan["tasks"], *plan["targets"]], loaded["meta"]["settings"]["eval_per_task"])
+        loaded["test_sets"] = describe_test_sets(
+            [*plan["tasks"], *plan["targets"]], loaded["meta"]["settings"]["eval_per_task"]
+        )
     summarize(loaded)
     for written in write(loaded, source.parent):
         print(f"wrote {written}")

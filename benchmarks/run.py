@@ -45,12 +45,11 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
 import methods as M  # noqa: E402
 import quality as Q  # noqa: E402
 import report as R  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 DEFAULTS = dict(
     tasks=["movie_sentiment", "sms_spam", "trec", "boolq"],
@@ -72,9 +71,22 @@ DEFAULTS = dict(
     task_batch_seq_len=24,
 )
 QUICK = dict(
-    tasks=["sms_spam", "trec"], targets=["pubmedqa"], shots=["1"], seeds=[0], steps=2, warmup_steps=1,
-    target_steps=1, train_per_task=4, eval_per_task=4, batch_size=4, full_cap=4, ablation_shots=["1"],
-    speed_repeats=2, gen_batch_size=2, gen_new_tokens=4, task_batch_seq_len=8,
+    tasks=["sms_spam", "trec"],
+    targets=["pubmedqa"],
+    shots=["1"],
+    seeds=[0],
+    steps=2,
+    warmup_steps=1,
+    target_steps=1,
+    train_per_task=4,
+    eval_per_task=4,
+    batch_size=4,
+    full_cap=4,
+    ablation_shots=["1"],
+    speed_repeats=2,
+    gen_batch_size=2,
+    gen_new_tokens=4,
+    task_batch_seq_len=8,
 )
 
 
@@ -185,9 +197,17 @@ def model_id(args) -> str:
 
 def source_fp(args, key: str, seed: int) -> str:
     return fingerprint(
-        model=model_id(args), key=key, seed=seed, tasks=args.tasks, per_task=args.train_per_task, steps=args.steps,
-        warmup=args.warmup_steps if M.uses_warmup(key) else 0, batch=args.batch_size, lr=learning_rate(args, key),
-        max_text_tokens=args.max_text_tokens, version=2,
+        model=model_id(args),
+        key=key,
+        seed=seed,
+        tasks=args.tasks,
+        per_task=args.train_per_task,
+        steps=args.steps,
+        warmup=args.warmup_steps if M.uses_warmup(key) else 0,
+        batch=args.batch_size,
+        lr=learning_rate(args, key),
+        max_text_tokens=args.max_text_tokens,
+        version=2,
     )
 
 
@@ -199,8 +219,9 @@ def plan(args, keys: list[str]) -> dict:
     """Every run of ``keys`` under this budget: ``{run key: fingerprint}``."""
     runs = {}
     for task in [*args.tasks, *args.targets]:
-        runs[f"zero-shot|{task}"] = fingerprint(model=model_id(args), task=task, eval=args.eval_per_task,
-                                                max_text_tokens=args.max_text_tokens)
+        runs[f"zero-shot|{task}"] = fingerprint(
+            model=model_id(args), task=task, eval=args.eval_per_task, max_text_tokens=args.max_text_tokens
+        )
     for seed in args.seeds:
         for key in keys:
             src = source_fp(args, key, seed)
@@ -208,8 +229,13 @@ def plan(args, keys: list[str]) -> dict:
             for target in args.targets:
                 for shot in shots_for(args, key):
                     runs[f"{key}|seed{seed}|{target}|k={shot}"] = fingerprint(
-                        src=src, target=target, shot=shot, steps=args.target_steps, batch=args.batch_size,
-                        cap=args.full_cap if shot == "full" else None, eval=args.eval_per_task,
+                        src=src,
+                        target=target,
+                        shot=shot,
+                        steps=args.target_steps,
+                        batch=args.batch_size,
+                        cap=args.full_cap if shot == "full" else None,
+                        eval=args.eval_per_task,
                     )
     return runs
 
@@ -219,7 +245,9 @@ def calibrate(base, tokenizer, args) -> dict:
     """Seconds of one training step, one forward and one short generate on this machine, now."""
     rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
     data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
-    batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
+    batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))(
+        [data[i] for i in range(len(data))]
+    )
     device = next(base.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     model = M.build("ta-lora", base, args.tasks, 0, M.tokenizer_path())
@@ -239,11 +267,17 @@ def calibrate(base, tokenizer, args) -> dict:
     prompt = tokenizer(["Hello"] * args.gen_batch_size, return_tensors="pt").to(device)
     start = time.perf_counter()
     with torch.no_grad():
-        base.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        base.generate(
+            **prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     gen_token = (time.perf_counter() - start) / 4
     del model
-    return {"train_step_s": step, "forward_s": forward, "generate_token_s": gen_token,
-            "tokens_per_row": float(batch["input_ids"].shape[1])}
+    return {
+        "train_step_s": step,
+        "forward_s": forward,
+        "generate_token_s": gen_token,
+        "tokens_per_row": float(batch["input_ids"].shape[1]),
+    }
 
 
 def estimate(args, keys, todo: dict, tokenizer, cal: dict) -> float:
@@ -265,7 +299,9 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict) -> float:
         if setting == "unseen_data":
             seconds += batches(args.tasks) * eval_batch
         else:
-            seconds += args.target_steps * cal["train_step_s"] + batches([setting.split("|")[0]]) * eval_batch + overhead
+            seconds += (
+                args.target_steps * cal["train_step_s"] + batches([setting.split("|")[0]]) * eval_batch + overhead
+            )
     if not args.skip_speed:
         r = args.speed_repeats
         seconds += 3 * ((1 + r) * cal["train_step_s"] + 2 * cal["forward_s"]) + 3 * overhead
@@ -278,7 +314,14 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict) -> float:
 # ----------------------------------------------------------------------------- quality
 class Quality:
     def __init__(self, args, state: State, base, tokenizer, keys, runs: dict):
-        self.args, self.state, self.base, self.tokenizer, self.keys, self.runs = args, state, base, tokenizer, keys, runs
+        self.args, self.state, self.base, self.tokenizer, self.keys, self.runs = (
+            args,
+            state,
+            base,
+            tokenizer,
+            keys,
+            runs,
+        )
         self.tok_path = M.tokenizer_path()
         self.cache = Path(args.output_dir) / ".cache"
         self.tests = {t: Q.test_rows(t, args.eval_per_task) for t in [*args.tasks, *args.targets]}
@@ -292,8 +335,9 @@ class Quality:
             if not self.todo(key):
                 continue
             log(f"[zero-shot] base model on {task}")
-            result = Q.evaluate(self.base, self.tokenizer, {task: self.tests[task]}, lambda name: None,
-                                self.args.max_text_tokens)
+            result = Q.evaluate(
+                self.base, self.tokenizer, {task: self.tests[task]}, lambda name: None, self.args.max_text_tokens
+            )
             self.state.put(key, {"fingerprint": self.runs[key], "tasks": result})
 
     def trained(self, key: str, seed: int):
@@ -307,22 +351,33 @@ class Quality:
             M.load_state(model, saved["state"])
             log(f"[{key} seed {seed}] multi-task adapter loaded from the cache")
             return model, saved["train"], saved["state"]
-        rows = Q.source_stream(args.tasks, self.tokenizer, args.train_per_task, seed, args.steps * args.batch_size,
-                               args.max_text_tokens)
+        rows = Q.source_stream(
+            args.tasks, self.tokenizer, args.train_per_task, seed, args.steps * args.batch_size, args.max_text_tokens
+        )
         lr, route = learning_rate(args, key), M.ALL[key].routes is not None
-        common = dict(task_list=list(args.tasks), route=route, batch_size=args.batch_size, lr=lr, seed=seed,
-                      folder=self.cache / "trainer", fast_lr_ratio=M.fast_lr_ratio(key))
+        common = dict(
+            task_list=list(args.tasks),
+            route=route,
+            batch_size=args.batch_size,
+            lr=lr,
+            seed=seed,
+            folder=self.cache / "trainer",
+            fast_lr_ratio=M.fast_lr_ratio(key),
+        )
         info = {"lr": lr}
         warm = min(args.warmup_steps, args.steps - 1) if M.uses_warmup(key) else 0
         if warm > 0:
             log(f"[{key} seed {seed}] shared warm-up: {warm} steps")
             model.set_training_stage("shared_warmup")
-            info["warmup"] = Q.train(model, rows.select(range(warm * args.batch_size)), self.tokenizer, steps=warm, **common)
+            info["warmup"] = Q.train(
+                model, rows.select(range(warm * args.batch_size)), self.tokenizer, steps=warm, **common
+            )
             model.set_training_stage("multi_task")
         steps = args.steps - warm
         log(f"[{key} seed {seed}] multi-task training: {steps} steps on {len(args.tasks)} tasks")
-        info["multi_task"] = Q.train(model, rows.select(range(warm * args.batch_size, len(rows))), self.tokenizer,
-                                     steps=steps, **common)
+        info["multi_task"] = Q.train(
+            model, rows.select(range(warm * args.batch_size, len(rows))), self.tokenizer, steps=steps, **common
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         state = M.trainable_state(model)
         torch.save({"state": state, "train": info}, path)
@@ -339,11 +394,19 @@ class Quality:
         if self.todo(data_key):
             log(f"[{key} seed {seed}] unseen data: {len(args.tasks)} source tasks")
             tests = {t: self.tests[t] for t in args.tasks}
-            result = Q.evaluate(model, self.tokenizer, tests, lambda name: M.eval_task_id(key, name, args.tasks),
-                                args.max_text_tokens)
-            self.state.put(data_key, {"fingerprint": self.runs[data_key], "tasks": result,
-                                      "average": Q.average(result), "train": info,
-                                      "seconds": round(time.perf_counter() - started, 1)})
+            result = Q.evaluate(
+                model, self.tokenizer, tests, lambda name: M.eval_task_id(key, name, args.tasks), args.max_text_tokens
+            )
+            self.state.put(
+                data_key,
+                {
+                    "fingerprint": self.runs[data_key],
+                    "tasks": result,
+                    "average": Q.average(result),
+                    "train": info,
+                    "seconds": round(time.perf_counter() - started, 1),
+                },
+            )
         del model
         gc.collect()
         for target, shot, run_key in target_keys:
@@ -356,24 +419,48 @@ class Quality:
             except ValueError as error:  # too few examples of a label for this k
                 self.state.put(run_key, {"fingerprint": self.runs[run_key], "skipped": str(error)})
                 continue
-            rows = Q.stream(Q.format_rows(pool, self.tokenizer, args.max_text_tokens, task=target),
-                            args.target_steps * args.batch_size, seed)
-            tuned, task_list = M.for_target(key, adapter, self.base, args.tasks, target, seed, self.tok_path,
-                                            self.cache / "scratch")
+            rows = Q.stream(
+                Q.format_rows(pool, self.tokenizer, args.max_text_tokens, task=target),
+                args.target_steps * args.batch_size,
+                seed,
+            )
+            tuned, task_list = M.for_target(
+                key, adapter, self.base, args.tasks, target, seed, self.tok_path, self.cache / "scratch"
+            )
             trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
             lr = learning_rate(args, key)
             train_info = Q.train(
-                tuned, rows, self.tokenizer, task_list=task_list, route=M.ALL[key].routes is not None,
-                steps=args.target_steps, batch_size=args.batch_size, lr=lr, seed=seed, folder=self.cache / "trainer",
+                tuned,
+                rows,
+                self.tokenizer,
+                task_list=task_list,
+                route=M.ALL[key].routes is not None,
+                steps=args.target_steps,
+                batch_size=args.batch_size,
+                lr=lr,
+                seed=seed,
+                folder=self.cache / "trainer",
                 fast_lr_ratio=M.fast_lr_ratio(key),
             )
-            result = Q.evaluate(tuned, self.tokenizer, {target: self.tests[target]},
-                                lambda name: M.eval_task_id(key, name, task_list), args.max_text_tokens)
-            self.state.put(run_key, {
-                "fingerprint": self.runs[run_key], "tasks": result, "average": Q.average(result),
-                "train": train_info, "trainable_parameters": trainable, "pool_size": len(pool),
-                "seconds": round(time.perf_counter() - started, 1),
-            })
+            result = Q.evaluate(
+                tuned,
+                self.tokenizer,
+                {target: self.tests[target]},
+                lambda name, task_list=task_list: M.eval_task_id(key, name, task_list),
+                args.max_text_tokens,
+            )
+            self.state.put(
+                run_key,
+                {
+                    "fingerprint": self.runs[run_key],
+                    "tasks": result,
+                    "average": Q.average(result),
+                    "train": train_info,
+                    "trainable_parameters": trainable,
+                    "pool_size": len(pool),
+                    "seconds": round(time.perf_counter() - started, 1),
+                },
+            )
             del tuned
             gc.collect()
 
@@ -389,8 +476,10 @@ class Quality:
                     import traceback
 
                     traceback.print_exc()
-                    self.state.put(f"{key}|seed{seed}|unseen_data", {
-                        "fingerprint": self.runs[f"{key}|seed{seed}|unseen_data"], "error": repr(error)})
+                    self.state.put(
+                        f"{key}|seed{seed}|unseen_data",
+                        {"fingerprint": self.runs[f"{key}|seed{seed}|unseen_data"], "error": repr(error)},
+                    )
 
 
 # ----------------------------------------------------------------------------- speed
@@ -399,7 +488,9 @@ def run_speed(args, base, tokenizer) -> dict:
 
     rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
     data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
-    batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))([data[i] for i in range(len(data))])
+    batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))(
+        [data[i] for i in range(len(data))]
+    )
     task_ids = batch.pop("task_ids")
     r = args.speed_repeats
     out = {"repeats": r, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -420,33 +511,69 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--quick", action="store_true", help="tiny random model, 2 tasks, 1 target, 1 seed, 1-2 steps (the test suite)")
-    add("--output-dir", default=str(HERE), help="where RESULTS.md, results.json and the plots go (default: benchmarks/)")
-    add("--methods", nargs="+", default=[*M.METHODS, *M.ABLATIONS], metavar="METHOD",
-        help=f"methods and ablations to run (default: all): {', '.join(M.ALL)}")
+    add(
+        "--output-dir", default=str(HERE), help="where RESULTS.md, results.json and the plots go (default: benchmarks/)"
+    )
+    add(
+        "--methods",
+        nargs="+",
+        default=[*M.METHODS, *M.ABLATIONS],
+        metavar="METHOD",
+        help=f"methods and ablations to run (default: all): {', '.join(M.ALL)}",
+    )
     add("--tasks", nargs="+", help=f"source tasks (default: {' '.join(DEFAULTS['tasks'])})")
     add("--targets", nargs="*", help=f"unseen target tasks (default: {' '.join(DEFAULTS['targets'])})")
     add("--shots", nargs="*", help="k examples per label for unseen tasks, or 'full' (default: 4 16 32 full)")
     add("--ablation-shots", nargs="*", help="unseen-task shots for the ablations too (default: none)")
-    add("--full-cap", type=int, help=f"rows of a target's training split used as 'full' (default {DEFAULTS['full_cap']}; 0: all)")
+    add(
+        "--full-cap",
+        type=int,
+        help=f"rows of a target's training split used as 'full' (default {DEFAULTS['full_cap']}; 0: all)",
+    )
     add("--seeds", nargs="+", type=int, help="training seeds (default: 0; e.g. --seeds 0 1 2 for mean and spread)")
-    add("--steps", type=int,
-        help=f"multi-task training steps per method, TA-LoRA's warm-up included (default {DEFAULTS['steps']})")
-    add("--warmup-steps", type=int, help=f"TA-LoRA shared warm-up steps within --steps (default {DEFAULTS['warmup_steps']})")
+    add(
+        "--steps",
+        type=int,
+        help=f"multi-task training steps per method, TA-LoRA's warm-up included (default {DEFAULTS['steps']})",
+    )
+    add(
+        "--warmup-steps",
+        type=int,
+        help=f"TA-LoRA shared warm-up steps within --steps (default {DEFAULTS['warmup_steps']})",
+    )
     add("--target-steps", type=int, help=f"training steps per unseen task and k (default {DEFAULTS['target_steps']})")
     add("--train-per-task", type=int, help=f"training examples per source task (default {DEFAULTS['train_per_task']})")
     add("--eval-per-task", type=int, help=f"test examples per task (default {DEFAULTS['eval_per_task']})")
     add("--batch-size", type=int, help=f"training batch size (default {DEFAULTS['batch_size']})")
     add("--max-text-tokens", type=int, help=f"input text truncation, tokens (default {DEFAULTS['max_text_tokens']})")
-    add("--lr", nargs="+", metavar="LR|METHOD=LR", help="learning rate for all methods, or per method (lora=2e-3); "
-        "default 1e-2 for prompt methods (TA-LoRA, PT, MPT, AdaptionPrompt), 1e-3 for LoRA, Poly, MTL-LoRA")
-    add("--speed-repeats", type=int, help=f"interleaved repeats per speed variant (default {DEFAULTS['speed_repeats']})")
+    add(
+        "--lr",
+        nargs="+",
+        metavar="LR|METHOD=LR",
+        help="learning rate for all methods, or per method (lora=2e-3); "
+        "default 1e-2 for prompt methods (TA-LoRA, PT, MPT, AdaptionPrompt), 1e-3 for LoRA, Poly, MTL-LoRA",
+    )
+    add(
+        "--speed-repeats", type=int, help=f"interleaved repeats per speed variant (default {DEFAULTS['speed_repeats']})"
+    )
     add("--gen-batch-size", type=int, help=f"generation batch (default {DEFAULTS['gen_batch_size']})")
     add("--gen-new-tokens", type=int, help=f"generated tokens per call (default {DEFAULTS['gen_new_tokens']})")
-    add("--task-batch-seq-len", type=int, help=f"sequence length of the 64-task batch (default {DEFAULTS['task_batch_seq_len']})")
-    add("--skip-quality", action="store_true", help="no training/evaluation (cached quality results are still reported)")
+    add(
+        "--task-batch-seq-len",
+        type=int,
+        help=f"sequence length of the 64-task batch (default {DEFAULTS['task_batch_seq_len']})",
+    )
+    add(
+        "--skip-quality", action="store_true", help="no training/evaluation (cached quality results are still reported)"
+    )
     add("--skip-speed", action="store_true", help="no speed/memory runs (the previous ones are still reported)")
-    add("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine one thread "
-        "was 3-4x faster than two, whose OpenMP workers wait on each other under contention; try 2 on an idle machine)")
+    add(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine one thread "
+        "was 3-4x faster than two, whose OpenMP workers wait on each other under contention; try 2 on an idle machine)",
+    )
     add("--tiny", action="store_true", help="tiny random model (implied by --quick)")
     add("--strict", action="store_true", help="stop at the first failing method instead of recording the error")
     add("--fresh", action="store_true", help="forget cached results and adapters in --output-dir first")
@@ -513,31 +640,58 @@ def main(argv=None) -> dict:
         log("calibrating (one training step, one forward, one short generate) ...")
         cal = calibrate(base, tokenizer, args)
         seconds = estimate(args, keys, todo, tokenizer, cal)
-        log(f"expected time: about {seconds / 60:.0f} min ({len(todo)} quality runs to do, "
+        log(
+            f"expected time: about {seconds / 60:.0f} min ({len(todo)} quality runs to do, "
             f"{'no' if args.skip_speed else 'with'} speed runs; measured now with {args.threads} thread(s): training "
             f"step {cal['train_step_s']:.1f} s, forward {cal['forward_s']:.1f} s at batch {args.batch_size}; "
-            "a shared machine can be 2x off either way)")
+            "a shared machine can be 2x off either way)"
+        )
         if len(args.seeds) == 1 and not args.quick:
             three = argparse.Namespace(**{**vars(args), "seeds": [0, 1, 2]})
-            log(f"  (--seeds 0 1 2 from scratch: about {estimate(three, keys, plan(three, keys), tokenizer, cal) / 60:.0f} min)")
+            log(
+                f"  (--seeds 0 1 2 from scratch: about {estimate(three, keys, plan(three, keys), tokenizer, cal) / 60:.0f} min)"
+            )
         state.data["calibration"] = cal
 
     # The report covers the requested methods plus any other method already finished with this budget,
     # so a partial rerun (--methods lora) does not drop the rest from RESULTS.md.
     everything, _ = M.available(list(M.ALL))
     finished = plan(args, everything)
-    shown = [k for k in everything if k in keys or all(
-        state.done(f"{k}|seed{s}|unseen_data", finished[f"{k}|seed{s}|unseen_data"]) for s in args.seeds)]
+    shown = [
+        k
+        for k in everything
+        if k in keys
+        or all(state.done(f"{k}|seed{s}|unseen_data", finished[f"{k}|seed{s}|unseen_data"]) for s in args.seeds)
+    ]
     meta = state.data.setdefault("meta", {})
-    meta.update(command="python benchmarks/run.py " + shlex.join(argv),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                machine=machine(), versions=versions(), model=model_id(args),
-                settings={k: v for k, v in vars(args).items() if k not in ("fresh", "strict")})
-    state.data["plan"] = {"methods": shown, "seeds": args.seeds, "tasks": args.tasks, "targets": args.targets,
-                          "shots": args.shots, "ablation_shots": args.ablation_shots, "runs": plan(args, shown)}
-    state.data["methods"] = {k: {"label": M.ALL[k].label, "family": M.ALL[k].family, "routes": M.ALL[k].routes,
-                                 "lr": learning_rate(args, k), "unseen_tasks": M.ALL[k].unseen_tasks,
-                                 "ablation": M.ALL[k].ablation} for k in shown}
+    meta.update(
+        command="python benchmarks/run.py " + shlex.join(argv),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=machine(),
+        versions=versions(),
+        model=model_id(args),
+        settings={k: v for k, v in vars(args).items() if k not in ("fresh", "strict")},
+    )
+    state.data["plan"] = {
+        "methods": shown,
+        "seeds": args.seeds,
+        "tasks": args.tasks,
+        "targets": args.targets,
+        "shots": args.shots,
+        "ablation_shots": args.ablation_shots,
+        "runs": plan(args, shown),
+    }
+    state.data["methods"] = {
+        k: {
+            "label": M.ALL[k].label,
+            "family": M.ALL[k].family,
+            "routes": M.ALL[k].routes,
+            "lr": learning_rate(args, k),
+            "unseen_tasks": M.ALL[k].unseen_tasks,
+            "ablation": M.ALL[k].ablation,
+        }
+        for k in shown
+    }
     state.data["notes"] = notes
     state.data["test_sets"] = R.describe_test_sets([*args.tasks, *args.targets], args.eval_per_task)
     log("counting trainable parameters")
@@ -549,7 +703,9 @@ def main(argv=None) -> dict:
     for key in [k for k in params if params[k].get("fingerprint") != param_fp]:
         del params[key]
     if args.skip_speed and (state.data.get("speed") or {}).get("model") not in (None, model_id(args)):
-        notes.append("The cached speed results were measured on another model; they are left out (rerun without --skip-speed).")
+        notes.append(
+            "The cached speed results were measured on another model; they are left out (rerun without --skip-speed)."
+        )
         state.data.pop("speed")
     state.save()
 

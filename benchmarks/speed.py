@@ -21,13 +21,12 @@ import copy
 import statistics
 import time
 
+import generation  # benchmarks/generation.py: tokens_per_second and its prompts
 import torch
 from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
 
 import peft_talora  # noqa: F401
 from peft_talora import MTLLoraConfig, TALoraConfig, talora_optimizer
-
-import generation  # benchmarks/generation.py: tokens_per_second and its prompts
 
 NUM_TASKS_BIG = 64
 
@@ -71,6 +70,7 @@ def train_step_call(model, batch: dict, optimizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return call
 
 
@@ -125,7 +125,10 @@ def cuda_peak_bytes(call) -> int | None:
 
 
 def memory(model, batch, optimizer) -> dict:
-    out = {"saved_activation_bytes": saved_activation_bytes(model, batch), "trainable_state_bytes": trainable_state_bytes(model)}
+    out = {
+        "saved_activation_bytes": saved_activation_bytes(model, batch),
+        "trainable_state_bytes": trainable_state_bytes(model),
+    }
     out["total_bytes"] = out["saved_activation_bytes"] + out["trainable_state_bytes"]
     peak = cuda_peak_bytes(train_step_call(model, batch, optimizer))
     if peak is not None:
@@ -140,12 +143,19 @@ def training_steps(base, batch: dict, task_ids: torch.Tensor, num_tasks: int, re
     torch.manual_seed(0)
     models = {
         "ta-lora": get_peft_model(copy.deepcopy(base), TALoraConfig(task_type="CAUSAL_LM", num_tasks=num_tasks)),
-        "lora": get_peft_model(copy.deepcopy(base), LoraConfig(
-            task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])),
-        "adaption-prompt": get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(
-            task_type="CAUSAL_LM", adapter_len=10, adapter_layers=layers)),
-        "mtl-lora": get_peft_model(copy.deepcopy(base), MTLLoraConfig(
-            task_type="CAUSAL_LM", num_tasks=num_tasks, r=8, target_modules=["q_proj", "v_proj"])),
+        "lora": get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(
+                task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+            ),
+        ),
+        "adaption-prompt": get_peft_model(
+            copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=10, adapter_layers=layers)
+        ),
+        "mtl-lora": get_peft_model(
+            copy.deepcopy(base),
+            MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=num_tasks, r=8, target_modules=["q_proj", "v_proj"]),
+        ),
     }
     device = device_of(base)
     batches = {name: to(batch, device) for name in models}
@@ -184,18 +194,23 @@ def generation_speed(base, tokenizer, batch_size: int, new_tokens: int, repeats:
     layers = base.config.num_hidden_layers
     torch.manual_seed(0)
     talora = get_peft_model(copy.deepcopy(base), TALoraConfig(task_type="CAUSAL_LM", num_tasks=num_tasks))
-    adaption = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(
-        task_type="CAUSAL_LM", adapter_len=10, adapter_layers=layers))
-    mtl = get_peft_model(copy.deepcopy(base), MTLLoraConfig(
-        task_type="CAUSAL_LM", num_tasks=num_tasks, r=8, target_modules=["q_proj", "v_proj"]))
+    adaption = get_peft_model(
+        copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=10, adapter_layers=layers)
+    )
+    mtl = get_peft_model(
+        copy.deepcopy(base),
+        MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=num_tasks, r=8, target_modules=["q_proj", "v_proj"]),
+    )
     for model in (talora, adaption, mtl):
         open_gates(model)
         model.eval()
     models = {"base": base, "ta-lora": talora, "adaption-prompt": adaption, "mtl-lora": mtl}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in (generation.PROMPTS * batch_size)[:batch_size]]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in (generation.PROMPTS * batch_size)[:batch_size]
+    ]
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device_of(base))
     tokenizer.padding_side = side
     common = {"pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
@@ -210,11 +225,15 @@ def generation_speed(base, tokenizer, batch_size: int, new_tokens: int, repeats:
     median = {name: statistics.median(v) for name, v in speeds.items()}
     del talora, adaption, mtl
     return {
-        "batch_size": batch_size, "new_tokens": new_tokens,
-        "median_tokens_per_s": median, "runs_tokens_per_s": speeds,
-        "ratios": {"ta-lora / base": median["ta-lora"] / median["base"],
-                   "adaption-prompt / base": median["adaption-prompt"] / median["base"],
-                   "mtl-lora / base": median["mtl-lora"] / median["base"]},
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "median_tokens_per_s": median,
+        "runs_tokens_per_s": speeds,
+        "ratios": {
+            "ta-lora / base": median["ta-lora"] / median["base"],
+            "adaption-prompt / base": median["adaption-prompt"] / median["base"],
+            "mtl-lora / base": median["mtl-lora"] / median["base"],
+        },
     }
 
 
@@ -240,8 +259,10 @@ def task_batch(base, tokenizer, seq_len: int, repeats: int, num_tasks: int = NUM
     many = f"{num_tasks} tasks"
     del model, calls
     return {
-        "batch_shape": [num_tasks, seq_len], "num_tasks": num_tasks,
-        "median_s": median, "runs_s": times,
+        "batch_shape": [num_tasks, seq_len],
+        "num_tasks": num_tasks,
+        "median_s": median,
+        "runs_s": times,
         "ratios": {f"{many} / 1 task": median[many] / median["1 task"]},
         "memory": mem,
         "memory_ratios": {f"{many} / 1 task": mem[many]["total_bytes"] / mem["1 task"]["total_bytes"]},

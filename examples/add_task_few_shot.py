@@ -18,10 +18,10 @@ from transformers import TrainingArguments
 
 import peft_talora  # noqa: F401
 from peft_talora import TALoraConfig
-from peft_talora.training.collator import k_shot, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import evaluate_task, format_split, load_task, subsample
 from peft_talora.training import build_trainer
+from peft_talora.training.collator import k_shot, tokenize_for_causal_lm
 
 
 def main(argv=None):
@@ -55,9 +55,16 @@ def main(argv=None):
     rows = format_split(shots, tokenizer, task=args.task, max_text_tokens=64)
     trainer = build_trainer(
         model,
-        TrainingArguments(output_dir=str(out / "run"), max_steps=1 if args.tiny else args.steps,
-                          per_device_train_batch_size=8, learning_rate=1e-2, save_strategy="no", report_to=[],
-                          use_cpu=True, logging_steps=5),
+        TrainingArguments(
+            output_dir=str(out / "run"),
+            max_steps=1 if args.tiny else args.steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            logging_steps=5,
+        ),
         train_dataset=tokenize_for_causal_lm(rows, tokenizer, task_names=model),
         processing_class=tokenizer,
     )

@@ -17,9 +17,9 @@ from transformers import Trainer, TrainingArguments
 
 import peft_talora  # noqa: F401  TA-LoRA: registers the method with PEFT
 from peft_talora import TALoraConfig  # TA-LoRA
-from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import format_split, load_task, subsample
+from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tiny", action="store_true")
@@ -40,8 +40,14 @@ train = tokenize_for_causal_lm(rows, tokenizer, task_names=model)  # keeps `task
 trainer = Trainer(
     model=model,
     args=TrainingArguments(
-        output_dir=args.output_dir, max_steps=2 if args.tiny else args.steps, per_device_train_batch_size=8,
-        learning_rate=1e-2, logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+        output_dir=args.output_dir,
+        max_steps=2 if args.tiny else args.steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
     ),
     train_dataset=train,  # remove_unused_columns=True keeps task_ids: the model's forward declares it
     data_collator=MultiTaskDataCollator(tokenizer),  # pads and keeps task_ids

@@ -42,7 +42,7 @@ def main(argv=None):
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     output = model.generate(**batch, task_ids=row_tasks, max_new_tokens=args.max_new_tokens, do_sample=False)
-    answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     for name, answer in zip(row_tasks, answers):
         print(f"{name:<18} -> {answer.strip()!r}")
     return dict(zip(row_tasks, answers))

@@ -40,11 +40,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
 from peft_talora import TALoraConfig
-from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import SOURCE_TASKS, TARGET_TASKS, evaluate_task, format_split, load_task, subsample
 from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, has_rows, paired_difference
 from peft_talora.training import build_trainer
+from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 
 SYSTEM_PROMPT = "You are a precise text classifier."  # short: every token costs time on a CPU
 PT_INIT_TEXT = "Classify the text into one of the given labels."  # the benchmark's PT init text
@@ -71,8 +71,15 @@ def evaluate(model, tokenizer, tasks, per_task: int, seed: int, max_text_tokens:
     for name in tasks:
         test = subsample(load_task(name)["test"], per_task, seed=seed)
         result = evaluate_task(
-            model, tokenizer, test, task=name, task_id=name if route else None, batch_size=8,
-            max_text_tokens=max_text_tokens, system_prompt=SYSTEM_PROMPT, progress=True,
+            model,
+            tokenizer,
+            test,
+            task=name,
+            task_id=name if route else None,
+            batch_size=8,
+            max_text_tokens=max_text_tokens,
+            system_prompt=SYSTEM_PROMPT,
+            progress=True,
         )
         results[name] = result.metrics()
         print(f"  {name:<18} {result.summary()}")
@@ -94,29 +101,49 @@ def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, ev
         collator = MultiTaskDataCollator(tokenizer=tokenizer)
     every = max(1, steps // 4)
     training_args = TrainingArguments(
-        output_dir=str(folder), max_steps=steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=min(5, steps // 10),
-        logging_steps=max(1, every // 2), save_steps=every, save_total_limit=1, seed=args.seed,
-        eval_strategy="steps" if evaluation is not None else "no", eval_steps=max(1, steps // 2),
-        report_to=[], use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(folder),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=min(5, steps // 10),
+        logging_steps=max(1, every // 2),
+        save_steps=every,
+        save_total_limit=1,
+        seed=args.seed,
+        eval_strategy="steps" if evaluation is not None else "no",
+        eval_steps=max(1, steps // 2),
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
     )
     trainer = build_trainer(
-        model, training_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        data_collator=collator, task_sampling=args.task_sampling if route else None,
+        model,
+        training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        data_collator=collator,
+        task_sampling=args.task_sampling if route else None,
     )
     resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     trainer.train(resume_from_checkpoint=resume)
 
 
 def talora_config(tasks, args) -> TALoraConfig:
-    return TALoraConfig(task_type="CAUSAL_LM", task_names=list(tasks), num_virtual_tokens=args.virtual_tokens, r=args.rank)
+    return TALoraConfig(
+        task_type="CAUSAL_LM", task_names=list(tasks), num_virtual_tokens=args.virtual_tokens, r=args.rank
+    )
 
 
 def prompt_tuning_config(tokenizer, args) -> PromptTuningConfig:
     """PEFT prompt tuning with as many virtual tokens as TA-LoRA, initialised from a task-neutral text."""
     return PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=args.virtual_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
-        prompt_tuning_init_text=PT_INIT_TEXT, tokenizer_name_or_path=tokenizer.name_or_path,
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=args.virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=PT_INIT_TEXT,
+        tokenizer_name_or_path=tokenizer.name_or_path,
     )
 
 
@@ -157,7 +184,10 @@ def difference(a: dict, b: dict) -> dict:
     if not tasks or not all(has_rows(a[t]) and has_rows(b[t]) for t in tasks):
         return {}
     runs = lambda records: [TaskRuns.from_records([records[t]]) for t in tasks]  # noqa: E731
-    return {"tasks": len(tasks), **{m: paired_difference(runs(a), runs(b), m).as_dict() for m in ("macro_f1", "accuracy")}}
+    return {
+        "tasks": len(tasks),
+        **{m: paired_difference(runs(a), runs(b), m).as_dict() for m in ("macro_f1", "accuracy")},
+    }
 
 
 def summarize(results: dict) -> None:
@@ -198,12 +228,17 @@ def report(results: dict, out: Path) -> None:
     """Print the table and write ``results.json`` and ``results.png``."""
     summarize(results)
     methods = [m for m in METHODS if any(method_records(results, m, s) for s in SETTINGS)]
-    print("\nMacro-F1 [95% bootstrap interval over the test rows] / accuracy, in points (%). Macro-F1 leads: "
-          "accuracy on these small imbalanced test sets mostly measures the label prior.")
+    print(
+        "\nMacro-F1 [95% bootstrap interval over the test rows] / accuracy, in points (%). Macro-F1 leads: "
+        "accuracy on these small imbalanced test sets mostly measures the label prior."
+    )
     sizes = sorted({r["n"] for s in SETTINGS for m in methods for r in method_records(results, m, s).values()})
     if sizes:
-        print("test rows per task: " + ", ".join(str(n) for n in sizes)
-              + f" (one row = {', '.join(f'{100 / n:.1f}' for n in sizes)} accuracy points)")
+        print(
+            "test rows per task: "
+            + ", ".join(str(n) for n in sizes)
+            + f" (one row = {', '.join(f'{100 / n:.1f}' for n in sizes)} accuracy points)"
+        )
     width = 26
     print(f"\n{'setting':<22}{'task':<18}" + "".join(f"{METHODS[m]:>{width}}" for m in methods))
     for setting, label in (("unseen_data", "source (unseen data)"), ("unseen_tasks", f"target (k={results['shots']})")):
@@ -217,12 +252,16 @@ def report(results: dict, out: Path) -> None:
             continue
         print(f"\naverage over the {label}, macro-F1 and accuracy [95% interval]:")
         for method, entry in averages.items():
-            print(f"  {METHODS[method]:<30} macro-F1 {fmt_interval(entry['macro_f1']):<22}"
-                  f" accuracy {fmt_interval(entry['accuracy'])}")
+            print(
+                f"  {METHODS[method]:<30} macro-F1 {fmt_interval(entry['macro_f1']):<22}"
+                f" accuracy {fmt_interval(entry['accuracy'])}"
+            )
         for name, entry in results["differences"].get(setting, {}).items():
             other = METHODS[name.split(" - ")[1]]
-            print(f"  {'TA-LoRA - ' + other:<30} macro-F1 {fmt_interval(entry['macro_f1'], True):<22}"
-                  f" accuracy {fmt_interval(entry['accuracy'], True)}  (paired)")
+            print(
+                f"  {'TA-LoRA - ' + other:<30} macro-F1 {fmt_interval(entry['macro_f1'], True):<22}"
+                f" accuracy {fmt_interval(entry['accuracy'], True)}  (paired)"
+            )
         if any(e["macro_f1"].get("low") is None for e in averages.values()):
             print("  (no interval where cached results lack per-row predictions: rerun with --fresh)")
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -244,7 +283,9 @@ def plot(results: dict, methods: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(n, "unseen_data") for n in results["source_tasks"]] + [(n, "unseen_tasks") for n in results["target_tasks"]]
+    groups = [(n, "unseen_data") for n in results["source_tasks"]] + [
+        (n, "unseen_tasks") for n in results["target_tasks"]
+    ]
     groups += [(f"average {s.split()[0]}", setting) for setting, s in SETTINGS.items()]
     fig, axes = plt.subplots(1, 2, figsize=(max(10, len(groups) * 1.3), 4.5), sharey=True)
     bar = 0.8 / len(methods)
@@ -285,7 +326,9 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "results.json"
     results = json.loads(state_file.read_text()) if state_file.exists() else {}
-    results.update(source_tasks=list(args.tasks), target_tasks=list(args.targets), shots=args.shots, settings=vars(args))
+    results.update(
+        source_tasks=list(args.tasks), target_tasks=list(args.targets), shots=args.shots, settings=vars(args)
+    )
     results.setdefault("zero_shot", {})
 
     def save():
@@ -344,7 +387,9 @@ def run(args) -> dict:
         model = PeftModel.from_pretrained(base, adapter)
         model.add_tasks([name])  # freeze mode: shared parts and source tasks stay bit-identical
         shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
-        rows = format_split(shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
+        rows = format_split(
+            shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
+        )
         train_phase(model, tokenizer, rows, out / f"checkpoints_{name}", args.target_steps, args)
         model.save_pretrained(out / f"adapter_{name}", tasks=[name])
         results["unseen_tasks"].update(evaluate(model, tokenizer, [name], args.eval_per_task, route=True, **mtl))
@@ -356,12 +401,18 @@ def run(args) -> dict:
         for name in args.targets:
             if name in done:
                 continue
-            print(f"\n[5/5] peer {METHODS[peer]} on {name}: k={args.shots} examples per label, {args.target_steps} steps")
+            print(
+                f"\n[5/5] peer {METHODS[peer]} on {name}: k={args.shots} examples per label, {args.target_steps} steps"
+            )
             torch.manual_seed(args.seed)
             model = get_peft_model(base, prompt_tuning_config(tokenizer, args))
             shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
-            rows = format_split(shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
-            train_phase(model, tokenizer, rows, out / f"checkpoints_{peer}_{name}", args.target_steps, args, route=False)
+            rows = format_split(
+                shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
+            )
+            train_phase(
+                model, tokenizer, rows, out / f"checkpoints_{peer}_{name}", args.target_steps, args, route=False
+            )
             done.update(evaluate(model, tokenizer, [name], args.eval_per_task, route=False, **mtl))
             base = model.get_base_model()
             save()
@@ -376,9 +427,13 @@ def parse(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny random model and tiny budgets (smoke test)")
     parser.add_argument("--tasks", nargs="+", default=list(SOURCE_TASKS), help="source tasks")
     parser.add_argument("--targets", nargs="*", default=list(TARGET_TASKS), help="unseen target tasks")
-    parser.add_argument("--peers", nargs="*", default=["pt"], choices=["pt"],
-                        help="peers trained on each target like TA-LoRA's new task (pt: PEFT prompt tuning; "
-                        "'--peers' alone: none)")
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=["pt"],
+        choices=["pt"],
+        help="peers trained on each target like TA-LoRA's new task (pt: PEFT prompt tuning; '--peers' alone: none)",
+    )
     parser.add_argument("--train-per-task", type=int, default=48)
     parser.add_argument("--eval-per-task", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=8)

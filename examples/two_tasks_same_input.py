@@ -82,7 +82,10 @@ def answer(model, tokenizer, countries: list[str], task: str | int, max_new_toke
     tokenizer.padding_side = "left"
     batch = tokenizer([prompt(c) for c in countries], return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(
-        **batch, task_ids=[task] * len(countries), max_new_tokens=max_new_tokens, do_sample=False,
+        **batch,
+        task_ids=[task] * len(countries),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]

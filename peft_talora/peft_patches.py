@@ -319,8 +319,10 @@ def explain_unreadable_adapter_files() -> None:
     @functools.wraps(load)
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         folder = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
-        if os.path.isdir(folder) and _is_our_adapter(folder) and not any(
-            os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES
+        if (
+            os.path.isdir(folder)
+            and _is_our_adapter(folder)
+            and not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES)
         ):
             raise ValueError(
                 f"The adapter folder {folder!r} has {CONFIG_NAME} but no weights file ({' or '.join(WEIGHT_FILES)}), "
@@ -417,28 +419,35 @@ def _check_config_label(loaded, path: str) -> None:
         raise ValueError(f"{path} holds {type(loaded).__name__} where an adapter config (a JSON object) belongs.")
     label, keys = str(loaded.get("peft_type")), set(loaded)
     fits = sorted(
-        t for t in OUR_PEFT_TYPES
-        if t != label and keys & {"num_tasks", "task_names"}
+        t
+        for t in OUR_PEFT_TYPES
+        if t != label
+        and keys & {"num_tasks", "task_names"}
         and keys <= {f.name for f in fields(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(t)])}
     )
     fix = " or ".join(f'"peft_type": "{t}"' for t in fits)
     if "peft_type" not in loaded:
         if fits:  # PEFT would fail with KeyError: 'peft_type'
-            raise ValueError(f"{path} has no \"peft_type\"; its keys are those of a {' or '.join(fits)} adapter: "
-                             f"write {fix} in the file.")
+            raise ValueError(
+                f'{path} has no "peft_type"; its keys are those of a {" or ".join(fits)} adapter: '
+                f"write {fix} in the file."
+            )
         return
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(label)
     if config_cls is None:
         known = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
         raise ValueError(
-            f"{path} says \"peft_type\": {loaded['peft_type']!r}, which no installed PEFT method registers. "
-            + (f"Its keys are those of a {' or '.join(fits)} adapter: write {fix} in the file."
-               if fits else f"Known types: {known}; for another method, install and import the package that adds it.")
+            f'{path} says "peft_type": {loaded["peft_type"]!r}, which no installed PEFT method registers. '
+            + (
+                f"Its keys are those of a {' or '.join(fits)} adapter: write {fix} in the file."
+                if fits
+                else f"Known types: {known}; for another method, install and import the package that adds it."
+            )
         )
     unknown = sorted(keys - {f.name for f in fields(config_cls)})
     if fits and unknown:
         raise ValueError(
-            f"{path} says \"peft_type\": {label!r}, but its keys {unknown} are not {config_cls.__name__}'s: it is a "
+            f'{path} says "peft_type": {label!r}, but its keys {unknown} are not {config_cls.__name__}\'s: it is a '
             f"{' or '.join(fits)} adapter's config with another label. Write {fix} in the file (or save the adapter "
             "again with save_pretrained)."
         )

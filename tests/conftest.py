@@ -8,7 +8,9 @@ import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
 
 VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-_DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+_DECODER = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+)
 
 # model_type -> config kwargs. Heads: GQA where the family has it; key norms (qwen3, olmo2, gemma3); fused
 # projections (phi3 qkv_proj, gpt2 c_attn Conv1D, gpt_neox query_key_value with partial rotary).

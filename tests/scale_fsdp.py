@@ -49,7 +49,7 @@ def build(method: str):
     model = get_peft_model(tiny_model("llama", "sdpa", seed=0), config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # stand-in for training: open the gates, distinct tasks, nonzero up-projections
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return model.train()

@@ -189,16 +189,22 @@ trained({method!r}, seed=1).save_pretrained({folder!r})
 
 
 @pytest.mark.parametrize(
-    "method, stage", [("ta-lora", "weights"), ("mtl-lora", "config"), ("ta-lora", "swap")],
+    "method, stage",
+    [("ta-lora", "weights"), ("mtl-lora", "config"), ("ta-lora", "swap")],
     ids=["ta-lora-weights", "mtl-lora-config", "ta-lora-before-swap"],
 )
 def test_killed_save_keeps_the_old_adapter(old, method, stage, tmp_path):
     folder, expected = old
     before = snapshot(folder)
     marker = tmp_path / "writing"
-    code = KILLED_SAVE.format(tests=str(ROOT / "tests"), stage=stage, method=method, marker=str(marker),
-                              folder=str(folder))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = KILLED_SAVE.format(
+        tests=str(ROOT / "tests"), stage=stage, method=method, marker=str(marker), folder=str(folder)
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not marker.exists():
@@ -281,7 +287,9 @@ def test_other_adapters_subfolders_survive_and_saved_ones_are_replaced(tmp_path)
     assert torch.equal(loaded_outputs(folder), outputs(new))
 
 
-@pytest.mark.parametrize("first, second", [(False, True), (True, False)], ids=["bin-then-safetensors", "safetensors-then-bin"])
+@pytest.mark.parametrize(
+    "first, second", [(False, True), (True, False)], ids=["bin-then-safetensors", "safetensors-then-bin"]
+)
 def test_weights_of_the_other_format_do_not_outlive_a_save(tmp_path, first, second):
     """PEFT loads adapter_model.safetensors before adapter_model.bin: a stale one would pair old weights with the new config."""
     folder = tmp_path / "adapter"
@@ -401,8 +409,10 @@ def hub(monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("Repo", (), {"repo_id": repo_id})())
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(
-        EntryNotFoundError("no README yet")))
+    monkeypatch.setattr(
+        "huggingface_hub.repocard.hf_hub_download",
+        lambda *a, **k: (_ for _ in ()).throw(EntryNotFoundError("no README yet")),
+    )
     return sent
 
 

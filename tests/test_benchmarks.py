@@ -40,7 +40,11 @@ def run_quick(out: Path, *args: str) -> str:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output-dir", str(out), *args],
-        cwd=out.parent, env=env, capture_output=True, text=True, timeout=900,
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return result.stdout
@@ -112,7 +116,18 @@ def test_json_and_plots(quick):
 
     out, _ = quick
     data = json.loads((out / "results.json").read_text())
-    for key in ("meta", "plan", "methods", "parameters", "runs", "quality", "ablations", "zero_shot", "speed", "targets"):
+    for key in (
+        "meta",
+        "plan",
+        "methods",
+        "parameters",
+        "runs",
+        "quality",
+        "ablations",
+        "zero_shot",
+        "speed",
+        "targets",
+    ):
         assert key in data, key
     for key in ("command", "date", "machine", "versions", "settings", "elapsed_s"):
         assert key in data["meta"], key
@@ -220,12 +235,19 @@ def test_report_regenerates_from_results_cached_without_rows():
 
 def test_aggregate_and_compare_pair_seeds_and_rows():
     import report
+
     from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, paired_difference
 
     def record(predictions, references):
         accuracy = sum(p == r for p, r in zip(predictions, references)) / len(references)
-        return {"predictions": predictions, "references": references, "num_labels": 2, "n": len(references),
-                "accuracy": accuracy, "macro_f1": 0.0}
+        return {
+            "predictions": predictions,
+            "references": references,
+            "num_labels": 2,
+            "n": len(references),
+            "accuracy": accuracy,
+            "macro_f1": 0.0,
+        }
 
     refs = [0, 1, 1, 0, 1]
     a = [(0, {"x": record([0, 1, 1, 1, 1], refs)}), (1, {"x": record([0, 1, 0, 0, 1], refs)})]

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import batch, logits, perturb, tiny_model
+from conftest import batch, logits, tiny_model
 from peft import get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -30,7 +30,7 @@ def adapted(method: str, arch: str = "llama", **overrides):
     model = get_peft_model(tiny_model(arch), config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.5)
     return model
@@ -130,7 +130,11 @@ def test_generate_nested_in_a_logits_processor_keeps_the_outer_routing(method):
             return scores
 
     got = model.generate(
-        input_ids=ids, attention_mask=mask, task_ids=tasks, logits_processor=LogitsProcessorList([CallsTheModelWithOtherTasks()]), **gen
+        input_ids=ids,
+        attention_mask=mask,
+        task_ids=tasks,
+        logits_processor=LogitsProcessorList([CallsTheModelWithOtherTasks()]),
+        **gen,
     )
     assert torch.equal(got, expected)
 
@@ -164,7 +168,9 @@ def test_deepcopy_after_a_training_forward(method):
         for param in clone.parameters():
             if param.requires_grad:
                 param.add_(1.0)
-    assert not torch.equal(logits(clone, tasks, ids, mask), logits(model, tasks, ids, mask)), "the copy runs its own weights"
+    assert not torch.equal(logits(clone, tasks, ids, mask), logits(model, tasks, ids, mask)), (
+        "the copy runs its own weights"
+    )
 
 
 @pytest.mark.parametrize("first", METHODS)
@@ -205,7 +211,8 @@ def test_the_base_attention_dropout_and_softcap_reach_the_prefix(monkeypatch):
     seen = []
     original = attention.gated_prefix_attention
     monkeypatch.setattr(
-        attention, "gated_prefix_attention",
+        attention,
+        "gated_prefix_attention",
         lambda *a, **kw: seen.append((kw["dropout"], kw["softcap"])) or original(*a, **kw),
     )
     base = tiny_model("gemma2", "eager", attn_logit_softcapping=7.0, attention_dropout=0.25)
@@ -292,21 +299,56 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
 
     data("source.jsonl", [("question w1", "A", "first"), ("question w2", "B", "second")])
     data("target.jsonl", [("question w3", "C", "third"), ("question w4", "A", "third")])
-    common = ["--model_name_or_path", str(tmp_path / "model"), "--max_steps", "2", "--use_cpu", "--report_to", "none",
-              "--save_strategy", "no", "--num_virtual_tokens", "4", "--rank", "4", "--learning_rate", "0.05",
-              "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
+    common = [
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--num_virtual_tokens",
+        "4",
+        "--rank",
+        "4",
+        "--learning_rate",
+        "0.05",
+        "--per_device_train_batch_size",
+        "2",
+        "--disable_tqdm",
+        "true",
+    ]
 
     def train(*args):
-        result = subprocess.run([sys.executable, "-m", "peft_talora.training", *common, *args], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+        result = subprocess.run(
+            [sys.executable, "-m", "peft_talora.training", *common, *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+        )
         assert result.returncode == 0, result.stderr[-4000:]
 
     train("--train_file", str(tmp_path / "source.jsonl"), "--output_dir", str(tmp_path / "source"))
-    train("--train_file", str(tmp_path / "target.jsonl"), "--output_dir", str(tmp_path / "target"),
-          "--adapter_path", str(tmp_path / "source"), "--training_stage", "new_tasks")
+    train(
+        "--train_file",
+        str(tmp_path / "target.jsonl"),
+        "--output_dir",
+        str(tmp_path / "target"),
+        "--adapter_path",
+        str(tmp_path / "source"),
+        "--training_stage",
+        "new_tasks",
+    )
     config = json.loads((tmp_path / "target" / "adapter_config.json").read_text())
     assert config["task_names"] == ["first", "second", "third"]
-    before, after = load_file(tmp_path / "source" / "adapter_model.safetensors"), load_file(tmp_path / "target" / "adapter_model.safetensors")
+    before, after = (
+        load_file(tmp_path / "source" / "adapter_model.safetensors"),
+        load_file(tmp_path / "target" / "adapter_model.safetensors"),
+    )
     for key in ("task_u", "task_v"):
         name = f"base_model.talora_banks.{key}"
         assert torch.equal(after[name][:, :2], before[name][:, :2]), "the source tasks stay bit-identical"

@@ -66,15 +66,19 @@ def test_collator_from_text_masks_prompt_pads_right_and_keeps_task_ids():
 
 def test_collator_from_tokens_prompt_length_labels_and_left_padding():
     collate = MultiTaskDataCollator(tokenizer=tiny_tokenizer(), padding_side="left")
-    batch = collate([
-        {"input_ids": [5, 6, 7, 8], "prompt_length": 3, "task_ids": 2},
-        {"input_ids": [9, 10], "prompt_length": 1, "task_ids": torch.tensor(0)},
-    ])
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7, 8], "prompt_length": 3, "task_ids": 2},
+            {"input_ids": [9, 10], "prompt_length": 1, "task_ids": torch.tensor(0)},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [PAD, PAD, 9, 10]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 8], [-100, -100, -100, 10]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert batch["task_ids"].tolist() == [2, 0]
-    given = MultiTaskDataCollator(pad_token_id=PAD, pad_to_multiple_of=4)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
+    given = MultiTaskDataCollator(pad_token_id=PAD, pad_to_multiple_of=4)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    )
     assert given["labels"].tolist() == [[-100, 6, 7, -100]] and "task_ids" not in given
 
 
@@ -99,22 +103,28 @@ def test_collator_errors_on_unknown_names_and_names_without_task_names():
 
 # ----------------------------------------------------------------------------- tokenisation
 def raw_dataset():
-    return Dataset.from_dict({
-        "prompt": ["question red", "question", "question blue green"],
-        "completion": ["yes", "no no", "A"],
-        "task_ids": ["answer", "topic", "colour"],
-        "extra": [1, 2, 3],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": ["question red", "question", "question blue green"],
+            "completion": ["yes", "no no", "A"],
+            "task_ids": ["answer", "topic", "colour"],
+            "extra": [1, 2, 3],
+        }
+    )
 
 
 def test_tokenize_for_causal_lm_columns_labels_and_task_ids():
     out = tokenize_for_causal_lm(raw_dataset(), tiny_tokenizer(), task_names=TASKS)
     assert sorted(out.column_names) == ["attention_mask", "input_ids", "labels", "task_ids"]
     assert out["input_ids"][:] == [
-        ids("question", "red", "yes") + [EOS], ids("question", "no", "no") + [EOS], ids("question", "blue", "green", "A") + [EOS]
+        ids("question", "red", "yes") + [EOS],
+        ids("question", "no", "no") + [EOS],
+        ids("question", "blue", "green", "A") + [EOS],
     ]
     assert out["labels"][:] == [
-        [-100, -100] + ids("yes") + [EOS], [-100] + ids("no", "no") + [EOS], [-100] * 3 + ids("A") + [EOS]
+        [-100, -100] + ids("yes") + [EOS],
+        [-100] + ids("no", "no") + [EOS],
+        [-100] * 3 + ids("A") + [EOS],
     ]
     assert out["task_ids"][:] == [1, 2, 0]
     padded = tokenize_for_causal_lm(raw_dataset(), tiny_tokenizer(), task_names=TASKS, padding="longest")

@@ -40,11 +40,37 @@ def workspace(tmp_path_factory):
 
 def train_args(root, output, per_device_batch):
     return [
-        "--model_name_or_path", str(root / "model"), "--train_file", str(root / "train.jsonl"),
-        "--output_dir", str(output), "--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device_batch),
-        "--learning_rate", "0.05", "--orthogonality_weight", "10", "--num_virtual_tokens", "4", "--rank", "4",
-        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "3",
-        "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        "--model_name_or_path",
+        str(root / "model"),
+        "--train_file",
+        str(root / "train.jsonl"),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        str(per_device_batch),
+        "--learning_rate",
+        "0.05",
+        "--orthogonality_weight",
+        "10",
+        "--num_virtual_tokens",
+        "4",
+        "--rank",
+        "4",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "3",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_num_workers",
+        "0",
     ]
 
 
@@ -86,8 +112,19 @@ def assert_same_adapter(got, expected):
 def test_torchrun_two_processes_equal_one_process(workspace, single_process):
     out = workspace / "torchrun"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "peft_talora.training",
-                  *train_args(workspace, out, 2)], cwd=workspace)
+    result = run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "peft_talora.training",
+            *train_args(workspace, out, 2),
+        ],
+        cwd=workspace,
+    )
     assert "world size 2, global batch 4" in result.stdout
     assert_same_adapter(adapter(out), single_process)
 
@@ -96,9 +133,24 @@ def test_accelerate_launch_two_processes_equal_one_process(workspace, single_pro
     out = workspace / "accelerate"
     # --multi_gpu selects accelerate's DDP launcher; --use_cpu (a TrainingArguments flag) keeps it on CPU with gloo.
     # (accelerate's --cpu flag would pick its single-process/MPI launcher instead.)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                "-m", "peft_talora.training"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "peft_talora.training",
+    ]
     result = run([*launcher, *train_args(workspace, out, 2)], cwd=workspace)
     assert "world size 2, global batch 4" in result.stdout
     assert_same_adapter(adapter(out), single_process)

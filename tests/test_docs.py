@@ -8,8 +8,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_docs_build_strict(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "set_training_stage" in api and "build_trainer" in api  # generated from the docstrings

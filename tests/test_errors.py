@@ -37,8 +37,12 @@ def config(**kwargs):
         (dict(num_virtual_tokens=0), ValueError, r"num_virtual_tokens must be an int >= 1 \(got 0\)"),
         (dict(num_virtual_tokens=2.5), TypeError, r"num_virtual_tokens must be an int >= 1 \(got 2\.5, a float\)"),
         (dict(num_virtual_tokens="10"), TypeError, r"num_virtual_tokens must be an int >= 1 \(got '10', a str\)"),
-        (dict(num_tasks=None, task_names="trec"), TypeError, r"task_names must be a list of names, not the string 'trec'"
-         r".*task_names=\['trec'\]"),
+        (
+            dict(num_tasks=None, task_names="trec"),
+            TypeError,
+            r"task_names must be a list of names, not the string 'trec'"
+            r".*task_names=\['trec'\]",
+        ),
         (dict(num_tasks=None, task_names=["a", "b", "a"]), ValueError, r"task_names has duplicates \['a'\]"),
         (dict(num_tasks=None, task_names=["a", ""]), ValueError, r"task_names must be non-empty strings"),
         (dict(num_tasks=None, task_names=["a", 2]), TypeError, r"task_names must be non-empty strings.*\['a', 2\]"),
@@ -146,12 +150,30 @@ def named():
         (["x", "w", "y"], ValueError, r"Unknown task name 'w'; valid tasks are " + VALID),
         ("w", ValueError, r"Unknown task name 'w'; valid tasks are " + VALID),
         (torch.tensor([0, 1]), ValueError, r"`task_ids` must have shape \(batch,\) = \(3,\), .*got shape \(2,\)"),
-        (torch.tensor([[0, 1, 2]]), ValueError, r"`task_ids` must have shape \(batch,\) = \(3,\), .*got shape \(1, 3\)"),
-        (torch.tensor([0.0, 1.0, 2.0]), TypeError, r"integer tensor .* got dtype torch\.float32; valid tasks are " + VALID),
+        (
+            torch.tensor([[0, 1, 2]]),
+            ValueError,
+            r"`task_ids` must have shape \(batch,\) = \(3,\), .*got shape \(1, 3\)",
+        ),
+        (
+            torch.tensor([0.0, 1.0, 2.0]),
+            TypeError,
+            r"integer tensor .* got dtype torch\.float32; valid tasks are " + VALID,
+        ),
         ([True, False, True], TypeError, r"got dtype torch\.bool; valid tasks are " + VALID),
     ],
-    ids=["missing", "unknown-id", "unknown-scalar", "negative", "unknown-name", "unknown-name-scalar",
-         "wrong-length", "2d", "float", "bool"],
+    ids=[
+        "missing",
+        "unknown-id",
+        "unknown-scalar",
+        "negative",
+        "unknown-name",
+        "unknown-name-scalar",
+        "wrong-length",
+        "2d",
+        "float",
+        "bool",
+    ],
 )
 def test_bad_task_ids_in_forward(named, task_ids, error, message):
     with pytest.raises(error, match=message) as info:
@@ -246,9 +268,21 @@ def saved(tmp_path):
 @pytest.mark.parametrize(
     "overrides, name, adapter_shape, model_shape, meaning",
     [
-        (dict(hidden_size=32, intermediate_size=48), "shared_prompt", (2, 4, 64), (2, 4, 32), "hidden size of the base model: 64 in the file, 32 here"),
+        (
+            dict(hidden_size=32, intermediate_size=48),
+            "shared_prompt",
+            (2, 4, 64),
+            (2, 4, 32),
+            "hidden size of the base model: 64 in the file, 32 here",
+        ),
         (dict(num_hidden_layers=3), "gate", (2, 4), (3, 4), "adapted layers (adapter_layers): 2 in the file, 3 here"),
-        (dict(num_attention_heads=8), "gate", (2, 4), (2, 8), "attention heads of the base model: 4 in the file, 8 here"),
+        (
+            dict(num_attention_heads=8),
+            "gate",
+            (2, 4),
+            (2, 8),
+            "attention heads of the base model: 4 in the file, 8 here",
+        ),
     ],
     ids=["hidden-size", "depth", "heads"],
 )

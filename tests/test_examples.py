@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(script, *args, cwd):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 
@@ -37,7 +43,11 @@ def test_main_job_tiny_reports_resumes_and_saves(tmp_path):
             assert 0 <= low <= metrics[metric] <= high <= 1
         assert len(metrics["predictions"]) == len(metrics["references"]) == 4
     averages = results["averages"]
-    assert set(averages["unseen_data"]) == {"base", "ta-lora"} and set(averages["unseen_tasks"]) == {"base", "ta-lora", "pt"}
+    assert set(averages["unseen_data"]) == {"base", "ta-lora"} and set(averages["unseen_tasks"]) == {
+        "base",
+        "ta-lora",
+        "pt",
+    }
     for entry in [*averages["unseen_data"].values(), *averages["unseen_tasks"].values()]:
         for metric in ("macro_f1", "accuracy"):
             assert entry[metric]["low"] <= entry[metric]["estimate"] <= entry[metric]["high"]
@@ -79,5 +89,7 @@ def test_generate_per_task_tiny(tmp_path):
 
 
 def test_two_tasks_same_input_tiny(tmp_path):
-    stdout = run_example("two_tasks_same_input.py", "--tiny", "--steps", "2", "--output-dir", str(tmp_path / "toy"), cwd=tmp_path)
+    stdout = run_example(
+        "two_tasks_same_input.py", "--tiny", "--steps", "2", "--output-dir", str(tmp_path / "toy"), cwd=tmp_path
+    )
     assert "adapter saved" in stdout

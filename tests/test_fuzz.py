@@ -8,7 +8,6 @@ reported in ``docs/faq.md`` and checked by :func:`test_docs_report_the_number_of
 """
 
 import json
-import math
 import random
 import re
 import shutil
@@ -72,40 +71,109 @@ def assert_names(error: BaseException, *names: str) -> None:
 # For each field: bad values and the error each must raise. The field is named in every message.
 
 COMMON_FIELDS = {
-    "num_tasks": [(0, ValueError), (-1, ValueError), (2.0, TypeError), (2.5, TypeError), ("3", TypeError),
-                  (True, TypeError), ([3], TypeError), (NAN, TypeError), (np.float64(3.0), TypeError)],
-    "task_names": [("trec", TypeError), (["a", "a"], ValueError), (["a", ""], ValueError), (["a", 1], TypeError),
-                   ([None], TypeError), ({"a", "b"}, TypeError), (5, TypeError), ([], ValueError),
-                   ({"a": 0}, TypeError)],
+    "num_tasks": [
+        (0, ValueError),
+        (-1, ValueError),
+        (2.0, TypeError),
+        (2.5, TypeError),
+        ("3", TypeError),
+        (True, TypeError),
+        ([3], TypeError),
+        (NAN, TypeError),
+        (np.float64(3.0), TypeError),
+    ],
+    "task_names": [
+        ("trec", TypeError),
+        (["a", "a"], ValueError),
+        (["a", ""], ValueError),
+        (["a", 1], TypeError),
+        ([None], TypeError),
+        ({"a", "b"}, TypeError),
+        (5, TypeError),
+        ([], ValueError),
+        ({"a": 0}, TypeError),
+    ],
     "inference_mode": [("yes", TypeError), (1, TypeError), (None, TypeError)],
     "base_model_name_or_path": [(5, TypeError), (["model"], TypeError)],
     "revision": [(3, TypeError)],
 }
 INT, POSITIVE, NON_NEGATIVE = "int", "positive", "non-negative"
 BAD = {
-    INT: [(0, ValueError), (-3, ValueError), (2.0, TypeError), (1.5, TypeError), ("10", TypeError), (True, TypeError),
-          (None, TypeError), ([4], TypeError), (NAN, TypeError), (np.float32(4.0), TypeError)],
-    POSITIVE: [(0, ValueError), (-1.0, ValueError), (NAN, ValueError), (INF, ValueError), (-INF, ValueError),
-               ("1.0", TypeError), (True, TypeError), (None, TypeError), ([1.0], TypeError), (1j, TypeError)],
-    NON_NEGATIVE: [(-1e-3, ValueError), (NAN, ValueError), (INF, ValueError), ("0", TypeError), (False, TypeError),
-                   (None, TypeError)],
+    INT: [
+        (0, ValueError),
+        (-3, ValueError),
+        (2.0, TypeError),
+        (1.5, TypeError),
+        ("10", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+        ([4], TypeError),
+        (NAN, TypeError),
+        (np.float32(4.0), TypeError),
+    ],
+    POSITIVE: [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (NAN, ValueError),
+        (INF, ValueError),
+        (-INF, ValueError),
+        ("1.0", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+        ([1.0], TypeError),
+        (1j, TypeError),
+    ],
+    NON_NEGATIVE: [
+        (-1e-3, ValueError),
+        (NAN, ValueError),
+        (INF, ValueError),
+        ("0", TypeError),
+        (False, TypeError),
+        (None, TypeError),
+    ],
 }
 METHOD_FIELDS = {
     "ta-lora": {
-        "num_virtual_tokens": BAD[INT], "r": BAD[INT], "alpha": BAD[POSITIVE],
-        "orthogonality_weight": BAD[NON_NEGATIVE], "prompt_init_std": BAD[NON_NEGATIVE],
-        "adapter_layers": [(1, TypeError), ([0.7], TypeError), ([], ValueError), ([0, 0], ValueError),
-                           ("0", TypeError), ([True], TypeError), ([None], TypeError), ((0.5,), TypeError),
-                           ({0: 1}, TypeError)],
+        "num_virtual_tokens": BAD[INT],
+        "r": BAD[INT],
+        "alpha": BAD[POSITIVE],
+        "orthogonality_weight": BAD[NON_NEGATIVE],
+        "prompt_init_std": BAD[NON_NEGATIVE],
+        "adapter_layers": [
+            (1, TypeError),
+            ([0.7], TypeError),
+            ([], ValueError),
+            ([0, 0], ValueError),
+            ("0", TypeError),
+            ([True], TypeError),
+            ([None], TypeError),
+            ((0.5,), TypeError),
+            ({0: 1}, TypeError),
+        ],
     },
     "mtl-lora": {
-        "r": BAD[INT], "num_up_projections": BAD[INT], "lora_alpha": BAD[POSITIVE], "temperature": BAD[POSITIVE],
+        "r": BAD[INT],
+        "num_up_projections": BAD[INT],
+        "lora_alpha": BAD[POSITIVE],
+        "temperature": BAD[POSITIVE],
         "lora_dropout": BAD[NON_NEGATIVE] + [(1.0, ValueError), (1, ValueError)],
-        "target_modules": [("", ValueError), ([], ValueError), (["q_proj", 3], TypeError), (5, TypeError),
-                           ([""], ValueError), ({"q_proj": 1}, TypeError)],
+        "target_modules": [
+            ("", ValueError),
+            ([], ValueError),
+            (["q_proj", 3], TypeError),
+            (5, TypeError),
+            ([""], ValueError),
+            ({"q_proj": 1}, TypeError),
+        ],
         "exclude_modules": [(5, TypeError), ([3], TypeError), ("", ValueError)],
-        "layers_to_transform": [([0.5], TypeError), (-1, ValueError), ([-1], ValueError), ("1", TypeError),
-                                (True, TypeError), (1.0, TypeError)],
+        "layers_to_transform": [
+            ([0.5], TypeError),
+            (-1, ValueError),
+            ([-1], ValueError),
+            ("1", TypeError),
+            (True, TypeError),
+            (1.0, TypeError),
+        ],
         "layers_pattern": [(5, TypeError), ([1], TypeError)],
         "modules_to_save": [("lm_head", TypeError), ([1], TypeError), (3, TypeError)],
     },
@@ -118,8 +186,9 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method, name, value, error", CONFIG_CASES,
-                         ids=[f"{m}-{n}={v!r}" for m, n, v, _ in CONFIG_CASES])
+@pytest.mark.parametrize(
+    "method, name, value, error", CONFIG_CASES, ids=[f"{m}-{n}={v!r}" for m, n, v, _ in CONFIG_CASES]
+)
 def test_bad_config_field(method, name, value, error):
     extra = {"num_tasks": None} if name == "task_names" else {}
     if name == "num_tasks":
@@ -135,18 +204,27 @@ def test_bad_config_field(method, name, value, error):
 # Well-formed equivalents: numpy scalars, ints for floats, tuples and sets for lists.
 EQUIVALENT_CONFIGS = [
     ("ta-lora", dict(r=np.int64(4), num_virtual_tokens=np.int32(4)), dict(r=4, num_virtual_tokens=4)),
-    ("ta-lora", dict(alpha=8, orthogonality_weight=0, prompt_init_std=1), dict(alpha=8.0, orthogonality_weight=0.0,
-                                                                               prompt_init_std=1.0)),
+    (
+        "ta-lora",
+        dict(alpha=8, orthogonality_weight=0, prompt_init_std=1),
+        dict(alpha=8.0, orthogonality_weight=0.0, prompt_init_std=1.0),
+    ),
     ("ta-lora", dict(adapter_layers=(np.int64(0), -1)), dict(adapter_layers=[0, -1])),
     ("ta-lora", dict(task_names=tuple(TASKS), num_tasks=np.int64(3)), dict(task_names=TASKS)),
     ("ta-lora", dict(alpha=np.float32(2.0)), dict(alpha=2.0)),
     ("mtl-lora", dict(r=np.int64(4), num_up_projections=np.int16(3)), dict(r=4, num_up_projections=3)),
-    ("mtl-lora", dict(lora_alpha=16, temperature=1, lora_dropout=0), dict(lora_alpha=16.0, temperature=1.0,
-                                                                            lora_dropout=0.0)),
+    (
+        "mtl-lora",
+        dict(lora_alpha=16, temperature=1, lora_dropout=0),
+        dict(lora_alpha=16.0, temperature=1.0, lora_dropout=0.0),
+    ),
     ("mtl-lora", dict(target_modules=("v_proj", "q_proj")), dict(target_modules=["q_proj", "v_proj"])),
     ("mtl-lora", dict(target_modules={"q_proj", "v_proj"}), dict(target_modules=["q_proj", "v_proj"])),
-    ("mtl-lora", dict(target_modules=["q_proj"], layers_to_transform=(np.int64(1),)),
-     dict(target_modules=["q_proj"], layers_to_transform=[1])),
+    (
+        "mtl-lora",
+        dict(target_modules=["q_proj"], layers_to_transform=(np.int64(1),)),
+        dict(target_modules=["q_proj"], layers_to_transform=[1]),
+    ),
     ("mtl-lora", dict(task_names=tuple(TASKS)), dict(task_names=TASKS)),
 ]
 
@@ -165,11 +243,39 @@ def test_equivalent_config(method, odd, plain, tmp_path):
 
 def _bad_task_ids(rng: random.Random) -> list:
     fixed = [
-        None, 3, -1, 7, [0, 1, 3], [0, -1, 2], "d", "A", ["a", "b", "d"], ["a", "b"], [0, 1], [0, 1, 2, 0], [[0, 1, 2]],
-        [0.0, 1.0, 2.0], 1.0, [True, False, True], torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0, 1, 2]]),
-        torch.tensor([0, 1]), torch.tensor([True, False, True]), np.array([0.5, 1, 2]), np.array([[0, 1, 2]]),
-        {"a": 0}, {0, 1, 2}, object(), [None, 0, 1], ["a", None, "b"], [], "", [1j, 0, 1], torch.tensor([0, 1, 5]),
-        np.int64(9), [np.int64(0), np.int64(3), 1],
+        None,
+        3,
+        -1,
+        7,
+        [0, 1, 3],
+        [0, -1, 2],
+        "d",
+        "A",
+        ["a", "b", "d"],
+        ["a", "b"],
+        [0, 1],
+        [0, 1, 2, 0],
+        [[0, 1, 2]],
+        [0.0, 1.0, 2.0],
+        1.0,
+        [True, False, True],
+        torch.tensor([0.0, 1.0, 2.0]),
+        torch.tensor([[0, 1, 2]]),
+        torch.tensor([0, 1]),
+        torch.tensor([True, False, True]),
+        np.array([0.5, 1, 2]),
+        np.array([[0, 1, 2]]),
+        {"a": 0},
+        {0, 1, 2},
+        object(),
+        [None, 0, 1],
+        ["a", None, "b"],
+        [],
+        "",
+        [1j, 0, 1],
+        torch.tensor([0, 1, 5]),
+        np.int64(9),
+        [np.int64(0), np.int64(3), 1],
     ]
     generated = []
     for _ in range(16):
@@ -233,8 +339,9 @@ def test_bad_task_ids(models, method, task_ids):
     assert torch.equal(outputs(model), reference), "a failed call leaves nothing behind"
 
 
-@pytest.mark.parametrize("method, spelled, ids", EQUIVALENT_TASK_IDS,
-                         ids=[f"{m}-{i}" for i, (m, *_) in enumerate(EQUIVALENT_TASK_IDS)])
+@pytest.mark.parametrize(
+    "method, spelled, ids", EQUIVALENT_TASK_IDS, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(EQUIVALENT_TASK_IDS)]
+)
 def test_equivalent_task_ids(models, method, spelled, ids):
     model = models[method]
     input_ids, mask = batch(batch_size=3)
@@ -266,6 +373,7 @@ def _edit_config(**changes):
             else:
                 saved[key] = value
         path.write_text(json.dumps(saved))
+
     return edit
 
 
@@ -277,6 +385,7 @@ def _truncate(fraction):
         path = folder / "adapter_model.safetensors"
         data = path.read_bytes()
         path.write_bytes(data[: int(len(data) * fraction)])
+
     return damage
 
 
@@ -286,6 +395,7 @@ def _poison(value, which):
         name = sorted(tensors)[which]
         tensors[name].view(-1)[0] = value
         _set_tensors(folder, tensors)
+
     return damage
 
 
@@ -307,16 +417,27 @@ def _other_method(method):
 
 # (name, damage(folder, method) -> None, pattern the message must match)
 FILE_CASES = [
-    *[(f"truncated-{f}", lambda d, m, f=f: _truncate(f)(d), r"adapter_model\.safetensors is truncated")
-      for f in (0.0, 0.01, 0.3, 0.5, 0.9, 0.999)],
-    ("garbage-weights", lambda d, m: (d / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 40),
-     r"adapter_model\.safetensors is truncated or not a safetensors file"),
+    *[
+        (f"truncated-{f}", lambda d, m, f=f: _truncate(f)(d), r"adapter_model\.safetensors is truncated")
+        for f in (0.0, 0.01, 0.3, 0.5, 0.9, 0.999)
+    ],
+    (
+        "garbage-weights",
+        lambda d, m: (d / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 40),
+        r"adapter_model\.safetensors is truncated or not a safetensors file",
+    ),
     ("no-weights", lambda d, m: (d / "adapter_model.safetensors").unlink(), r"no weights file"),
     ("no-config", lambda d, m: (d / "adapter_config.json").unlink(), r"adapter_config\.json"),
-    ("truncated-config", lambda d, m: (d / "adapter_config.json").write_text('{"peft_type": "TA'),
-     r"adapter_config\.json is not valid JSON"),
-    ("config-not-an-object", lambda d, m: (d / "adapter_config.json").write_text("[1, 2]"),
-     r"adapter_config\.json holds list"),
+    (
+        "truncated-config",
+        lambda d, m: (d / "adapter_config.json").write_text('{"peft_type": "TA'),
+        r"adapter_config\.json is not valid JSON",
+    ),
+    (
+        "config-not-an-object",
+        lambda d, m: (d / "adapter_config.json").write_text("[1, 2]"),
+        r"adapter_config\.json holds list",
+    ),
     ("peft-type-nope", lambda d, m: _edit_config(peft_type="NOPE")(d), r"'NOPE', which no installed PEFT method"),
     ("peft-type-missing", lambda d, m: _edit_config(peft_type=_DROP)(d), r"has no \"peft_type\""),
     ("relabelled-lora", lambda d, m: _edit_config(peft_type="LORA")(d), r"'LORA', but its keys"),
@@ -326,20 +447,38 @@ FILE_CASES = [
     ("inf-last-tensor", lambda d, m: _poison(INF, -1)(d), r"non-finite values"),
     ("missing-tensor", lambda d, m: _drop_tensor(d), r"lacks"),
     ("unknown-tensor", lambda d, m: _extra_tensor(d), r"'extra'|extra"),
-    ("more-tasks-in-config", lambda d, m: _edit_config(task_names=TASKS + ["d"], num_tasks=4)(d),
-     r"does not fit this model.*tasks"),
-    ("fewer-tasks-in-config", lambda d, m: _edit_config(task_names=TASKS[:2], num_tasks=2)(d),
-     r"does not fit this model.*tasks"),
+    (
+        "more-tasks-in-config",
+        lambda d, m: _edit_config(task_names=TASKS + ["d"], num_tasks=4)(d),
+        r"does not fit this model.*tasks",
+    ),
+    (
+        "fewer-tasks-in-config",
+        lambda d, m: _edit_config(task_names=TASKS[:2], num_tasks=2)(d),
+        r"does not fit this model.*tasks",
+    ),
     ("config-r-float", lambda d, m: _edit_config(r=2.5)(d), r"\.r must be an int >= 1 \(got 2\.5"),
-    ("config-names-string", lambda d, m: _edit_config(task_names="abc", num_tasks=_DROP)(d),
-     r"task_names must be a list of names, not the string 'abc'"),
-    ("config-nan-scaling", lambda d, m: _edit_config(**{"alpha" if m == "ta-lora" else "lora_alpha": NAN})(d),
-     r"alpha must be a finite number"),
+    (
+        "config-names-string",
+        lambda d, m: _edit_config(task_names="abc", num_tasks=_DROP)(d),
+        r"task_names must be a list of names, not the string 'abc'",
+    ),
+    (
+        "config-nan-scaling",
+        lambda d, m: _edit_config(**{"alpha" if m == "ta-lora" else "lora_alpha": NAN})(d),
+        r"alpha must be a finite number",
+    ),
     ("config-tasks-disagree", lambda d, m: _edit_config(num_tasks=5)(d), r"num_tasks=5 disagrees"),
-    ("config-other-base", lambda d, m: _edit_config(base_model_shape={"model_type": "qwen2", "num_key_value_heads": 4})(d),
-     r"saved from another base model \(model_type: 'qwen2' in the file, 'llama' here; num_key_value_heads: 4"),
-    ("config-base-shape-not-a-dict", lambda d, m: _edit_config(base_model_shape=[64, 2])(d),
-     r"base_model_shape must be None or a dict"),
+    (
+        "config-other-base",
+        lambda d, m: _edit_config(base_model_shape={"model_type": "qwen2", "num_key_value_heads": 4})(d),
+        r"saved from another base model \(model_type: 'qwen2' in the file, 'llama' here; num_key_value_heads: 4",
+    ),
+    (
+        "config-base-shape-not-a-dict",
+        lambda d, m: _edit_config(base_model_shape=[64, 2])(d),
+        r"base_model_shape must be None or a dict",
+    ),
 ]
 FILE_CASE_IDS = [(m, name) for m in METHODS for name, *_ in FILE_CASES]
 
@@ -402,8 +541,20 @@ def _fail_weights(tensors, filename, metadata=None):
     raise OSError(28, "No space left on device")
 
 
-OPS = ["save", "save", "fail-weights", "fail-config", "nan", "export", "bad-export", "numpy-export", "train",
-       "add-task", "bad-add-task", "bad-selected"]
+OPS = [
+    "save",
+    "save",
+    "fail-weights",
+    "fail-config",
+    "nan",
+    "export",
+    "bad-export",
+    "numpy-export",
+    "train",
+    "add-task",
+    "bad-add-task",
+    "bad-selected",
+]
 SEQUENCES = [(m, seed) for m in METHODS for seed in range(5)]
 CALLS_PER_SEQUENCE = 9
 
@@ -435,8 +586,11 @@ def test_call_sequence(method, seed, tmp_path, monkeypatch):
                 if op == "fail-weights":
                     patch.setattr(peft.peft_model, "safe_save_file", _fail_weights)
                 else:
-                    patch.setattr(type(model.peft_config["default"]), "save_pretrained",
-                                  lambda self, d, **k: (_ for _ in ()).throw(OSError(122, "Disk quota exceeded")))
+                    patch.setattr(
+                        type(model.peft_config["default"]),
+                        "save_pretrained",
+                        lambda self, d, **k: (_ for _ in ()).throw(OSError(122, "Disk quota exceeded")),
+                    )
                 with pytest.raises(OSError):
                     model.save_pretrained(folder, tasks=rng.choice([None, ["a"]]))
         elif op == "nan":
@@ -494,8 +648,10 @@ def test_deleted_last_adapter_then_save_forward_generate(tmp_path):
         with pytest.raises(ValueError, match="no adapter left to save"):
             model.save_pretrained(tmp_path / method)
         assert snapshot(tmp_path / method) == before
-        for call in (lambda: model(input_ids=input_ids, attention_mask=mask, task_ids=[0, 1, 2]),
-                     lambda: model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=2)):
+        for call in (
+            lambda model=model: model(input_ids=input_ids, attention_mask=mask, task_ids=[0, 1, 2]),
+            lambda model=model: model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=2),
+        ):
             with pytest.raises(ValueError, match="no adapter left: 'default' was its last one.*add_adapter"):
                 call()
 

@@ -22,7 +22,9 @@ def test_beam_search_and_return_sequences_expand_task_ids():
     together = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=TASKS, **kwargs)
     assert together.shape[0] == 6
     for i, task in enumerate(TASKS.tolist()):
-        alone = model.generate(input_ids=input_ids[i : i + 1], attention_mask=mask[i : i + 1], task_ids=[task], **kwargs)
+        alone = model.generate(
+            input_ids=input_ids[i : i + 1], attention_mask=mask[i : i + 1], task_ids=[task], **kwargs
+        )
         assert torch.equal(together[2 * i : 2 * i + 2], alone), f"example {i} (task {task}) differs"
 
 
@@ -33,8 +35,12 @@ def test_sampling_return_sequences_expand_task_ids():
     together = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=TASKS, **kwargs)
     for i, task in enumerate(TASKS.tolist()):
         greedy = model.generate(
-            input_ids=input_ids[i : i + 1], attention_mask=mask[i : i + 1], task_ids=[task], max_new_tokens=5,
-            do_sample=False, pad_token_id=0,
+            input_ids=input_ids[i : i + 1],
+            attention_mask=mask[i : i + 1],
+            task_ids=[task],
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
         )
         assert torch.equal(together[2 * i : 2 * i + 2], greedy.expand(2, -1)), f"example {i} (task {task}) differs"
 

@@ -72,7 +72,7 @@ def test_auto_peft_model_loads_the_adapter_like_peft_model(tmp_path, base_dir, m
 def card_code(folder):
     """The python blocks of the card's ``## How to load`` section."""
     text = (folder / "README.md").read_text()
-    section = text[text.index("## How to load"):]
+    section = text[text.index("## How to load") :]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 

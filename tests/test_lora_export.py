@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import batch, tiny_model
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -68,7 +68,11 @@ CASES = {
     "llama-q_v": ("llama", {}, "trec"),
     "llama-all-linear": ("llama", {"target_modules": "all-linear", "lora_alpha": 24.0}, "trec"),
     "gpt2-conv1d": ("gpt2", {}, "trec"),
-    "llama-one-layer": ("llama", {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}, 0),
+    "llama-one-layer": (
+        "llama",
+        {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        0,
+    ),
     "single-task": ("llama", {"task_names": ["only"]}, None),
 }
 
@@ -94,10 +98,23 @@ def exports(tmp_path_factory):
         else:
             model.save_pretrained(folder, tasks=[task] if isinstance(task, str) else task, as_lora=True)
         models[case] = (model, folder)
-        jobs.append({"base": str(base_dir), "adapter": str(folder), "inputs": str(root / "inputs.pt"), "out": str(root / f"{case}.pt")})
+        jobs.append(
+            {
+                "base": str(base_dir),
+                "adapter": str(folder),
+                "inputs": str(root / "inputs.pt"),
+                "out": str(root / f"{case}.pt"),
+            }
+        )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, json.dumps(jobs)], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, json.dumps(jobs)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {case: (model, folder, torch.load(root / f"{case}.pt")) for case, (model, folder) in models.items()}
 
@@ -128,9 +145,20 @@ def test_one_task_exports_as_a_lora_adapter_that_plain_peft_loads(exports, case)
 
 
 def test_target_modules_are_leaf_names_when_they_match_exactly(exports):
-    targets = {case: json.loads((folder / "adapter_config.json").read_text())["target_modules"] for case, (_, folder, _) in exports.items()}
+    targets = {
+        case: json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+        for case, (_, folder, _) in exports.items()
+    }
     assert sorted(targets["llama-q_v"]) == ["q_proj", "v_proj"] and targets["gpt2-conv1d"] == ["c_attn"]
-    assert sorted(targets["llama-all-linear"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(targets["llama-all-linear"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     assert targets["llama-one-layer"] == ["model.layers.1.self_attn.q_proj"]  # "q_proj" alone would adapt layer 0 too
 
 
@@ -148,7 +176,9 @@ def test_lora_export_errors_name_the_problem_and_write_nothing(tmp_path):
     head = mtl_model(tmp_path / "base", modules_to_save=["lm_head"])
     with pytest.raises(ValueError, match="modules_to_save.*cannot carry"):
         head.save_pretrained(tmp_path / "out", tasks=["sst2"], as_lora=True)
-    talora = get_peft_model(tiny_model(), TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=2, r=2))
+    talora = get_peft_model(
+        tiny_model(), TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=2, r=2)
+    )
     with pytest.raises(TypeError, match="TA-LoRA has no LoRA form.*generate\\(task_ids=...\\)"):
         talora.save_pretrained(tmp_path / "out", tasks=["sst2"], as_lora=True)
     assert not (tmp_path / "out").exists()

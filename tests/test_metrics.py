@@ -61,12 +61,16 @@ def test_f1_averages_match_hand_computed_values():
     assert macro == pytest.approx(sum(per_class) / 3)
     assert f1.compute(predictions=predictions, references=references, average="micro")["f1"] == pytest.approx(4 / 6)
     weighted = (1 * 2 / 3 + 3 * 4 / 5 + 2 * 1 / 2) / 6
-    assert f1.compute(predictions=predictions, references=references, average="weighted")["f1"] == pytest.approx(weighted)
+    assert f1.compute(predictions=predictions, references=references, average="weighted")["f1"] == pytest.approx(
+        weighted
+    )
     # binary: positive class 1 -> tp 1, pred 2, true 1
     assert f1.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])["f1"] == pytest.approx(2 / 3)
     assert f1.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0], pos_label=0)["f1"] == pytest.approx(0.8)
     # a label that never occurs scores 0 and drags the macro average down
-    assert f1.compute(predictions=[0, 1], references=[0, 1], average="macro", labels=[0, 1, 2])["f1"] == pytest.approx(2 / 3)
+    assert f1.compute(predictions=[0, 1], references=[0, 1], average="macro", labels=[0, 1, 2])["f1"] == pytest.approx(
+        2 / 3
+    )
 
 
 def test_metric_errors():
@@ -191,7 +195,9 @@ def test_bootstrap_matches_a_plain_loop_over_the_documented_draws():
     interval = bootstrap_interval(tasks, "macro_f1", resamples=resamples, seed=seed)
     assert (interval.low, interval.high) == pytest.approx(tuple(np.quantile(expected[0], [0.025, 0.975])), abs=1e-12)
     diff = paired_difference(tasks, other, "macro_f1", resamples=resamples, seed=seed)
-    assert (diff.low, diff.high) == pytest.approx(tuple(np.quantile(expected[0] - expected[1], [0.025, 0.975])), abs=1e-12)
+    assert (diff.low, diff.high) == pytest.approx(
+        tuple(np.quantile(expected[0] - expected[1], [0.025, 0.975])), abs=1e-12
+    )
     assert interval == bootstrap_interval(tasks, "macro_f1", resamples=resamples, seed=seed)  # fixed seed
 
 

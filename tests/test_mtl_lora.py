@@ -16,8 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_talora import MTLLoraConfig, MTLLoraModel
 from peft_talora.mtl_lora import MTLLoraLayer
-from peft_talora.peft_patches import ROUTED_TASK_IDS_KWARG
 from peft_talora.multitask.routing import CallRouting, routing_scope
+from peft_talora.peft_patches import ROUTED_TASK_IDS_KWARG
 
 TASKS = torch.tensor([0, 2, 1])
 NAMES = ["a", "b", "c"]
@@ -305,8 +305,11 @@ def test_saved_files_and_config(tmp_path):
     assert type(config) is MTLLoraConfig and config.temperature == 0.5 and config.num_up_projections == 2
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     stem = "base_model.model.model.layers.0.self_attn.q_proj"
-    assert set(tensors) == {f"base_model.model.model.layers.{i}.self_attn.q_proj.mtllora_{n}" for i in (0, 1)
-                            for n in ("A", "B", "lambda", "logits")}
+    assert set(tensors) == {
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.mtllora_{n}"
+        for i in (0, 1)
+        for n in ("A", "B", "lambda", "logits")
+    }
     assert tensors[f"{stem}.mtllora_lambda"].shape == (3, 2, 2)
     assert tensors[f"{stem}.mtllora_logits"].shape == (3, 2)
     card = (tmp_path / "README.md").read_text()
@@ -466,8 +469,17 @@ def test_merge_and_unload_of_a_single_task_adapter_needs_no_task():
         (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\) \(got 1\.0\)"),
         (dict(layers_pattern="layers"), r"layers_pattern only applies together with layers_to_transform"),
     ],
-    ids=["no-tasks", "zero-tasks", "duplicate-names", "r-zero", "k-zero", "tau-zero", "tau-negative", "dropout",
-         "pattern-alone"],
+    ids=[
+        "no-tasks",
+        "zero-tasks",
+        "duplicate-names",
+        "r-zero",
+        "k-zero",
+        "tau-zero",
+        "tau-negative",
+        "dropout",
+        "pattern-alone",
+    ],
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -546,7 +558,9 @@ def test_loading_into_a_model_of_another_shape(tmp_path):
     config.num_tasks = 2
     with pytest.raises(ValueError, match=re.escape("tasks (num_tasks / task_names): 3 in the file, 2 here")):
         PeftModel.from_pretrained(tiny_model(), tmp_path, config=config)
-    message = r"input features of the adapted layer: \d+ in the file, \d+ here\)\. Load or resume it into a model built with"
+    message = (
+        r"input features of the adapted layer: \d+ in the file, \d+ here\)\. Load or resume it into a model built with"
+    )
     with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(tiny_model(hidden_size=32, intermediate_size=48), tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
@@ -570,8 +584,8 @@ def test_unsupported_target_module_rolls_back():
 
 def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path):
     """Both tasks share every prompt and differ only in the answer: right for both only if task ids reach the layers."""
-    from talora_text import ids, tiny_tokenizer
     from datasets import Dataset
+    from talora_text import ids, tiny_tokenizer
     from transformers import Trainer, TrainingArguments
 
     from peft_talora.training.collator import tokenize_for_causal_lm
@@ -583,8 +597,15 @@ def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path):
     raw = Dataset.from_dict({k: list(v) for k, v in zip(("prompt", "completion", "task_ids"), zip(*rows))})
     data = tokenize_for_causal_lm(raw, tiny_tokenizer(), padding="longest", add_eos=False)
     args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=0.05, per_device_train_batch_size=8,
-        max_steps=30, save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        learning_rate=0.05,
+        per_device_train_batch_size=8,
+        max_steps=30,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     model.eval()

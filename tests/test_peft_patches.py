@@ -34,7 +34,9 @@ from peft_talora.peft_patches import (
     route_task_ids_through_peft_forward,
 )
 
-BANK_KEYS = {f"base_model.talora_banks.{name}" for name in ("shared_prompt", "shared_basis", "task_u", "task_v", "gate")}
+BANK_KEYS = {
+    f"base_model.talora_banks.{name}" for name in ("shared_prompt", "shared_basis", "task_u", "task_v", "gate")
+}
 
 
 def talora_config(**kwargs):
@@ -622,7 +624,7 @@ def test_active_peft_config_of_a_model_without_adapters():
     lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     lora.delete_adapter("default")
     with pytest.raises(KeyError):  # other methods keep PEFT's behaviour
-        lora.active_peft_config
+        _ = lora.active_peft_config
 
 
 def test_save_with_no_adapter_left(tmp_path):
@@ -647,7 +649,7 @@ def _relabel(folder, peft_type):
 def test_from_json_file_refuses_an_unregistered_peft_type(tmp_path):
     perturb(talora()).save_pretrained(tmp_path)
     path = _relabel(tmp_path, "NOPE")
-    message = re.escape(f'{path} says "peft_type": \'NOPE\', which no installed PEFT method registers')
+    message = re.escape(f"{path} says \"peft_type\": 'NOPE', which no installed PEFT method registers")
     fix = re.escape('write "peft_type": "TALORA" in the file')
     # every PEFT entry point that reads a config goes through PeftConfig.from_json_file
     for load in (
@@ -671,11 +673,16 @@ def test_from_json_file_refuses_our_config_under_another_label(tmp_path, label, 
     if method == "TALORA":
         model = talora()
     else:
-        model = get_peft_model(tiny_model(), MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=2, target_modules=["q_proj"]))
+        model = get_peft_model(
+            tiny_model(), MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=2, target_modules=["q_proj"])
+        )
     model.save_pretrained(tmp_path)
     _relabel(tmp_path, label)
-    with pytest.raises(ValueError, match=rf"says \"peft_type\": '{label}', but its keys \[.*\] are not .*Config's: "
-                                         rf"it is a {method} adapter's config.*Write \"peft_type\": \"{method}\""):
+    with pytest.raises(
+        ValueError,
+        match=rf"says \"peft_type\": '{label}', but its keys \[.*\] are not .*Config's: "
+        rf"it is a {method} adapter's config.*Write \"peft_type\": \"{method}\"",
+    ):
         PeftModel.from_pretrained(tiny_model(), tmp_path)
 
 
@@ -722,8 +729,14 @@ def test_save_records_the_base_model_shape_and_load_checks_it(tmp_path):
     """``save_pretrained`` writes ``base_model_shape`` through PEFT's config saving; ``load_adapter`` compares it."""
     perturb(talora()).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_shape"]
-    assert saved == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "head_dim": 16}
+    assert saved == {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
     with pytest.raises(ValueError, match=r"saved from another base model \(num_key_value_heads: 2 in the file, 4 here"):
         PeftModel.from_pretrained(tiny_model(num_key_value_heads=4), tmp_path)
     model = talora()

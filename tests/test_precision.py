@@ -84,8 +84,14 @@ def test_adapter_dtype_on_a_bf16_base(tmp_path, method, autocast):
     # generate: per-example tasks; the first step's scores are the forward's last logits
     model.eval()
     generated = model.generate(
-        input_ids=input_ids, attention_mask=mask, task_ids=ROUTES, max_new_tokens=4, do_sample=False, pad_token_id=0,
-        output_scores=True, return_dict_in_generate=True,
+        input_ids=input_ids,
+        attention_mask=mask,
+        task_ids=ROUTES,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     assert generated.sequences.shape == (3, input_ids.shape[1] + 4)
     first = generated.scores[0]

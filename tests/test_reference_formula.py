@@ -315,7 +315,12 @@ def test_at_init_reference_and_package_equal_base_model(attn_implementation, att
     assert torch.count_nonzero(bank.gate) == 0
     with torch.no_grad():
         ours = reference_logits(
-            weights, base.config, reference_bank(bank_leaves(bank)), input_ids, attention_mask, TASK_IDS,
+            weights,
+            base.config,
+            reference_bank(bank_leaves(bank)),
+            input_ids,
+            attention_mask,
+            TASK_IDS,
             attn_implementation,
         )
         package = model(input_ids=input_ids, attention_mask=attention_mask, task_ids=TASK_IDS).logits
@@ -363,5 +368,5 @@ def test_package_matches_reference_logits_and_bank_gradients(attn_implementation
             leaf.grad,
             atol=atol * scale.item(),
             rtol=grad_rtol,
-            msg=lambda m: f"{name}: {m}",
+            msg=lambda m, name=name: f"{name}: {m}",
         )

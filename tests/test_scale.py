@@ -68,7 +68,14 @@ def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), os.path.join(HERE, "scale_fsdp.py")]
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        os.path.join(HERE, "scale_fsdp.py"),
+    ]
     result = subprocess.run([*command, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
@@ -118,8 +125,12 @@ def saved_tiny(tmp_path_factory):
 
 
 DISK_MAP = {
-    "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk", "model.layers.1": "disk",
-    "model.norm": "cpu", "lm_head": "disk",
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "disk",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "lm_head": "disk",
 }
 
 
@@ -160,7 +171,9 @@ def test_talora_on_offloaded_base_equals_plain_model(saved_tiny, tmp_path, offlo
     with torch.no_grad():
         torch.testing.assert_close(
             offloaded(input_ids=input_ids, attention_mask=mask, task_ids=TASKS).logits,
-            plain(input_ids=input_ids, attention_mask=mask, task_ids=TASKS).logits, rtol=0, atol=0,
+            plain(input_ids=input_ids, attention_mask=mask, task_ids=TASKS).logits,
+            rtol=0,
+            atol=0,
         )
     losses, grads = train_steps(offloaded, input_ids, mask)
     plain_losses, plain_grads = train_steps(plain, input_ids, mask)
@@ -178,8 +191,12 @@ def test_talora_on_offloaded_base_equals_plain_model(saved_tiny, tmp_path, offlo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to split layers between cuda:0 and cpu")
 def test_talora_on_base_split_between_cuda_and_cpu(saved_tiny):
     device_map = {
-        "model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-        "model.norm": 0, "lm_head": "cpu",
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.norm": 0,
+        "lm_head": "cpu",
     }
     split_base = AutoModelForCausalLM.from_pretrained(saved_tiny, device_map=device_map)
     split = perturb(get_peft_model(split_base, talora_config()))

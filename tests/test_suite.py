@@ -11,7 +11,6 @@ from peft import PromptTuningConfig, get_peft_model
 from talora_text import ids, tiny_tokenizer
 
 from peft_talora import TALoraConfig
-from peft_talora.training.collator import tokenize_for_causal_lm
 from peft_talora.suite import (
     MIDDLE_MARKER,
     SOURCE_TASKS,
@@ -38,6 +37,7 @@ from peft_talora.suite import (
     truncate_middle,
     unregister_task,
 )
+from peft_talora.training.collator import tokenize_for_causal_lm
 
 BUILTIN_NAMES = {
     "movie_sentiment", "tweet_sentiment", "amazon_sentiment", "nyt_sentiment", "sms_spam", "trec", "bbc_topic",

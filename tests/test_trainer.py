@@ -8,7 +8,6 @@ import inspect
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -19,9 +18,9 @@ from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_talora import TALoraConfig
-from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
 from peft_talora.metrics import load_metric
 from peft_talora.training import MultiTaskSampler, MultiTaskTrainer
+from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
 
 TASKS = ["first", "second"]
 ANSWERS = ["A", "B"]  # same prompts, task 0 answers A, task 1 answers B
@@ -30,7 +29,9 @@ PROMPTS = [f"question w{i}" for i in range(4)]
 
 def talora(seed=0):
     torch.manual_seed(seed)  # the adapter's initialisation; the base model is always tiny_model(seed=0)
-    return get_peft_model(tiny_model(), TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4))
+    return get_peft_model(
+        tiny_model(), TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4)
+    )
 
 
 def raw(task_as_names: bool) -> Dataset:
@@ -40,8 +41,17 @@ def raw(task_as_names: bool) -> Dataset:
 
 def arguments(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=0.05, per_device_train_batch_size=8,
-        per_device_eval_batch_size=8, max_steps=30, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        learning_rate=0.05,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=30,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     return TrainingArguments(**{**defaults, **overrides})
 
@@ -95,8 +105,12 @@ def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path, task_as_names)
     before = greedy_next_token(model, 0)
     assert before == greedy_next_token(model, 1)  # identical inputs: untrained tasks cannot differ
     trainer = Trainer(
-        model=model, args=arguments(tmp_path, learning_rate=0.2, max_steps=20), train_dataset=data, eval_dataset=data,
-        data_collator=collator, compute_metrics=token_accuracy,
+        model=model,
+        args=arguments(tmp_path, learning_rate=0.2, max_steps=20),
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=collator,
+        compute_metrics=token_accuracy,
         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
     )
     assert trainer.evaluate()["eval_accuracy"] <= 0.5  # one prediction per prompt: right for one task at most
@@ -143,8 +157,12 @@ def test_resume_from_checkpoint_continues_the_same_loss_curve(tmp_path):
 
     expected, got = losses(whole), losses(resumed)  # the resumed history starts with the checkpoint's steps 1..n
     assert sorted(got) == sorted(expected) == list(range(1, 2 * n + 1))
-    assert [got[s] for s in range(n + 1, 2 * n + 1)] == pytest.approx([expected[s] for s in range(n + 1, 2 * n + 1)], rel=1e-5)
-    assert [losses(interrupted)[s] for s in range(1, n + 1)] == pytest.approx([expected[s] for s in range(1, n + 1)], rel=1e-6)
+    assert [got[s] for s in range(n + 1, 2 * n + 1)] == pytest.approx(
+        [expected[s] for s in range(n + 1, 2 * n + 1)], rel=1e-5
+    )
+    assert [losses(interrupted)[s] for s in range(1, n + 1)] == pytest.approx(
+        [expected[s] for s in range(1, n + 1)], rel=1e-6
+    )
     final, reference = adapter_state(resumed.model), adapter_state(whole.model)
     for key in reference:
         torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
@@ -173,7 +191,11 @@ def train_briefly(tmp_path, steps=8, **overrides):
 
 @pytest.mark.parametrize(
     "overrides, mlp_calls, logits_dtype",
-    [({}, 8, torch.float32), ({"bf16": True}, 8, torch.bfloat16), ({"gradient_checkpointing": True}, 16, torch.float32)],
+    [
+        ({}, 8, torch.float32),
+        ({"bf16": True}, 8, torch.bfloat16),
+        ({"gradient_checkpointing": True}, 16, torch.float32),
+    ],
     ids=["fp32", "bf16-autocast", "gradient-checkpointing"],
 )
 def test_precision_and_memory_modes_train(tmp_path, overrides, mlp_calls, logits_dtype):
@@ -207,11 +229,13 @@ def test_gradient_checkpointing_gives_the_same_training_as_without(tmp_path):
 def imbalanced(task_as_names=False, counts=(40, 16, 8)):
     task_ids = [t for t, n in enumerate(counts) for _ in range(n)]
     names = ["big", "mid", "small"]
-    return Dataset.from_dict({
-        "input_ids": [[4 + t, 5, 6 + (i % 3)] for i, t in enumerate(task_ids)],
-        "labels": [[-100, 5, 6 + (i % 3)] for i, t in enumerate(task_ids)],
-        "task_ids": [names[t] for t in task_ids] if task_as_names else task_ids,
-    })
+    return Dataset.from_dict(
+        {
+            "input_ids": [[4 + t, 5, 6 + (i % 3)] for i, t in enumerate(task_ids)],
+            "labels": [[-100, 5, 6 + (i % 3)] for i, t in enumerate(task_ids)],
+            "task_ids": [names[t] for t in task_ids] if task_as_names else task_ids,
+        }
+    )
 
 
 def three_task_model():
@@ -230,9 +254,12 @@ def test_multitask_trainer_default_is_the_stock_sampler(tmp_path):
 def test_multitask_trainer_draws_batches_from_the_temperature_sampler(tmp_path):
     data = imbalanced(task_as_names=True)
     trainer = MultiTaskTrainer(
-        model=three_task_model(), args=arguments(tmp_path, per_device_train_batch_size=4, seed=7), train_dataset=data,
+        model=three_task_model(),
+        args=arguments(tmp_path, per_device_train_batch_size=4, seed=7),
+        train_dataset=data,
         data_collator=MultiTaskDataCollator(pad_token_id=0, task_names=["big", "mid", "small"]),
-        task_sampling="temperature", task_sampling_temperature=2.0,
+        task_sampling="temperature",
+        task_sampling_temperature=2.0,
     )
     loader = trainer.get_train_dataloader()
     sampler = trainer.task_sampler
@@ -246,8 +273,11 @@ def test_multitask_trainer_draws_batches_from_the_temperature_sampler(tmp_path):
 
 def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
     trainer = MultiTaskTrainer(
-        model=three_task_model(), args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8),
-        train_dataset=imbalanced(), data_collator=MultiTaskDataCollator(pad_token_id=0), task_sampling="uncertainty",
+        model=three_task_model(),
+        args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8),
+        train_dataset=imbalanced(),
+        data_collator=MultiTaskDataCollator(pad_token_id=0),
+        task_sampling="uncertainty",
         uncertainty_refresh_every=8,
     )
     trainer.train()
@@ -293,8 +323,13 @@ def test_training_helper_with_gradient_accumulation_matches_one_big_batch(tmp_pa
             TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=4, r=4, orthogonality_weight=10.0),
         )
         torch.manual_seed(0)
-        args = arguments(tmp_path / str(batch_size), max_steps=4, per_device_train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation, learning_rate=0.05)
+        args = arguments(
+            tmp_path / str(batch_size),
+            max_steps=4,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=0.05,
+        )
         trainer = build_trainer(model, args, train_dataset=data, processing_class=tiny_tokenizer())
         trainer.train()
         assert {g["name"] for g in trainer.optimizer.param_groups} >= {"fast", "slow"}

@@ -57,22 +57,33 @@ def test_penalty_is_added_to_the_training_loss_only():
 def toy_dataset():
     input_ids, mask = batch(batch_size=6, seed=3)
     return Dataset.from_dict(
-        {"input_ids": input_ids.tolist(), "attention_mask": mask.tolist(), "labels": input_ids.tolist(),
-         "task_ids": [0, 1, 2, 0, 1, 2]}
+        {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": mask.tolist(),
+            "labels": input_ids.tolist(),
+            "task_ids": [0, 1, 2, 0, 1, 2],
+        }
     )
 
 
 def trainer_args(tmp_path, **kwargs):
     return TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=4, logging_steps=1, report_to=[],
-        use_cpu=True, save_strategy="no", **kwargs,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        max_steps=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        **kwargs,
     )
 
 
 def test_orthogonality_loss_is_its_own_trainer_log_entry(tmp_path):
     model = perturb(talora(orthogonality_weight=0.1), scale=0.3)
-    trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=toy_dataset(),
-                      callbacks=[OrthogonalityLogCallback()])
+    trainer = Trainer(
+        model=model, args=trainer_args(tmp_path), train_dataset=toy_dataset(), callbacks=[OrthogonalityLogCallback()]
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 4
@@ -91,8 +102,12 @@ def test_fast_and_slow_groups_and_trainer_schedule(tmp_path):
     assert by_name["fast"]["weight_decay"] == 0.1
 
     optimizer = talora_optimizer(model, lr=1e-3, fast_lr_ratio=5.0)
-    trainer = Trainer(model=model, args=trainer_args(tmp_path, lr_scheduler_type="linear"),
-                      train_dataset=toy_dataset(), optimizers=(optimizer, None))
+    trainer = Trainer(
+        model=model,
+        args=trainer_args(tmp_path, lr_scheduler_type="linear"),
+        train_dataset=toy_dataset(),
+        optimizers=(optimizer, None),
+    )
     trainer.train()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs["fast"] == 5 * lrs["slow"] and lrs["slow"] < 1e-3, "the scheduler scales every group alike"

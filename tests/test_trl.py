@@ -54,7 +54,10 @@ def sft_rows(fmt, task=lambda name: name):
             if fmt == "prompt-completion":
                 row = {"prompt": f"question {word} answer", "completion": f" {answer}"}
             elif fmt == "conversational":
-                row = {"prompt": [{"role": "user", "content": word}], "completion": [{"role": "assistant", "content": answer}]}
+                row = {
+                    "prompt": [{"role": "user", "content": word}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                }
             else:
                 row = {"messages": [{"role": "user", "content": word}, {"role": "assistant", "content": answer}]}
             rows.append({**row, "task_ids": task(name)})
@@ -63,8 +66,17 @@ def sft_rows(fmt, task=lambda name: name):
 
 def sft_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], learning_rate=0.2, per_device_train_batch_size=8,
-        max_steps=20, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        learning_rate=0.2,
+        per_device_train_batch_size=8,
+        max_steps=20,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     return SFTConfig(**{**defaults, **overrides})
 
@@ -96,7 +108,10 @@ def test_sft_learns_two_tasks_with_identical_prompts(tmp_path, method, fmt):
     args = sft_args(tmp_path, assistant_only_loss=fmt == "messages", learning_rate=0.2 if method == "ta-lora" else 0.05)
     task = (lambda name: TASKS.index(name)) if fmt == "conversational" else (lambda name: name)  # ids or names
     trainer = MultiTaskSFTTrainer(
-        model=tiny_model(), args=args, train_dataset=sft_rows(fmt, task), processing_class=tokenizer(),
+        model=tiny_model(),
+        args=args,
+        train_dataset=sft_rows(fmt, task),
+        processing_class=tokenizer(),
         peft_config=adapter_config(method),
     )
     batch = next(iter(trainer.get_train_dataloader()))
@@ -119,8 +134,11 @@ def test_sft_rejects_options_that_mix_examples_in_a_row(tmp_path, option):
     base = tiny_model()
     with pytest.raises(ValueError, match=f"does not support {option}=True.*one row.*wrong routes.*packing=False"):
         MultiTaskSFTTrainer(
-            model=base, args=sft_args(tmp_path, max_length=16, **{option: True}), train_dataset=sft_rows("messages"),
-            processing_class=tokenizer(), peft_config=adapter_config("ta-lora"),
+            model=base,
+            args=sft_args(tmp_path, max_length=16, **{option: True}),
+            train_dataset=sft_rows("messages"),
+            processing_class=tokenizer(),
+            peft_config=adapter_config("ta-lora"),
         )
     assert not hasattr(base, "peft_config")  # raised before the model was touched
 
@@ -132,7 +150,9 @@ def test_sft_checks_the_task_column_before_preparing_data(tmp_path):
         MultiTaskSFTTrainer(**kwargs, train_dataset=without, peft_config=adapter_config("ta-lora"))
     with pytest.raises(ValueError, match=r"eval dataset's 'task_ids' column: Unknown task name 'third'"):
         MultiTaskSFTTrainer(
-            **kwargs, train_dataset=sft_rows("messages"), eval_dataset=sft_rows("messages", lambda name: "third"),
+            **kwargs,
+            train_dataset=sft_rows("messages"),
+            eval_dataset=sft_rows("messages", lambda name: "third"),
             peft_config=adapter_config("ta-lora"),
         )
     from peft import LoraConfig
@@ -145,7 +165,10 @@ def test_sft_single_task_adapter_needs_no_task_column(tmp_path):
     data = sft_rows("prompt-completion").filter(lambda row: row["task_ids"] == "first").remove_columns("task_ids")
     config = TALoraConfig(task_type="CAUSAL_LM", task_names=["first"], num_virtual_tokens=4, r=4)
     trainer = MultiTaskSFTTrainer(
-        model=tiny_model(), args=sft_args(tmp_path, max_steps=3), train_dataset=data, processing_class=tokenizer(),
+        model=tiny_model(),
+        args=sft_args(tmp_path, max_steps=3),
+        train_dataset=data,
+        processing_class=tokenizer(),
         peft_config=config,
     )
     assert "task_ids" not in next(iter(trainer.get_train_dataloader()))
@@ -156,8 +179,12 @@ def test_sft_single_task_adapter_needs_no_task_column(tmp_path):
 def test_sft_task_column_may_have_another_name(tmp_path):
     data = sft_rows("prompt-completion").rename_column("task_ids", "task")
     trainer = MultiTaskSFTTrainer(
-        model=tiny_model(), args=sft_args(tmp_path), train_dataset=data, processing_class=tokenizer(),
-        peft_config=adapter_config("mtl-lora"), task_column="task",
+        model=tiny_model(),
+        args=sft_args(tmp_path),
+        train_dataset=data,
+        processing_class=tokenizer(),
+        peft_config=adapter_config("mtl-lora"),
+        task_column="task",
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert "task" not in batch and sorted(batch["task_ids"].tolist()) == [0] * 4 + [1] * 4
@@ -166,8 +193,11 @@ def test_sft_task_column_may_have_another_name(tmp_path):
 def test_sft_loss_includes_the_orthogonality_penalty(tmp_path):
     """TRL's loss comes from log-probabilities, not the model's ``loss``: the trainer adds ``lambda * R`` itself."""
     trainer = MultiTaskSFTTrainer(
-        model=tiny_model(), args=sft_args(tmp_path), train_dataset=sft_rows("prompt-completion"),
-        processing_class=tokenizer(), peft_config=adapter_config("ta-lora", orthogonality_weight=0.5),
+        model=tiny_model(),
+        args=sft_args(tmp_path),
+        train_dataset=sft_rows("prompt-completion"),
+        processing_class=tokenizer(),
+        peft_config=adapter_config("ta-lora", orthogonality_weight=0.5),
     )
     model = perturb(trainer.model, scale=0.1).train()  # task factors start at zero, where the penalty is 0
     inputs = next(iter(trainer.get_train_dataloader()))
@@ -179,7 +209,9 @@ def test_sft_loss_includes_the_orthogonality_penalty(tmp_path):
     torch.testing.assert_close(ours - trl_only, 0.5 * penalty)
     model.eval()
     with torch.no_grad():  # not in evaluation, as with Trainer
-        torch.testing.assert_close(trainer.compute_loss(model, dict(inputs)), SFTTrainer.compute_loss(trainer, model, dict(inputs)))
+        torch.testing.assert_close(
+            trainer.compute_loss(model, dict(inputs)), SFTTrainer.compute_loss(trainer, model, dict(inputs))
+        )
 
 
 def test_task_ids_collator_maps_names_ids_and_repeats_rows():
@@ -205,18 +237,38 @@ def dpo_rows():
     for name in TASKS:
         chosen, rejected = ANSWERS[name], ANSWERS[TASKS[1 - TASKS.index(name)]]
         for word in WORDS:
-            rows.append({"prompt": f"question {word} answer", "chosen": f" {chosen}", "rejected": f" {rejected}", "task_ids": name})
+            rows.append(
+                {
+                    "prompt": f"question {word} answer",
+                    "chosen": f" {chosen}",
+                    "rejected": f" {rejected}",
+                    "task_ids": name,
+                }
+            )
     return Dataset.from_list(rows)
 
 
 def train_dpo(tmp_path, gradient_checkpointing):
     args = DPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], learning_rate=0.2, per_device_train_batch_size=8,
-        max_steps=12, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, beta=1.0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        learning_rate=0.2,
+        per_device_train_batch_size=8,
+        max_steps=12,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        beta=1.0,
         gradient_checkpointing=gradient_checkpointing,
     )
     trainer = MultiTaskDPOTrainer(
-        model=tiny_model(), args=args, train_dataset=dpo_rows(), processing_class=tokenizer(),
+        model=tiny_model(),
+        args=args,
+        train_dataset=dpo_rows(),
+        processing_class=tokenizer(),
         peft_config=adapter_config("ta-lora"),
     )
     trainer.train()
@@ -229,12 +281,16 @@ def dpo_loss_by_hand(trainer, inputs):
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
 
     def sequence_logps(logits):
-        logps = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+        logps = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, labels[:, 1:].clamp(min=0)[..., None])[
+            ..., 0
+        ]
         return (logps * (labels[:, 1:] != -100)).sum(-1).chunk(2)
 
     with torch.no_grad():
         mask = inputs["attention_mask"]
-        chosen, rejected = sequence_logps(model(input_ids=inputs["input_ids"], attention_mask=mask, task_ids=inputs["task_ids"]).logits)
+        chosen, rejected = sequence_logps(
+            model(input_ids=inputs["input_ids"], attention_mask=mask, task_ids=inputs["task_ids"]).logits
+        )
         ref_chosen, ref_rejected = sequence_logps(base(input_ids=inputs["input_ids"], attention_mask=mask).logits)
     margin = trainer.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return -F.logsigmoid(margin).mean()
@@ -254,7 +310,10 @@ def test_dpo_learns_opposite_preferences_against_the_disabled_adapter(tmp_path):
     model = trainer.model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(inputs))
-        penalty = model.base_model.peft_config["default"].orthogonality_weight * model.base_model.active_bank.orthogonality_penalty()
+        penalty = (
+            model.base_model.peft_config["default"].orthogonality_weight
+            * model.base_model.active_bank.orthogonality_penalty()
+        )
     torch.testing.assert_close(loss, dpo_loss_by_hand(trainer, inputs) + penalty)
 
 
@@ -284,8 +343,12 @@ def doc_snippets():
 
 @pytest.mark.parametrize(
     "headings",
-    [["SFT with TA-LoRA"], ["SFT with TA-LoRA", "Fast and slow learning rates"],
-     ["SFT with MTL-LoRA, conversational data"], ["DPO"]],
+    [
+        ["SFT with TA-LoRA"],
+        ["SFT with TA-LoRA", "Fast and slow learning rates"],
+        ["SFT with MTL-LoRA, conversational data"],
+        ["DPO"],
+    ],
     ids=["sft-ta-lora", "fast-slow", "sft-mtl-lora-conversational", "dpo"],
 )
 def test_documented_recipe_runs(tmp_path, monkeypatch, headings):

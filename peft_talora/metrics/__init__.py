@@ -1,9 +1,9 @@
 """Metric modules shipped with the package, loaded by path with ``evaluate`` (the Hub is never used).
 
-    from peft_talora.metrics import load_metric
-    accuracy = load_metric("accuracy")
-    f1 = load_metric("f1")
-    f1.compute(predictions=[...], references=[...], average="macro")
+from peft_talora.metrics import load_metric
+accuracy = load_metric("accuracy")
+f1 = load_metric("f1")
+f1.compute(predictions=[...], references=[...], average="macro")
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Self-contained on purpose: ``evaluate`` copies this file alone into its module cache.
 """
 
+# The header repeats the other metric file's on purpose: each file must stand alone (see the docstring).
 import datasets
 import evaluate
 import numpy as np
@@ -31,9 +32,7 @@ class Accuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None, ignore_index=None):

@@ -6,6 +6,7 @@ Follows scikit-learn's ``f1_score`` for single-label classification: ``average``
 Self-contained on purpose: ``evaluate`` copies this file alone into its module cache.
 """
 
+# The header repeats the other metric file's on purpose: each file must stand alone (see the docstring).
 import datasets
 import evaluate
 import numpy as np
@@ -37,9 +38,7 @@ class F1(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, labels=None, pos_label=1, average="binary", sample_weight=None):

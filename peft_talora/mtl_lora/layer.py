@@ -173,9 +173,7 @@ class MTLLoraLayer(BaseTunerLayer):
         try:
             return routing.task_ids_for(batch_size).to(device)
         except ValueError as err:
-            raise RuntimeError(
-                f"MTL-LoRA: {err} This layer needs inputs laid out (batch, ..., features)."
-            ) from None
+            raise RuntimeError(f"MTL-LoRA: {err} This layer needs inputs laid out (batch, ..., features).") from None
 
     # ----------------------------------------------------------------- merging
     def merge(

@@ -30,8 +30,16 @@ from .model import MTLLoraModel
 SUPPORTED_SAVE_ARGUMENTS = ("selected_adapters", "safe_serialization", "is_main_process")
 
 
-def save_task_as_lora(peft_model, save_directory, tasks=None, *, selected_adapters=None, safe_serialization=True,
-                      is_main_process=True, **unsupported) -> None:
+def save_task_as_lora(
+    peft_model,
+    save_directory,
+    tasks=None,
+    *,
+    selected_adapters=None,
+    safe_serialization=True,
+    is_main_process=True,
+    **unsupported,
+) -> None:
     """Write task ``tasks`` (one id or name) of each selected MTL-LoRA adapter as a plain PEFT LoRA adapter.
 
     Folders follow PEFT's layout: ``save_directory`` for the adapter ``"default"``,
@@ -86,7 +94,7 @@ def lora_state_and_config(peft_model, adapter_name: str, task) -> tuple[dict[str
     (task_id,) = ids
     prefix = "base_model.model."
     layers = {
-        name[len(prefix):]: module
+        name[len(prefix) :]: module
         for name, module in peft_model.named_modules()
         if isinstance(module, MTLLoraLayer) and adapter_name in module.mtllora_A
     }
@@ -102,7 +110,9 @@ def lora_state_and_config(peft_model, adapter_name: str, task) -> tuple[dict[str
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} has no MTL-LoRA layers to export.")
     if len(scalings) != 1:
-        raise ValueError(f"Adapter {adapter_name!r} has layers with different scalings {sorted(scalings)}; LoRA has one.")
+        raise ValueError(
+            f"Adapter {adapter_name!r} has layers with different scalings {sorted(scalings)}; LoRA has one."
+        )
     lora = LoraConfig(
         task_type=config.task_type,
         r=config.r,
@@ -124,9 +134,7 @@ def _target_modules(model, adapted: set[str]) -> list[str]:
     leaves = {name.rsplit(".", 1)[-1] for name in adapted}
     inside = tuple(f"{name}." for name in adapted)  # the adapter layers' own submodules (base_layer, dropout)
     matched = {
-        name
-        for name, _ in model.named_modules()
-        if name.rsplit(".", 1)[-1] in leaves and not name.startswith(inside)
+        name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in leaves and not name.startswith(inside)
     }
     return sorted(leaves) if matched == adapted else sorted(adapted)
 
@@ -159,15 +167,24 @@ def _write_card(staging: str, folder: str, config: LoraConfig) -> None:
 
     base = config.base_model_name_or_path
     data = ModelCardData(library_name="peft", base_model=base, tags=["lora", "peft", "mtl-lora-export"])
-    text = "\n".join([
-        "---", data.to_yaml(), "---", "",
-        "# LoRA adapter (one task of an MTL-LoRA adapter)", "",
-        "A standard PEFT LoRA adapter, exported from one task of an MTL-LoRA adapter by "
-        "`save_pretrained(path, tasks=[task], as_lora=True)` of peft-talora. It needs no `task_ids` and no "
-        "peft-talora: plain PEFT and multi-LoRA servers (vLLM, TGI, LoRAX) load it.", "",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM", "",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")',
-        "```", "",
-    ])
+    text = "\n".join(
+        [
+            "---",
+            data.to_yaml(),
+            "---",
+            "",
+            "# LoRA adapter (one task of an MTL-LoRA adapter)",
+            "",
+            "A standard PEFT LoRA adapter, exported from one task of an MTL-LoRA adapter by "
+            "`save_pretrained(path, tasks=[task], as_lora=True)` of peft-talora. It needs no `task_ids` and no "
+            "peft-talora: plain PEFT and multi-LoRA servers (vLLM, TGI, LoRAX) load it.",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")',
+            "```",
+            "",
+        ]
+    )
     ModelCard(text).save(os.path.join(staging, "README.md"))

@@ -21,15 +21,14 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..multitask import MultiTaskTunerMixin, check_saved_shape
-from ..multitask.task_ids import TaskIds
 from ..multitask.routing import (
-    ROUTING_KWARG,
     CallRouting,
     TaskRouter,
     install_routing_scopes,
     refuse_adapted_base,
     remove_routing_scopes,
 )
+from ..multitask.task_ids import TaskIds
 from .config import MTLLoraConfig
 from .layer import Linear, MTLLoraLayer
 
@@ -327,7 +326,9 @@ def _block_key_pattern(adapter_name: str) -> re.Pattern:
 
 def _check_saved_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, config) -> None:
     name = next((part for part in key.split(".") if part in _SHAPE_MEANING), key.rsplit(".", 1)[-1])
-    check_saved_shape("MTL-LoRA", f"{name} of {key!r}", tensor.shape, expected.shape, _SHAPE_MEANING.get(name, ()), config)
+    check_saved_shape(
+        "MTL-LoRA", f"{name} of {key!r}", tensor.shape, expected.shape, _SHAPE_MEANING.get(name, ()), config
+    )
 
 
 def _unwrap_layers(model: nn.Module) -> None:
@@ -337,4 +338,3 @@ def _unwrap_layers(model: nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
-

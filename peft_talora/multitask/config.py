@@ -13,15 +13,12 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-import torch
 from peft.config import PeftConfig
 
-from .task_ids import TaskIds, resolve_task_ids, task_index
+from .task_ids import task_index
 
 TaskList = Union[int, str, Sequence[Union[int, str]]]
 
@@ -45,8 +42,14 @@ def check_int(kind: str, name: str, value, *, minimum: int = 1, hint: str = "") 
 
 
 def check_number(
-    kind: str, name: str, value, *, above: Optional[float] = None, at_least: Optional[float] = None,
-    below: Optional[float] = None, hint: str = "",
+    kind: str,
+    name: str,
+    value,
+    *,
+    above: Optional[float] = None,
+    at_least: Optional[float] = None,
+    below: Optional[float] = None,
+    hint: str = "",
 ) -> float:
     """``value`` as a finite ``float`` within the bounds given; ints are accepted (JSON may hold ``8`` for ``8.0``)."""
     lower = f"> {above:g}" if above is not None else f">= {at_least:g}" if at_least is not None else ""
@@ -56,8 +59,10 @@ def check_number(
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{kind}.{name} must be a finite number {allowed} (got {value!r}){hint}.")
-    if (above is not None and not number > above) or (at_least is not None and not number >= at_least) or (
-        below is not None and not number < below
+    if (
+        (above is not None and not number > above)
+        or (at_least is not None and not number >= at_least)
+        or (below is not None and not number < below)
     ):
         raise ValueError(f"{kind}.{name} must be {allowed} (got {value!r}){hint}.")
     return number

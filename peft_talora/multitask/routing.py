@@ -143,7 +143,9 @@ class TaskRouter:
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         if inputs is None:
-            raise ValueError("Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples.")
+            raise ValueError(
+                "Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples."
+            )
         _refuse_empty_batch(inputs)
         kwargs[ROUTING_KWARG] = self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device)
         return args, kwargs

@@ -3,22 +3,17 @@ card, and checks of saved tensors and of the base model an adapter was saved for
 
 from __future__ import annotations
 
-import copy
-import math
-import numbers
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-from peft.config import PeftConfig
 
 from .config import MultiTaskConfig, TaskList
 from .routing import ROUTED_TASK_IDS_KWARG, ROUTING_KWARG
-from .task_ids import TaskIds, resolve_task_ids, task_index
+from .task_ids import TaskIds, resolve_task_ids
 
 
 class MultiTaskTunerMixin:
@@ -178,11 +173,20 @@ class MultiTaskTunerMixin:
         lines = []
         for name, config in self.peft_config.items():
             tasks = [config.task_label(i) for i in range(config.num_tasks)]
-            lines.append(f"- adapter `{name}`: {len(tasks)} task(s), in id order: " + ", ".join(f"`{t}`" for t in tasks))
+            lines.append(
+                f"- adapter `{name}`: {len(tasks)} task(s), in id order: " + ", ".join(f"`{t}`" for t in tasks)
+            )
             lines += ["", "  | task id | task name |", "  |---|---|"]
             lines += [f"  | {i} | `{t}` |" for i, t in enumerate(tasks)] + [""]
         section = "\n".join(
-            [heading, "", "Route each example with `task_ids` (ids or these names):", "", *lines, *self._loading_lines(output_dir)]
+            [
+                heading,
+                "",
+                "Route each example with `task_ids` (ids or these names):",
+                "",
+                *lines,
+                *self._loading_lines(output_dir),
+            ]
         )
         text = card.text
         if heading in text:
@@ -268,7 +272,9 @@ def check_base_model_shape(config: MultiTaskConfig, model, source: str) -> None:
     attention, so it loads onto a base with other KV heads, or onto GPT-2 of the same width.
     """
     saved, here = config.base_model_shape or {}, base_model_shape(model)
-    differences = [f"{k}: {saved[k]!r} in the file, {here[k]!r} here" for k in saved if k in here and saved[k] != here[k]]
+    differences = [
+        f"{k}: {saved[k]!r} in the file, {here[k]!r} here" for k in saved if k in here and saved[k] != here[k]
+    ]
     if differences:
         raise ValueError(
             f"The adapter in {source} was saved from another base model ({'; '.join(differences)}). Load it onto the "

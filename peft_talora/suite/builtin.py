@@ -12,6 +12,7 @@ from .tasks import TaskSpec, register_task
 NEG_POS = ("negative", "positive")
 NEG_NEU_POS = ("negative", "neutral", "positive")
 
+# A table: the entries share their shape on purpose (one TaskSpec and its reader per task).
 _BUILTINS: list[tuple[TaskSpec, object]] = [
     (
         TaskSpec(

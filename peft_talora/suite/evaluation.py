@@ -396,6 +396,13 @@ def evaluate_task(
         predictions = [match_label(answer, spec.label_names) for answer in answers]
     metrics = classification_metrics(predictions, references, spec.num_labels)
     return EvalResult(
-        spec.name, method, metrics["accuracy"], metrics["macro_f1"], predictions, references, scores, answers,
+        spec.name,
+        method,
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        predictions,
+        references,
+        scores,
+        answers,
         num_labels=spec.num_labels,
     )

@@ -241,6 +241,7 @@ def bootstrap_interval(
     return _interval(_estimate(tasks, metric), replicates, confidence, _resampled(tasks[0].runs))
 
 
+# Same keyword arguments and checks as bootstrap_interval on purpose: the two are called side by side.
 def paired_difference(
     a: Sequence[TaskRuns],
     b: Sequence[TaskRuns],

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .layer import TALoraPromptBank, gated_prefix_attention
 from ..multitask.routing import ROUTING_KWARG, CallRouting
+from .layer import TALoraPromptBank, gated_prefix_attention
 
 ROUTED_PREFIX = "talora+"
 
@@ -105,7 +105,10 @@ class AttentionSite:
         raise RuntimeError(f"{type(self.module).__name__} did not reach the attention interface on the prefix replay.")
 
     def project_prompts(
-        self, shared: torch.Tensor, coefficients: Optional[torch.Tensor] = None, directions: Optional[torch.Tensor] = None
+        self,
+        shared: torch.Tensor,
+        coefficients: Optional[torch.Tensor] = None,
+        directions: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values ``(U, H_kv, n, hd)`` of the prompts ``shared + coefficients[u, :, None] * directions[u]``.
 
@@ -263,7 +266,9 @@ def _make_routed_attention(base: str) -> Callable:
                 scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
                 dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
                 softcap = kwargs.get("softcap")
-                out = out + gated_prefix_attention(query, *prefix, scaling, dropout=dropout, softcap=softcap).to(out.dtype)
+                out = out + gated_prefix_attention(query, *prefix, scaling, dropout=dropout, softcap=softcap).to(
+                    out.dtype
+                )
         return out, weights
 
     attention.__name__ = f"talora_{base.replace('|', '_')}_attention"
@@ -339,7 +344,7 @@ def install_sites(model: nn.Module, num_layers: int) -> list[AttentionSite]:
             hook.remove()
 
     reached = [(name, s) for name, s in sites if s.reached]
-    for name, site in sites:
+    for _, site in sites:
         if not site.reached:
             remove_site(site)
     if len(reached) != num_layers:

@@ -137,7 +137,11 @@ def gated_prefix_attention(
         out = probs @ values
     else:
         out = F.scaled_dot_product_attention(
-            query, prefix_key, prefix_value, scale=scaling, dropout_p=dropout,
+            query,
+            prefix_key,
+            prefix_value,
+            scale=scaling,
+            dropout_p=dropout,
             enable_gqa=query.shape[1] != prefix_key.shape[1],
         )
     out = out * torch.tanh(gate).to(out.dtype).view(1, -1, 1, 1)

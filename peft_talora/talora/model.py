@@ -11,9 +11,8 @@ computes its prefix once, at the first forward, and reuses it at every decoding 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -131,7 +130,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}.")
         self.active_adapter = adapter_name
-        for name, bank in self.talora_banks.items():
+        for bank in self.talora_banks.values():
             bank.requires_grad_(False)
         if not inference_mode:
             self._apply_stage(adapter_name)
@@ -337,6 +336,7 @@ _NO_MERGE = (
 
 #: Task-factor blocks in the model and the single tensor each is saved as.
 _TASK_BLOCKS = {"task_u_blocks": "task_u", "task_v_blocks": "task_v"}
+
 
 def _block_keys(keys, prefix: str) -> list[str]:
     """The keys holding ``prefix`` (``...task_u_blocks.``), in block order ``0, 1, ...``."""

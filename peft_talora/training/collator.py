@@ -201,11 +201,14 @@ class MultiTaskDataCollator:
             if "labels" in first:
                 labels = [list(f["labels"]) for f in features]
             elif "prompt_length" in first:
-                labels = [_labels_from_prompt_length(ids, int(f["prompt_length"])) for ids, f in zip(input_ids, features)]
+                labels = [
+                    _labels_from_prompt_length(ids, int(f["prompt_length"])) for ids, f in zip(input_ids, features)
+                ]
             else:
                 labels = [list(ids) for ids in input_ids]
             masks = [
-                list(f["attention_mask"]) if "attention_mask" in f else [1] * len(ids) for ids, f in zip(input_ids, features)
+                list(f["attention_mask"]) if "attention_mask" in f else [1] * len(ids)
+                for ids, f in zip(input_ids, features)
             ]
             if self.max_length is not None:
                 cut = self.max_length
@@ -233,7 +236,9 @@ class MultiTaskDataCollator:
         has_tasks = [self.task_column in f for f in features]
         if any(has_tasks):
             if not all(has_tasks):
-                raise ValueError(f"Some features have {self.task_column!r} and some do not; every example needs a task.")
+                raise ValueError(
+                    f"Some features have {self.task_column!r} and some do not; every example needs a task."
+                )
             values = [f[self.task_column] for f in features]
             values = [v.item() if isinstance(v, (torch.Tensor, np.generic, np.ndarray)) else v for v in values]
             batch["task_ids"] = torch.tensor(_encode_task_column(values, self._encoder), dtype=torch.long)
@@ -278,13 +283,17 @@ def tokenize_for_causal_lm(
         _encode_task_column(list(dataset[task_column]), encoder)
 
     def encode(batch):
-        input_ids, labels = _encode_pairs(tokenizer, batch[prompt_column], batch[completion_column], add_eos, max_length)
+        input_ids, labels = _encode_pairs(
+            tokenizer, batch[prompt_column], batch[completion_column], add_eos, max_length
+        )
         out = {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
         if has_tasks:
             out["task_ids"] = _encode_task_column(batch[task_column], encoder)
         return out
 
-    drop = list(dataset.column_names) if remove_columns else [c for c in (task_column,) if has_tasks and c != "task_ids"]
+    drop = (
+        list(dataset.column_names) if remove_columns else [c for c in (task_column,) if has_tasks and c != "task_ids"]
+    )
     drop = [c for c in drop if c in dataset.column_names]
     result = dataset.map(encode, batched=True, remove_columns=drop, **map_kwargs)
     if padding:

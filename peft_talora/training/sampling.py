@@ -50,7 +50,9 @@ def task_sampling_probabilities(
     elif strategy == "uncertainty":
         u = torch.ones_like(counts) if uncertainties is None else torch.as_tensor(uncertainties, dtype=torch.float64)
         if u.shape != counts.shape:
-            raise ValueError(f"uncertainties has shape {tuple(u.shape)}, expected one value per task {tuple(counts.shape)}.")
+            raise ValueError(
+                f"uncertainties has shape {tuple(u.shape)}, expected one value per task {tuple(counts.shape)}."
+            )
         weights = torch.where(present, u.clamp(min=min_uncertainty), torch.zeros_like(counts))
     else:
         raise ValueError(f"Unknown task sampling strategy {strategy!r}; choose one of {list(STRATEGIES)}.")

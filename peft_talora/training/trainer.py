@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..talora.model import TALoraModel
 from .callbacks import OrthogonalityLogCallback
 from .collator import MultiTaskDataCollator
-from ..talora.model import TALoraModel
 from .optim import DEFAULT_FAST_LR_RATIO, talora_optimizer
 from .sampling import STRATEGIES, MultiTaskSampler, normalized_entropy
 
@@ -80,9 +80,7 @@ def _column_values(dataset, column: str) -> list:
     names = getattr(dataset, "column_names", None)
     if names is not None:
         if column not in names:
-            raise ValueError(
-                f"task_sampling needs a {column!r} column in the training set; its columns are {names}."
-            )
+            raise ValueError(f"task_sampling needs a {column!r} column in the training set; its columns are {names}.")
         return list(dataset[column])
     return [dataset[i][column] for i in range(len(dataset))]
 
@@ -165,7 +163,9 @@ class MultiTaskTrainer(Trainer):
             and inputs.get(self.task_column) is not None
         )
         if not track:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels, task_ids = inputs["labels"], inputs[self.task_column]
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]

@@ -33,10 +33,10 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("peft_talora.training.trl_trainers needs TRL: `pip install trl`.") from error
 
+from ..multitask import MultiTaskConfig
+from ..talora.model import TALoraModel, _share_of_items
 from .callbacks import OrthogonalityLogCallback
 from .collator import TaskIdEncoder, _encode_task_column
-from ..talora.model import TALoraModel, _share_of_items
-from ..multitask import MultiTaskConfig
 
 
 class TaskIdsCollator:
@@ -170,7 +170,9 @@ class _TaskColumnMixin:
             self._signature_columns = [*self._signature_columns, self._task_column]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         penalty = self._orthogonality_term(model, inputs, num_items_in_batch)
         if penalty is None:
             return result
