@@ -182,3 +182,34 @@ def test_lora_export_errors_name_the_problem_and_write_nothing(tmp_path):
     with pytest.raises(TypeError, match="TA-LoRA has no LoRA form.*generate\\(task_ids=...\\)"):
         talora.save_pretrained(tmp_path / "out", tasks=["sst2"], as_lora=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_or_non_finite_export_leaves_the_previous_export_untouched(tmp_path, monkeypatch):
+    """The LoRA export is atomic like every other save: a write that fails midway, or weights holding NaN,
+    leave the folder's previous export (and the user's other files there) byte for byte as they were."""
+    import peft_talora.mtl_lora.lora_export as lora_export
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    model = mtl_model(tmp_path / "base")
+    target = tmp_path / "export"
+    model.save_pretrained(target, tasks=["trec"], as_lora=True)
+    (target / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def failing_save(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora_export, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(target, tasks=["sst2"], as_lora=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+    layer_param = next(p for n, p in model.named_parameters() if "mtllora_B" in n)
+    with torch.no_grad():
+        layer_param[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        model.save_pretrained(target, tasks=["sst2"], as_lora=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -14,8 +14,6 @@ PEFT, vLLM, TGI and LoRAX load them without this package. Used by
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import torch
 from peft import LoraConfig
@@ -140,26 +138,24 @@ def _target_modules(model, adapted: set[str]) -> list[str]:
 
 
 def _write(folder: str, state: dict[str, torch.Tensor], config: LoraConfig, safe_serialization: bool) -> None:
-    """Write the three files into a new folder beside ``folder``, then move them in (config last)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.lora-tmp-", dir=parent)
-    try:
-        weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    """Write weights, config and card into ``folder`` atomically (see :mod:`peft_talora.multitask.atomic_save`):
+    the folder holds either the previous adapter or the new one, never a mix; its other files survive."""
+    from ..multitask.atomic_save import write_folder_atomically
+    from ..peft_patches import _refuse_non_finite
+
+    _refuse_non_finite(state, "The LoRA export", f"Nothing was written to {folder!r}")
+    weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+
+    def write(staging: str) -> None:
         if safe_serialization:
             save_file(state, os.path.join(staging, weights), metadata={"format": "pt"})
         else:
             torch.save(state, os.path.join(staging, weights))
         config.save_pretrained(staging)
         _write_card(staging, folder, config)
-        os.makedirs(folder, exist_ok=True)
-        stale = WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME
-        if os.path.exists(os.path.join(folder, stale)):  # a weights file of the other format would shadow ours
-            os.remove(os.path.join(folder, stale))
-        for file in (weights, "README.md", CONFIG_NAME):
-            os.replace(os.path.join(staging, file), os.path.join(folder, file))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    owned = {SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, CONFIG_NAME, "README.md"}
+    write_folder_atomically(folder, write, replaces=owned.__contains__)
 
 
 def _write_card(staging: str, folder: str, config: LoraConfig) -> None:
