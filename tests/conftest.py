@@ -71,3 +71,37 @@ def perturb(peft_model, seed: int = 0, scale: float = 1.0):
 @pytest.fixture(params=ARCH_ATTN, ids=[f"{a}-{i}" for a, i in ARCH_ATTN])
 def arch_attn(request):
     return request.param
+
+
+METHODS = ("talora", "mtllora")
+
+
+def make_adapted(method: str, arch: str = "llama", attn: str = "sdpa", *, trained: bool = True, **overrides):
+    """A PEFT model of ``method`` ("talora" or "mtllora") with 3 tasks on ``tiny_model(arch, attn)``.
+
+    ``trained=True`` stands in for training: every trainable parameter gets random values (MTL-LoRA's B starts at
+    zero, so without this its tasks would all equal the base model). Keyword arguments override the config.
+    """
+    from peft import get_peft_model
+
+    from peft_talora import MTLLoraConfig, TALoraConfig
+
+    if method == "talora":
+        config = TALoraConfig(**{**dict(task_type="CAUSAL_LM", num_tasks=3, num_virtual_tokens=4, r=4), **overrides})
+    elif method == "mtllora":
+        defaults = dict(task_type="CAUSAL_LM", num_tasks=3, r=4, target_modules="all-linear", lora_dropout=0.0)
+        config = MTLLoraConfig(**{**defaults, **overrides})
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    model = get_peft_model(tiny_model(arch, attn), config)
+    return perturb_trainable(model) if trained else model
+
+
+def perturb_trainable(peft_model, seed: int = 0, scale: float = 0.5):
+    """Stand-in for training, for either method: random values for every trainable parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=g) * scale)
+    return peft_model

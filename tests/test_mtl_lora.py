@@ -1,6 +1,8 @@
-"""MTL-LoRA (``MTLLoraConfig``): exactness, routing, generation, save/load, export, add_tasks, merging, errors.
+"""MTL-LoRA (``MTLLoraConfig``): what only MTL-LoRA has (its formula, targets, parameters, merging, Conv1D,
+its config and load errors) and its PEFT plumbing.
 
-Mirrors the TA-LoRA tests on every architecture family of ``conftest`` (eager and sdpa).
+What both methods share (exactness at init, routing, disabling, generation, save/load, add_tasks, per-task
+export and the task-id errors) is tested once for both in ``test_shared_behaviour.py``.
 """
 
 import json
@@ -56,58 +58,6 @@ def adapter_params(model):
 
 
 # ------------------------------------------------------------------ every architecture
-
-
-def test_exact_at_init_for_every_task(arch_attn):
-    arch, attn = arch_attn
-    input_ids, mask = batch(left_pad=2)
-    base_logits = tiny_model(arch, attn)(input_ids=input_ids, attention_mask=mask).logits
-    model = mtl(tiny_model(arch, attn))
-    assert any(isinstance(m, MTLLoraLayer) for m in model.modules())
-    for task in range(3):
-        out = logits(model, torch.full((3,), task), input_ids, mask)
-        assert torch.equal(out, base_logits), f"task {task} differs from the base model at init"
-
-
-def test_mixed_batch_routes_each_example_to_its_task(arch_attn):
-    arch, attn = arch_attn
-    input_ids, mask = batch()
-    model = perturb(mtl(tiny_model(arch, attn)))
-    mixed = logits(model, TASKS)
-    for i, task in enumerate(TASKS.tolist()):
-        alone = logits(model, [task], input_ids[i : i + 1], mask[i : i + 1])
-        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(mixed, logits(model, torch.tensor([1, 0, 2])), atol=1e-3), "tasks must differ"
-    base_logits = tiny_model(arch, attn)(input_ids=input_ids, attention_mask=mask).logits
-    assert not torch.allclose(mixed, base_logits, atol=1e-3), "a trained adapter must change the outputs"
-    with model.disable_adapter():
-        assert torch.equal(logits(model), base_logits)
-        assert torch.equal(logits(model, TASKS), base_logits)  # task ids are accepted and ignored
-    torch.testing.assert_close(logits(model, TASKS), mixed, rtol=0, atol=0)
-
-
-def test_batched_greedy_generation_equals_per_example(arch_attn):
-    arch, attn = arch_attn
-    input_ids, mask = batch(left_pad=2)
-    model = perturb(mtl(tiny_model(arch, attn)))
-    together = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=TASKS, **GREEDY)
-    for i, task in enumerate(TASKS.tolist()):
-        keep = mask[i].bool()
-        alone = model.generate(input_ids=input_ids[i : i + 1, keep], task_ids=[task], **GREEDY)[0, int(keep.sum()) :]
-        batched = together[i, input_ids.shape[1] :]
-        assert torch.equal(batched[: len(alone)], alone), f"example {i} (task {task}) differs"
-        assert (batched[len(alone) :] == 0).all(), "after EOS the batched row holds only padding"
-
-
-def test_save_load_round_trip_in_fresh_base(arch_attn, tmp_path):
-    arch, attn = arch_attn
-    model = perturb(named(tiny_model(arch, attn)))
-    expected = logits(model, TASKS)
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model(arch, attn), tmp_path)
-    assert isinstance(loaded.base_model, MTLLoraModel)
-    assert loaded.peft_config["default"].task_names == NAMES
-    assert torch.equal(logits(loaded, ["a", "c", "b"]), expected)
 
 
 def test_merge_and_unload_of_one_task_equals_the_adapter(arch_attn):
@@ -222,15 +172,6 @@ def test_beam_search_and_return_sequences_expand_task_ids():
         assert torch.equal(together[2 * i : 2 * i + 2], alone), f"example {i} (task {task}) differs"
 
 
-def test_generate_with_disabled_adapter_equals_base():
-    model = perturb(mtl())
-    input_ids, mask = batch()
-    expected = tiny_model().generate(input_ids=input_ids, attention_mask=mask, **GREEDY)
-    with model.disable_adapter():
-        assert torch.equal(model.generate(input_ids=input_ids, attention_mask=mask, **GREEDY), expected)
-    assert not torch.equal(model.generate(input_ids=input_ids, attention_mask=mask, task_ids=TASKS, **GREEDY), expected)
-
-
 def test_training_step_reaches_every_parameter_and_only_the_used_tasks():
     model = perturb(mtl(num_tasks=4))
     model.train()
@@ -329,105 +270,6 @@ def test_auto_peft_model_from_local_base(tmp_path):
     assert torch.equal(logits(loaded, ["a", "c", "b"]), expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_export_of_one_task_needs_no_task_ids(arch, tmp_path):
-    model = perturb(named(tiny_model(arch)))
-    expected = logits(model, ["c"] * 3)
-    full = logits(model, TASKS)
-    model.save_pretrained(tmp_path, tasks=["c"])
-    assert model.peft_config["default"].task_names == NAMES, "the export leaves the live adapter untouched"
-    assert torch.equal(logits(model, TASKS), full)
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert {t.shape[0] for k, t in tensors.items() if k.endswith(("mtllora_lambda", "mtllora_logits"))} == {1}
-    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path)
-    assert loaded.peft_config["default"].task_names == ["c"] and loaded.peft_config["default"].num_tasks == 1
-    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_export_of_tasks_in_a_new_order(tmp_path):
-    model = perturb(mtl())
-    model.save_pretrained(tmp_path, tasks=[2, 0])
-    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
-    assert loaded.peft_config["default"].num_tasks == 2 and loaded.peft_config["default"].task_names is None
-    torch.testing.assert_close(logits(loaded, [0, 1, 0]), logits(model, [2, 0, 2]), rtol=1e-5, atol=1e-6)
-
-
-# ------------------------------------------------------------------ add_tasks
-
-
-def adamw_steps(model, task_ids, steps=3):
-    """A few AdamW steps with weight decay over *all* adapter parameters (frozen ones have no gradient)."""
-    optimizer = torch.optim.AdamW(list(adapter_params(model).values()), lr=1e-2, weight_decay=0.1)
-    input_ids, mask = batch()
-    model.train()
-    for _ in range(steps):
-        model(input_ids=input_ids, attention_mask=mask, labels=input_ids, task_ids=task_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
-def test_add_tasks_keeps_old_tasks_bit_identical_through_training(tmp_path):
-    model = perturb(named())
-    before = {t: logits(model, [t] * 3) for t in NAMES}
-    frozen = {n: p.detach().clone() for n, p in adapter_params(model).items()}
-
-    assert model.add_tasks(["d"]) == [3]
-    assert model.peft_config["default"].task_names == [*NAMES, "d"]
-    assert model.base_model.training_stage() == "new_tasks"
-    for t in NAMES:
-        assert torch.equal(logits(model, [t] * 3), before[t]), f"adding a task changed task {t}"
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(re.search(r"\.mtllora_(lambda|logits)\.default\.1$", n) for n in trainable)
-    new_before = logits(model, ["d"] * 3)
-
-    adamw_steps(model, ["d", "a", "d"])  # old tasks in the batch too: their rows get no update
-    for t in NAMES:
-        assert torch.equal(logits(model, [t] * 3), before[t]), f"training the new task changed task {t}"
-    for name, value in frozen.items():
-        assert torch.equal(dict(model.named_parameters())[name], value), name
-    assert not torch.equal(logits(model, ["d"] * 3), new_before), "the new task must have trained"
-
-    # a second call freezes the first added block as well
-    after_d = logits(model, ["d"] * 3)
-    assert model.add_tasks(["e"]) == [4]
-    adamw_steps(model, ["e", "d", "e"])
-    assert torch.equal(logits(model, ["d"] * 3), after_d)
-    for t in NAMES:
-        assert torch.equal(logits(model, [t] * 3), before[t])
-
-    # saved: one (T, ...) tensor per layer; loading splits it into the live blocks
-    expected = logits(model, ["e", "a", "d"])
-    model.save_pretrained(tmp_path)
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert {t.shape[0] for k, t in tensors.items() if k.endswith("mtllora_lambda")} == {5}
-    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
-    assert loaded.peft_config["default"].task_names == [*NAMES, "d", "e"]
-    assert torch.equal(logits(loaded, ["e", "a", "d"]), expected)
-    resumed = named()
-    resumed.add_tasks(["d", "e"])  # blocks of 3 + 2 tasks here, 3 + 1 + 1 in the saved model
-    resumed.load_adapter(tmp_path, adapter_name="default")
-    assert torch.equal(logits(resumed, ["e", "a", "d"]), expected)
-
-
-def test_add_tasks_without_freeze_and_stages():
-    model = perturb(mtl())
-    before = logits(model, TASKS)
-    assert model.add_tasks(2, freeze=False) == [3, 4]
-    assert model.peft_config["default"].num_tasks == 5 and model.peft_config["default"].task_names is None
-    assert model.base_model.training_stage() == "multi_task"
-    assert all(p.requires_grad for p in adapter_params(model).values())
-    assert torch.equal(logits(model, TASKS), before)
-    model.base_model.set_training_stage("new_tasks")
-    assert {n.rsplit(".", 1)[-1] for n, p in adapter_params(model).items() if p.requires_grad} == {"1"}
-    model.base_model.set_training_stage("multi_task")
-    assert all(p.requires_grad for p in adapter_params(model).values())
-    with pytest.raises(ValueError, match=r"Unknown training stage 'warmup'; choose one of \['multi_task', 'new_tasks'"):
-        model.base_model.set_training_stage("warmup")
-    with pytest.raises(ValueError, match="has no added tasks to train: call add_tasks"):
-        mtl().base_model.set_training_stage("new_tasks")
-
-
 # ------------------------------------------------------------------ merging
 
 
@@ -484,60 +326,6 @@ def test_merge_and_unload_of_a_single_task_adapter_needs_no_task():
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         mtl_config(**kwargs)
-
-
-VALID = re.escape("ids 0..2 or names ['a', 'b', 'c']")
-
-
-@pytest.mark.parametrize(
-    "task_ids, message",
-    [
-        (None, r"3 tasks, so every call needs `task_ids`.* with " + VALID),
-        (torch.tensor([0, 7, 1]), r"Unknown task id\(s\) \[7\]; valid tasks are " + VALID),
-        (["a", "w", "b"], r"Unknown task name 'w'; valid tasks are " + VALID),
-    ],
-    ids=["missing", "unknown-id", "unknown-name"],
-)
-def test_bad_task_ids(task_ids, message):
-    model = perturb(named())
-    expected = logits(model, TASKS)
-    with pytest.raises(ValueError, match=message):
-        logits(model, task_ids)
-    input_ids, mask = batch()
-    with pytest.raises(ValueError, match=message):
-        model.generate(input_ids=input_ids, attention_mask=mask, task_ids=task_ids, **GREEDY)
-    assert torch.equal(logits(model, TASKS), expected), "a failed call leaves nothing behind"
-
-
-def test_single_task_adapter_needs_no_task_ids():
-    model = perturb(mtl(num_tasks=1))
-    without = logits(model)
-    assert torch.equal(without, logits(model, 0))
-    assert not torch.allclose(without, logits(tiny_model()), atol=1e-3)
-    with pytest.raises(ValueError, match=r"Unknown task id\(s\) \[1\]; valid tasks are ids 0\.\.0"):
-        logits(model, [0, 1, 0])
-
-
-def test_add_tasks_errors_change_nothing():
-    model = named()
-    with pytest.raises(ValueError, match=r"add_tasks: task\(s\) \['b'\] already exist in this adapter"):
-        model.add_tasks(["x", "b"])
-    with pytest.raises(ValueError, match=r"add tasks by name"):
-        model.add_tasks(2)
-    with pytest.raises(ValueError, match=r"Adapter 'nope' does not exist; available: \['default'\]"):
-        model.add_tasks(["x"], adapter_name="nope")
-    assert model.peft_config["default"].task_names == NAMES
-    assert {p.shape[0] for n, p in adapter_params(model).items() if ".mtllora_lambda." in n} == {3}
-
-
-def test_export_of_unknown_task_writes_nothing(tmp_path):
-    model = named()
-    with pytest.raises(ValueError, match=r"Unknown task name 'x'; valid tasks are " + VALID):
-        model.save_pretrained(tmp_path / "out", tasks=["x"])
-    with pytest.raises(ValueError, match=r"unknown task 5; valid tasks are " + VALID):
-        model.save_pretrained(tmp_path / "out", tasks=[5])
-    assert not (tmp_path / "out").exists()
-    assert model.peft_config["default"].task_names == NAMES
 
 
 def test_merge_errors():
