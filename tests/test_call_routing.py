@@ -11,29 +11,12 @@ import threading
 
 import pytest
 import torch
-from conftest import batch, logits, tiny_model
+from conftest import METHODS, batch, logits, make_adapted, tiny_model
 from peft import get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from peft_talora import MTLLoraConfig, TALoraConfig
 from peft_talora.talora.layer import gated_prefix_attention
-
-METHODS = ("talora", "mtllora")
-
-
-def adapted(method: str, arch: str = "llama", **overrides):
-    """A PEFT model of ``method`` with 3 tasks and random ("trained") adapter values, in train mode off."""
-    if method == "talora":
-        config = TALoraConfig(task_type="CAUSAL_LM", num_tasks=3, num_virtual_tokens=4, r=4, **overrides)
-    else:
-        config = MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=3, r=4, lora_dropout=0.0, **overrides)
-    model = get_peft_model(tiny_model(arch), config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
-    return model
 
 
 def adapter_grads(model) -> dict:
@@ -71,7 +54,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients(method, reentrant, ste
     ids, mask = batch(left_pad=2)
     grads = []
     for checkpointing in (False, True):
-        model = adapted(method)
+        model = make_adapted(method)
         model.train()
         if checkpointing:
             enable_checkpointing(model, reentrant)
@@ -86,7 +69,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients(method, reentrant, ste
 @pytest.mark.parametrize("method", METHODS)
 def test_two_threads_each_get_their_own_tasks(method):
     """A model shared by a threaded server: each thread's outputs equal its single-threaded outputs."""
-    model = adapted(method)
+    model = make_adapted(method)
     ids, mask = batch(batch_size=2)
     requests = {0: torch.tensor([0, 1]), 1: torch.tensor([2, 2])}
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -118,7 +101,7 @@ def test_two_threads_each_get_their_own_tasks(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_nested_in_a_logits_processor_keeps_the_outer_routing(method):
-    model = adapted(method)
+    model = make_adapted(method)
     ids, mask = batch(batch_size=2)
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     tasks = torch.tensor([0, 1])
@@ -141,7 +124,7 @@ def test_generate_nested_in_a_logits_processor_keeps_the_outer_routing(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_wrapped_causal_lm_routes_and_an_inner_module_call_raises(method):
-    model = adapted(method)
+    model = make_adapted(method)
     ids, mask = batch()
     tasks = torch.tensor([2, 0, 1])
     expected = logits(model, tasks, ids, mask)
@@ -155,7 +138,7 @@ def test_the_wrapped_causal_lm_routes_and_an_inner_module_call_raises(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_deepcopy_after_a_training_forward(method):
-    model = adapted(method)
+    model = make_adapted(method)
     model.train()
     ids, mask = batch()
     tasks = torch.tensor([0, 2, 1])
@@ -176,7 +159,7 @@ def test_deepcopy_after_a_training_forward(method):
 @pytest.mark.parametrize("first", METHODS)
 @pytest.mark.parametrize("second", METHODS)
 def test_a_second_get_peft_model_on_an_adapted_base_refuses_and_the_first_keeps_working(first, second):
-    model = adapted(first)
+    model = make_adapted(first)
     ids, mask = batch()
     tasks = torch.tensor([0, 2, 1])
     expected = logits(model, tasks, ids, mask)
@@ -231,7 +214,7 @@ def test_prefix_computation_happens_inside_each_layer_forward(monkeypatch):
     """Each layer projects its prefix while that layer runs (where FSDP/offloading have its weights)."""
     from peft_talora.talora.attention import AttentionSite
 
-    model = adapted("talora")
+    model = make_adapted("talora")
     running, order = [], []
     for i, layer in enumerate(model.get_base_model().model.layers):
         layer.register_forward_pre_hook(lambda m, a, i=i: running.append(i))
@@ -246,7 +229,7 @@ def test_prefix_computation_happens_inside_each_layer_forward(monkeypatch):
 
 
 def test_add_tasks_unfrozen_in_the_new_tasks_stage_keeps_the_earlier_new_block_training():
-    model = adapted("talora")
+    model = make_adapted("talora")
     model.add_tasks(2)  # freeze: the new_tasks stage, block 1 trains
     model.add_tasks(1, freeze=False)  # the stage stays: blocks 1 and 2 train, block 0 stays frozen
     bank = model.base_model.talora_banks["default"]
@@ -256,7 +239,7 @@ def test_add_tasks_unfrozen_in_the_new_tasks_stage_keeps_the_earlier_new_block_t
 
 
 def test_a_deleted_adapters_stage_does_not_stick_to_its_name():
-    model = adapted("talora")
+    model = make_adapted("talora")
     model.set_training_stage("shared_warmup")
     model.add_adapter("other", TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
     model.set_adapter("other")
@@ -266,7 +249,7 @@ def test_a_deleted_adapters_stage_does_not_stick_to_its_name():
 
 
 def test_merge_and_unload_on_ta_lora_says_why_not():
-    model = adapted("talora")
+    model = make_adapted("talora")
     with pytest.raises(NotImplementedError, match="cannot be merged.*unload\\(\\)"):
         model.merge_and_unload()
 
@@ -359,7 +342,7 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_an_empty_batch_gets_a_clear_error(method):
-    model = adapted(method)
+    model = make_adapted(method)
     ids, mask = batch()
     empty = dict(input_ids=ids[:0], attention_mask=mask[:0], task_ids=torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match=r"The batch is empty \(input shape \(0, 7\)\)"):
@@ -383,7 +366,7 @@ def test_a_rotary_embedding_that_is_not_a_cos_sin_pair_is_refused_at_get_peft_mo
 
 
 def test_layers_with_different_head_counts_are_refused_with_a_clear_error():
-    model = adapted("talora")
+    model = make_adapted("talora")
     model.base_model._sites[1].num_heads = 8  # as a model with 4 heads in layer 0 and 8 in layer 1 would read
     with pytest.raises(ValueError, match=r"same number of heads in every adapted layer, found \[4, 8\]"):
         model.add_adapter("other", TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
