@@ -125,9 +125,9 @@ class TaskRouter:
             if own is not None:
                 self.model.forward = own
 
-    def for_generation(self, task_ids, inputs: torch.Tensor) -> CallRouting:
-        """The routing of one ``generate`` call on ``inputs`` ``(batch, ...)``, with a per-call cache."""
-        _refuse_empty_batch(inputs)
+    def for_generation(self, task_ids, args: tuple, kwargs: dict) -> CallRouting:
+        """The routing of one ``generate(*args, **kwargs)`` call, with a per-call cache."""
+        inputs = batch_inputs(args, kwargs)
         return self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device, cache={})
 
     def _pre_hook(self, module, args, kwargs):
@@ -139,25 +139,27 @@ class TaskRouter:
                     "called without task_ids); pass task_ids once, to the outermost call."
                 )
             return args, kwargs
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        if inputs is None:
-            raise ValueError(
-                "Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples."
-            )
-        _refuse_empty_batch(inputs)
+        inputs = batch_inputs(args, kwargs)
         kwargs[ROUTING_KWARG] = self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device)
         return args, kwargs
 
 
-def _refuse_empty_batch(inputs: torch.Tensor) -> None:
-    """transformers' attention cannot reshape a batch of 0 rows; say so instead of a reshape error."""
+def batch_inputs(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``input_ids`` (or ``inputs_embeds``) of a forward or ``generate`` call: ``(batch, ...)``.
+
+    An empty batch is refused here: transformers' attention cannot reshape a batch of 0 rows.
+    """
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        raise ValueError("Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples.")
     if inputs.shape[0] == 0:
         raise ValueError(
             f"The batch is empty (input shape {tuple(inputs.shape)}): call the model with at least one example, "
             "or skip the call when there is nothing to process."
         )
+    return inputs
 
 
 def refuse_adapted_base(model: nn.Module) -> None:

@@ -53,10 +53,7 @@ class MultiTaskTunerMixin:
         One routing serves the whole call, so what the layers compute from it (TA-LoRA's prefixes)
         is computed once per call, not at every decoding step.
         """
-        inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
-        if inputs is None:
-            raise ValueError("generate needs input_ids or inputs_embeds so that task_ids can be matched to examples.")
-        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, inputs)
+        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, args, kwargs)
         return self.model.generate(*args, **kwargs)
 
     def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device=None) -> torch.Tensor:

@@ -86,8 +86,8 @@ class TALoraPromptBank(nn.Module):
         which lets an affine key/value projection skip building the ``(U, n, d)`` prompts. Each
         layer asks for its own row inside its own forward.
         """
-        u = torch.cat([block[layer] for block in self.task_u_blocks])[tasks]  # (U, r)
-        v = torch.cat([block[layer] for block in self.task_v_blocks])[tasks]  # (U, d)
+        u = _concat([block[layer] for block in self.task_u_blocks], dim=0)[tasks]  # (U, r)
+        v = _concat([block[layer] for block in self.task_v_blocks], dim=0)[tasks]  # (U, d)
         coefficients = self.scaling * u @ self.shared_basis[layer].T  # (U, n)
         return self.shared_prompt[layer], coefficients, v
 
@@ -103,8 +103,9 @@ class TALoraPromptBank(nn.Module):
         return terms.sum() - terms.diagonal(dim1=1, dim2=2).sum()
 
 
-def _concat(blocks: nn.ParameterList) -> torch.Tensor:
-    return blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=1)
+def _concat(blocks, dim: int = 1) -> torch.Tensor:
+    """The task blocks joined along the task dimension (no copy when there is one block)."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=dim)
 
 
 def is_fast_parameter(name: str) -> bool:
