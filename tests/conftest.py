@@ -1,7 +1,11 @@
 """Tiny random causal LMs built from configs: fast, offline, one per architecture family."""
 
+import io
+
 import pytest
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
@@ -105,3 +109,44 @@ def perturb_trainable(peft_model, seed: int = 0, scale: float = 0.5):
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=g) * scale)
     return peft_model
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Intercepts huggingface_hub's network calls; records what a push would upload."""
+    sent = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        sent["repo"] = repo_id
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        sent["files"] = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            data = source.getvalue() if isinstance(source, io.BytesIO) else open(source, "rb").read()
+            sent["files"][op.path_in_repo] = data
+        return "commit"
+
+    def no_remote_card(*args, **kwargs):
+        raise EntryNotFoundError("README.md does not exist in this new repo")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", no_remote_card)
+    return sent
+
+
+def cpu_training_args(config_class, tmp_path, **overrides):
+    """``config_class`` (``TrainingArguments`` or a TRL config) for a short, quiet, offline CPU run in ``tmp_path``."""
+    defaults = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return config_class(**{**defaults, **overrides})

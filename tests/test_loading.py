@@ -3,14 +3,12 @@
 The base model is a tiny random model saved into ``tmp_path``, so everything loads offline.
 """
 
-import io
 import re
 
 import pytest
 import torch
 from conftest import batch, perturb, tiny_model
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -120,31 +118,8 @@ def test_model_card_of_one_exported_task_and_of_a_second_adapter(tmp_path, base_
     torch.testing.assert_close(routed_logits(scope["model"]), routed_logits(model), rtol=0, atol=1e-6)
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    """Intercepts huggingface_hub's network calls; records what a push would upload."""
-    sent = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        for op in operations:
-            source = op.path_or_fileobj
-            sent[op.path_in_repo] = source.getvalue() if isinstance(source, io.BytesIO) else open(source, "rb").read()
-        return "commit"
-
-    def no_remote_card(*args, **kwargs):
-        raise EntryNotFoundError("README.md does not exist in this new repo")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", no_remote_card)
-    return sent
-
-
 def test_pushed_model_card_loads_from_the_repo(hub, base_dir):
     trained("ta-lora", base_dir).push_to_hub("me/talora-suite")
-    readme = hub["README.md"].decode()
+    readme = hub["files"]["README.md"].decode()
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/talora-suite")' in readme
     assert 'PeftModel.from_pretrained(base, "me/talora-suite")' in readme and "peft-tmp" not in readme

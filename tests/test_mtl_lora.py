@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import batch, logits, tiny_model
+from conftest import batch, cpu_training_args, logits, tiny_model
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -384,17 +384,7 @@ def test_trainer_learns_two_tasks_with_identical_inputs(tmp_path):
     rows = [(p, answers[t], t) for t in range(2) for p in prompts]
     raw = Dataset.from_dict({k: list(v) for k, v in zip(("prompt", "completion", "task_ids"), zip(*rows))})
     data = tokenize_for_causal_lm(raw, tiny_tokenizer(), padding="longest", add_eos=False)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        learning_rate=0.05,
-        per_device_train_batch_size=8,
-        max_steps=30,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = cpu_training_args(TrainingArguments, tmp_path, learning_rate=0.05, max_steps=30)
     Trainer(model=model, args=args, train_dataset=data).train()
     model.eval()
     input_ids = torch.tensor([ids(*p.split()) for p in prompts])

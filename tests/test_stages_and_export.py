@@ -1,14 +1,12 @@
 """Training stages, adding tasks, per-task export and the Hub upload of a TA-LoRA adapter."""
 
-import io
 import json
 import re
 
 import pytest
 import torch
 from conftest import batch, perturb, tiny_model
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -290,32 +288,6 @@ def test_model_card_names_base_model_library_tag_and_tasks(tmp_path):
     assert "1 task(s), in id order: `boolq`" in card_of(tmp_path / "one").text
     model.save_pretrained(tmp_path / "full")  # saving again updates, never duplicates, the section
     assert card_of(tmp_path / "full").text.count("## Tasks") == 1
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """Intercepts huggingface_hub's network calls; records what a push would upload."""
-    sent = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        sent["repo"] = repo_id
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        sent["files"] = {}
-        for op in operations:
-            source = op.path_or_fileobj
-            data = source.getvalue() if isinstance(source, io.BytesIO) else open(source, "rb").read()
-            sent["files"][op.path_in_repo] = data
-        return "commit"
-
-    def no_remote_card(*args, **kwargs):
-        raise EntryNotFoundError("README.md does not exist in this new repo")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", no_remote_card)
-    return sent
 
 
 def test_push_to_hub_uploads_the_standard_folder_with_a_peft_model_card(hub, tmp_path):

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import cpu_training_args, tiny_model
 from datasets import Dataset
 from peft import get_peft_model
 from talora_text import ids, tiny_tokenizer
@@ -40,20 +40,8 @@ def raw(task_as_names: bool) -> Dataset:
 
 
 def arguments(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        learning_rate=0.05,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        max_steps=30,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return TrainingArguments(**{**defaults, **overrides})
+    defaults = dict(learning_rate=0.05, per_device_eval_batch_size=8, max_steps=30)
+    return cpu_training_args(TrainingArguments, tmp_path, **{**defaults, **overrides})
 
 
 def adapter_state(model):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import trl
-from conftest import perturb, tiny_model
+from conftest import cpu_training_args, perturb, tiny_model
 from datasets import Dataset
 from talora_text import ids, tiny_tokenizer
 from trl import DPOConfig, SFTConfig, SFTTrainer
@@ -65,20 +65,7 @@ def sft_rows(fmt, task=lambda name: name):
 
 
 def sft_args(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        learning_rate=0.2,
-        per_device_train_batch_size=8,
-        max_steps=20,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return SFTConfig(**{**defaults, **overrides})
+    return cpu_training_args(SFTConfig, tmp_path, **{"bf16": False, "learning_rate": 0.2, "max_steps": 20, **overrides})
 
 
 def answer_logits(model, task):
@@ -249,18 +236,12 @@ def dpo_rows():
 
 
 def train_dpo(tmp_path, gradient_checkpointing):
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
+    args = cpu_training_args(
+        DPOConfig,
+        tmp_path,
         bf16=False,
-        report_to=[],
         learning_rate=0.2,
-        per_device_train_batch_size=8,
         max_steps=12,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
         beta=1.0,
         gradient_checkpointing=gradient_checkpointing,
     )
