@@ -11,7 +11,7 @@ format: setup
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
-test: setup
+test: lint
 	.venv/bin/python -m pytest -q
 
 demo: setup
