@@ -243,8 +243,13 @@ def _saving_atomically(save):
     return save_pretrained
 
 
+def _is_our_type(peft_type) -> bool:
+    """Whether ``peft_type`` (a ``PeftType`` or its string) is one of this package's methods."""
+    return str(getattr(peft_type, "value", peft_type)) in OUR_PEFT_TYPES
+
+
 def _is_ours(config) -> bool:
-    return str(getattr(config.peft_type, "value", config.peft_type)) in OUR_PEFT_TYPES
+    return _is_our_type(config.peft_type)
 
 
 def _refuse_non_finite(tensors: dict, owner: str, outcome: str) -> None:
@@ -461,4 +466,4 @@ def _is_our_adapter(folder: str) -> bool:
         peft_type = PeftConfig._get_peft_type(folder)
     except Exception:  # noqa: BLE001 - no readable config: not ours to explain
         return False
-    return str(getattr(peft_type, "value", peft_type)) in OUR_PEFT_TYPES
+    return _is_our_type(peft_type)
