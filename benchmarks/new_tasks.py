@@ -21,8 +21,10 @@ so averages and differences get bootstrap intervals over the rows).
     python benchmarks/new_tasks.py --adapter outputs/main_job/adapter            # all 6 tasks
     python benchmarks/new_tasks.py --adapter A --tasks pubmedqa --methods base ta-lora
 
-Results go to ``--output`` (JSON, one entry per task x method x learning rate, written as each
-finishes: rerunning resumes) and the summary table is printed; ``--report`` only prints it.
+Results go to ``--output-dir/<task>.json`` (every method's grid, validation curve, losses and
+test predictions, written as each method finishes: rerunning resumes; two processes on different
+``--tasks`` can share the folder, ``--threads 1`` each on 2 cores) and the summary table is
+printed; ``--report`` only prints it.
 """
 
 from __future__ import annotations
@@ -187,15 +189,16 @@ def _light(record: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the study
 def run(args) -> dict:
-    out = Path(args.output)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("report", "tasks", "methods")}
+    out = Path(args.output_dir)
+    results = load_results(out)
 
-    def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out)
+    def save(name: str):
+        """One file per task, so processes working on different tasks never write the same file."""
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"settings": settings(args), **results[name]}
+        tmp = out / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out / f"{name}.json")
 
     _, tokenizer = load_model(tiny=args.tiny)
     if args.tiny:  # an untrained adapter on the tiny model stands in for a trained one
@@ -207,6 +210,8 @@ def run(args) -> dict:
     for name in args.tasks:
         data = TaskData(name, tokenizer, args)
         task = results.setdefault(name, {})
+        if task.pop("settings", settings(args)) != settings(args):
+            raise SystemExit(f"{out / name}.json was made with other settings; pass another --output-dir or delete it.")
         for method in args.methods:
             if method in task and "test" in task[method]:
                 continue
@@ -217,7 +222,7 @@ def run(args) -> dict:
                     "validation": {"0": _light(evaluate(base, tokenizer, data.validation, name, args, False))},
                     "test": evaluate(base, tokenizer, data.test, name, args, False),
                 }
-                save()
+                save(name)
                 continue
             entry = task.setdefault(method, {"grid": {}})
             best = None  # (validation macro-F1, -step, lr, step, weights)
@@ -238,11 +243,21 @@ def run(args) -> dict:
             entry.update(lr=lr, step=step, validation_macro_f1=f1)
             entry["test"] = evaluate(model, tokenizer, data.test, name, args, method.startswith("ta-lora"))
             print(f"  chose lr {lr:g} step {step}: test macro-F1 {100 * entry['test']['macro_f1']:.1f}", flush=True)
-            save()
+            save(name)
     return results
 
 
 # ----------------------------------------------------------------------------- report
+def settings(args) -> dict:
+    """What a task's results depend on (a rerun with other values must not mix with them)."""
+    keys = ("adapter", "shots", "steps", "eval_every", "batch_size", "val_rows", "test_rows", "max_text_tokens", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_results(folder: Path) -> dict:
+    return {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
 def runs(record: dict) -> TaskRuns:
     return TaskRuns.from_records([record])
 
@@ -302,7 +317,7 @@ def main(argv=None):
     parser.add_argument("--max-text-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--output", default="benchmarks/new_tasks/results.json")
+    parser.add_argument("--output-dir", default="benchmarks/new_tasks", help="one <task>.json per task")
     parser.add_argument("--scratch", default="outputs/new_tasks_scratch")
     parser.add_argument("--report", action="store_true", help="print the table of --output and stop")
     parser.add_argument("--tiny", action="store_true", help="tiny random model and an untrained adapter (smoke test)")
@@ -310,7 +325,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report:
-        results = json.loads(Path(args.output).read_text())
+        results = load_results(Path(args.output_dir))
     else:
         results = run(args)
     print("\n" + report(results, args.tasks, args.methods))

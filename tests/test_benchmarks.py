@@ -264,3 +264,49 @@ def test_aggregate_and_compare_pair_seeds_and_rows():
     assert report.compare(a, list(reversed(b)), ["x"]) == report.compare(a, b, ["x"])  # paired by seed, not order
     legacy = [(s, {"x": {k: v for k, v in r["x"].items() if k not in ("predictions", "references")}}) for s, r in a]
     assert report.aggregate([r for _, r in legacy], ["x"])["accuracy"]["interval"]["resampled"] == "seeds"
+
+
+# ----------------------------------------------------------------------------- benchmarks/new_tasks.py
+def run_new_tasks(out: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / "new_tasks.py"), "--tiny", "--output-dir", str(out)]
+    small = ["--shots", "2", "--steps", "2", "--eval-every", "1", "--val-rows", "6", "--test-rows", "8"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [*command, "--scratch", str(out.parent / "scratch"), *small, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path):
+    out = tmp_path / "new_tasks"
+    methods = ["--tasks", "pubmedqa", "--methods", "base", "ta-lora/closest", "lora"]
+    first = run_new_tasks(out, *methods)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = json.loads((out / "pubmedqa.json").read_text())
+    assert record["settings"]["shots"] == 2 and record["settings"]["steps"] == 2
+    assert record["base"]["test"]["n"] == 8
+    for method in ("ta-lora/closest", "lora"):
+        entry = record[method]
+        assert len(entry["grid"]) == 3  # the same grid size for every method
+        # the chosen (lr, step) is the best validation macro-F1 over the whole grid, earliest step on ties
+        points = [
+            (point["macro_f1"], -int(step), float(lr), int(step))
+            for lr, run in entry["grid"].items()
+            for step, point in run["validation"].items()
+        ]
+        best = max(points)
+        assert entry["validation_macro_f1"] == best[0] and entry["step"] == best[3]
+        assert len(entry["test"]["predictions"]) == 8
+        assert all(len(run["train_loss"]) == 2 for run in entry["grid"].values())
+    assert record["ta-lora/closest"]["grid"]["0.01"]["init_from"] in (
+        "movie_sentiment tweet_sentiment amazon_sentiment nyt_sentiment sms_spam trec bbc_topic boolq".split()
+    )
+    assert "| pubmedqa | 8 |" in first.stdout and "ta-lora/closest - base (paired)" in first.stdout
+
+    again = run_new_tasks(out, *methods)  # everything is done: nothing trains again
+    assert again.returncode == 0 and "== pubmedqa" not in again.stdout
+    other = run_new_tasks(out, *methods, "--seed", "1")
+    assert other.returncode != 0 and "made with other settings" in other.stdout + other.stderr
