@@ -73,6 +73,7 @@ class TaskData:
         self.test = subsample(splits["test"], args.test_rows, seed=args.seed)
         rows = format_split(self.shots, tokenizer, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
         self.train_rows = tokenize_for_causal_lm(rows, tokenizer, task_names=[name])
+        self.source_losses = None  # mean label loss of the shots under each source task (ta-lora/closest)
 
 
 def evaluate(model, tokenizer, rows, task: str, args, route: bool) -> dict:
@@ -98,12 +99,13 @@ def build(method: str, data: TaskData, tokenizer, args):
         model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
         start = None
         if method == "ta-lora/closest":
-            collator = MultiTaskDataCollator(tokenizer=tokenizer)
-            batch = collator([{k: v for k, v in row.items() if k != "task_ids"} for row in data.train_rows])
-            losses = task_losses(model, batch)
-            start = min(losses, key=losses.get)
+            if data.source_losses is None:  # the same for every learning rate: measured once
+                collator = MultiTaskDataCollator(tokenizer=tokenizer)
+                batch = collator([{k: v for k, v in row.items() if k != "task_ids"} for row in data.train_rows])
+                data.source_losses = task_losses(model, batch)
+            start = min(data.source_losses, key=data.source_losses.get)
         model.add_tasks([data.name], init_from=start)
-        return model, {"init_from": start}
+        return model, {"init_from": start, "source_losses": data.source_losses if start else None}
     if family == "pt":
         config = PromptTuningConfig(
             task_type="CAUSAL_LM",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -48,7 +48,8 @@ from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokeniz
 
 SYSTEM_PROMPT = "You are a precise text classifier."  # short: every token costs time on a CPU
 PT_INIT_TEXT = "Classify the text into one of the given labels."  # the benchmark's PT init text
-METHODS = {"base": "base zero-shot", "ta-lora": "TA-LoRA", "pt": "PEFT prompt tuning"}
+METHODS = {"base": "base zero-shot", "ta-lora": "TA-LoRA", "pt": "PEFT prompt tuning", "lora": "PEFT LoRA"}
+PEERS = ("pt", "lora")
 SETTINGS = {"unseen_data": "source tasks (unseen data)", "unseen_tasks": "target tasks (unseen tasks)"}
 
 
@@ -87,7 +88,9 @@ def evaluate(model, tokenizer, tasks, per_task: int, seed: int, max_text_tokens:
 
 
 # ----------------------------------------------------------------------------- training
-def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, eval_rows=None, route=True) -> None:
+def train_phase(
+    model, tokenizer, train_rows, folder: Path, steps: int, args, eval_rows=None, route=True, lr=None
+) -> None:
     """One ``Trainer`` run that checkpoints into ``folder`` and resumes from its last checkpoint.
 
     ``route=False`` (a single-task peer such as prompt tuning): the rows' ``task_ids`` are dropped.
@@ -105,7 +108,7 @@ def train_phase(model, tokenizer, train_rows, folder: Path, steps: int, args, ev
         max_steps=steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
+        learning_rate=args.lr if lr is None else lr,
         warmup_steps=min(5, steps // 10),
         logging_steps=max(1, every // 2),
         save_steps=every,
@@ -145,6 +148,17 @@ def prompt_tuning_config(tokenizer, args) -> PromptTuningConfig:
         prompt_tuning_init_text=PT_INIT_TEXT,
         tokenizer_name_or_path=tokenizer.name_or_path,
     )
+
+
+def peer_config(peer: str, tokenizer, args):
+    """A peer's PEFT config: prompt tuning (as above) or LoRA r=8 on q/v (PEFT's usual setting)."""
+    if peer == "pt":
+        return prompt_tuning_config(tokenizer, args)
+    return LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+
+
+def peer_lr(peer: str, args) -> float:
+    return args.lora_lr if peer == "lora" else args.lr
 
 
 # ----------------------------------------------------------------------------- report
@@ -197,7 +211,7 @@ def summarize(results: dict) -> None:
         records = {m: method_records(results, m, setting) for m in METHODS}
         averages[setting] = {m: average(r) for m, r in records.items() if r}
         differences[setting] = {
-            f"ta-lora - {other}": d for other in ("base", "pt")
+            f"ta-lora - {other}": d for other in ("base", *PEERS)
             if (d := difference(records["ta-lora"], records[other]))
         }  # fmt: skip
     results["averages"], results["differences"] = averages, differences
@@ -405,16 +419,15 @@ def run(args) -> dict:
                 f"\n[5/5] peer {METHODS[peer]} on {name}: k={args.shots} examples per label, {args.target_steps} steps"
             )
             torch.manual_seed(args.seed)
-            model = get_peft_model(base, prompt_tuning_config(tokenizer, args))
+            model = get_peft_model(base, peer_config(peer, tokenizer, args))
             shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
             rows = format_split(
                 shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
             )
-            train_phase(
-                model, tokenizer, rows, out / f"checkpoints_{peer}_{name}", args.target_steps, args, route=False
-            )
+            folder = out / f"checkpoints_{peer}_{name}"
+            train_phase(model, tokenizer, rows, folder, args.target_steps, args, route=False, lr=peer_lr(peer, args))
             done.update(evaluate(model, tokenizer, [name], args.eval_per_task, route=False, **mtl))
-            base = model.get_base_model()
+            base = model.unload() if peer == "lora" else model.get_base_model()
             save()
 
     results["elapsed_s"] = round(time.time() - start, 1)
@@ -431,8 +444,9 @@ def parse(argv=None):
         "--peers",
         nargs="*",
         default=["pt"],
-        choices=["pt"],
-        help="peers trained on each target like TA-LoRA's new task (pt: PEFT prompt tuning; '--peers' alone: none)",
+        choices=list(PEERS),
+        help="peers trained on each target like TA-LoRA's new task (pt: PEFT prompt tuning, lora: PEFT LoRA r=8 "
+        "on q/v at --lora-lr; '--peers' alone: none)",
     )
     parser.add_argument("--train-per-task", type=int, default=48)
     parser.add_argument("--eval-per-task", type=int, default=32)
@@ -442,6 +456,7 @@ def parse(argv=None):
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA peer's learning rate")
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-text-tokens", type=int, default=64)

@@ -5,6 +5,7 @@
 - ``sampling``: multi-task samplers for imbalanced tasks;
 - ``trainer``: :class:`MultiTaskTrainer` and :func:`build_trainer`, the training helper;
 - ``optim``: TA-LoRA's fast/slow parameter groups; ``callbacks``: the orthogonality log entry;
+- ``transfer``: which existing task a new task should start from (``task_losses``, ``closest_task``);
 - ``trl_trainers``: TRL's SFT and DPO trainers with a task column (imports ``trl``);
 - ``cli``: the command line, ``python -m peft_talora.training`` (also under torchrun / accelerate launch).
 """
@@ -14,6 +15,7 @@ from .collator import MultiTaskDataCollator, TALoraDataCollator, TaskIdEncoder, 
 from .optim import talora_optimizer, talora_parameter_groups
 from .sampling import MultiTaskSampler, normalized_entropy, task_sampling_probabilities
 from .trainer import MultiTaskTrainer, build_trainer
+from .transfer import closest_task, task_losses
 
 __all__ = [
     "MultiTaskDataCollator",
@@ -23,10 +25,12 @@ __all__ = [
     "TALoraDataCollator",
     "TaskIdEncoder",
     "build_trainer",
+    "closest_task",
     "k_shot",
     "normalized_entropy",
     "talora_optimizer",
     "talora_parameter_groups",
+    "task_losses",
     "task_sampling_probabilities",
     "tokenize_for_causal_lm",
 ]
