@@ -67,12 +67,18 @@ class TaskData:
 
     def __init__(self, name: str, tokenizer, args):
         splits = load_task(name, **({"split_fractions": SPLIT_FRACTIONS[name]} if name in SPLIT_FRACTIONS else {}))
-        self.name = name
+        self.name, self.tokenizer = name, tokenizer
         self.shots = k_shot(splits["train"], args.shots, seed=args.seed).shuffle(seed=args.seed)
         self.validation = subsample(splits["validation"], args.val_rows, seed=args.seed)
         self.test = subsample(splits["test"], args.test_rows, seed=args.seed)
-        rows = format_split(self.shots, tokenizer, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
-        self.train_rows = tokenize_for_causal_lm(rows, tokenizer, task_names=[name])
+        self.rows = format_split(
+            self.shots, tokenizer, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
+        )
+        self.train_rows = tokenize_for_causal_lm(self.rows, tokenizer, task_column=None)  # no routing
+
+    def routed_rows(self, model):
+        """The shots with ``task_ids`` encoded by ``model``'s own task list (the new task's id, not 0)."""
+        return tokenize_for_causal_lm(self.rows, tokenizer=self.tokenizer, task_names=model)
         self.source_losses = None  # mean label loss of the shots under each source task (ta-lora/closest)
 
 
@@ -101,7 +107,7 @@ def build(method: str, data: TaskData, tokenizer, args):
         if method == "ta-lora/closest":
             if data.source_losses is None:  # the same for every learning rate: measured once
                 collator = MultiTaskDataCollator(tokenizer=tokenizer)
-                batch = collator([{k: v for k, v in row.items() if k != "task_ids"} for row in data.train_rows])
+                batch = collator(list(data.train_rows))
                 data.source_losses = task_losses(model, batch)
             start = min(data.source_losses, key=data.source_losses.get)
         model.add_tasks([data.name], init_from=start)
@@ -145,7 +151,7 @@ def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: P
     """Train ``method`` at ``lr``; returns its record (validation curve, losses, init) and the weights per step."""
     model, info = build(method, data, tokenizer, args)
     route = method.startswith("ta-lora")
-    train = data.train_rows if route else data.train_rows.remove_columns("task_ids")
+    train = data.routed_rows(model) if route else data.train_rows
     score = lambda m: evaluate(m, tokenizer, data.validation, data.name, args, route)  # noqa: E731
     checkpoints = ValidationCheckpoints(model, score, args.eval_every)
     checkpoints.points[0] = score(model)

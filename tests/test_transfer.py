@@ -1,5 +1,7 @@
 """Starting a new task from an existing one: ``add_tasks(init_from=...)`` and ``task_losses``/``closest_task``."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,3 +97,24 @@ def test_task_losses_refuses_rows_without_labels_and_models_without_tasks():
         task_losses(model, batch)
     with pytest.raises(TypeError, match="needs a PeftModel with an active TA-LoRA or MTL-LoRA adapter"):
         task_losses(model.base_model.model, _batch())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_new_tasks_training_batch_routed_only_to_frozen_tasks_warns_that_nothing_trains(method):
+    """The easy mistake: task_ids encoded with a list of the new tasks alone route to old task 0."""
+    model = make_adapted(method, task_names=["a", "b", "c"])
+    model.add_tasks(["new"])
+    model.train()
+    batch = _batch()
+    with pytest.warns(UserWarning, match=r"only the tasks \['new'\] train, but this training batch routes every "):
+        model(**batch, task_ids=[0, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch, task_ids=[0, 3, 1])  # one example of the new task: it trains
+        with torch.no_grad():
+            model(**batch, task_ids=[0, 0, 1])  # evaluating old tasks is fine
+        model.eval()
+        model(**batch, task_ids=[0, 0, 1])
+        model.train()
+        model.set_training_stage("multi_task")
+        model(**batch, task_ids=[0, 0, 1])

@@ -146,6 +146,11 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         layers = self._layers(adapter_name)
         return len(layers[0].mtllora_lambda[adapter_name]) if layers else 1
 
+    def _task_block_sizes(self, adapter_name: str) -> list[int]:
+        layers = self._layers(adapter_name)
+        config = self.peft_config[adapter_name]
+        return [block.shape[0] for block in layers[0].mtllora_lambda[adapter_name]] if layers else [config.num_tasks]
+
     def _add_task_block(self, adapter_name: str, count: int) -> None:
         """Each new task gets ``Lambda = I`` and fresh mixing logits in its own block; no output changes."""
         for layer in self._layers(adapter_name):
@@ -174,6 +179,7 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         if not self._enabled or name is None:
             return CallRouting(None)
         resolved = self.resolve_task_ids(task_ids, batch_size, device)
+        self._warn_if_nothing_trains(name, resolved)
         merged = self._merged_tasks.get(name)
         if merged is not None and bool((resolved != merged).any()):
             label = self.peft_config[name].task_label(merged)

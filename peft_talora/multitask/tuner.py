@@ -4,6 +4,7 @@ card, and checks of saved tensors and of the base model an adapter was saved for
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,8 +24,8 @@ class MultiTaskTunerMixin:
     :class:`MultiTaskConfig`), ``_active_name`` (the active adapter, ``None`` when there is none),
     ``_router`` (its :class:`~peft_talora.multitask.routing.TaskRouter`), ``_stages`` and
     ``_frozen_blocks`` (dicts), ``_exported_tasks`` (a dict, empty outside an export) and a
-    ``model_card_tags`` tuple, and implements four hooks: ``_num_task_blocks(name)``,
-    ``_add_task_block(name, count)``, ``_copy_task_factors(name, sources, first)`` (new task
+    ``model_card_tags`` tuple, and implements five hooks: ``_num_task_blocks(name)``,
+    ``_add_task_block(name, count)``, ``_task_block_sizes(name)`` (tasks per block), ``_copy_task_factors(name, sources, first)`` (new task
     ``first + i`` starts as a copy of task ``sources[i]``) and ``_apply_stage(name)`` (set ``requires_grad`` for the
     adapter's stage; ``_frozen_blocks[name]`` leading task blocks stay frozen in ``"new_tasks"``),
     plus ``_refresh_trainability(name)`` (apply the stage if the adapter trains now, else freeze it).
@@ -62,6 +63,26 @@ class MultiTaskTunerMixin:
         config = self.peft_config[self._active_name]
         return resolve_task_ids(
             task_ids, batch_size=batch_size, num_tasks=config.num_tasks, task_names=config.task_names, device=device
+        )
+
+    def _warn_if_nothing_trains(self, name: str, resolved: torch.Tensor) -> None:
+        """In the ``"new_tasks"`` stage, a training forward whose examples all route to frozen tasks
+        trains nothing (zero gradients, no error from autograd): say so once, with the likely cause."""
+        if not (self.training and torch.is_grad_enabled() and self.training_stage(name) == "new_tasks"):
+            return
+        sizes = self._task_block_sizes(name)
+        first_new = sum(sizes[: self._frozen_blocks.get(name, len(sizes) - 1)])
+        if resolved.numel() == 0 or bool((resolved >= first_new).any()):
+            return
+        config = self.peft_config[name]
+        new = [config.task_label(t) for t in range(first_new, config.num_tasks)]
+        got = sorted({config.task_label(int(t)) for t in resolved.unique().tolist()}, key=str)
+        warnings.warn(
+            f"In the 'new_tasks' stage of adapter {name!r} only the tasks {new} train, but this training batch routes "
+            f"every example to frozen tasks {got}: it trains nothing. If the batch is meant for the new tasks, encode "
+            "its task_ids with the model's own task list (tokenize_for_causal_lm(..., task_names=model)), not a list "
+            "of the new tasks alone.",
+            stacklevel=3,
         )
 
     # ----------------------------------------------------------------- stages and tasks

@@ -151,6 +151,9 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     def _num_task_blocks(self, adapter_name: str) -> int:
         return len(self.talora_banks[adapter_name].task_u_blocks)
 
+    def _task_block_sizes(self, adapter_name: str) -> list[int]:
+        return [block.shape[1] for block in self.talora_banks[adapter_name].task_u_blocks]
+
     def _add_task_block(self, adapter_name: str, count: int) -> None:
         """New tasks' factors; their prompts start equal to the shared prompt, so no output changes."""
         self.talora_banks[adapter_name].add_task_block(count)
@@ -244,6 +247,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         if bank is None:
             return CallRouting(None)
         resolved = self.resolve_task_ids(task_ids, batch_size, device)
+        self._warn_if_nothing_trains(self.active_adapter, resolved)
         source = PrefixSource(
             bank=bank,
             rows=self._layer_positions[self.active_adapter],
