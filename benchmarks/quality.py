@@ -6,7 +6,8 @@ sampler (``train_sampling_strategy="sequential"``), so step ``i`` of every metho
 batch. TA-LoRA's shared warm-up consumes the first ``warmup_steps`` batches of that stream and
 multi-task training the rest: its total step budget is the same as everyone else's.
 Evaluation is :func:`peft_talora.suite.evaluate_task` (rank classification) on fixed test
-subsets, identical for every method and seed.
+subsets, identical for every method and seed. The validation loss (learning-rate choice and
+curves) is Trainer's own evaluation loop on fixed rows of each source task's validation split.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 
 import datasets
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from peft_talora.suite import evaluate_task, format_split, get_task, load_task, subsample
@@ -62,6 +63,16 @@ def test_rows(task: str, per_task: int) -> datasets.Dataset:
     return subsample(load_task(task)["test"], per_task, seed=TEST_SEED)
 
 
+def validation_data(tasks, tokenizer, per_task: int, max_text_tokens: int) -> datasets.Dataset:
+    """Tokenised rows of every source task's validation split (``per_task`` each, fixed for every method and seed),
+    sorted by length so that evaluation batches carry little padding; ``task_ids`` index ``tasks``."""
+    rows = [subsample(load_task(t)["validation"], per_task, seed=TEST_SEED) for t in tasks]
+    parts = [format_rows(r, tokenizer, max_text_tokens) for r in rows]
+    data = tokenize_for_causal_lm(datasets.concatenate_datasets(parts), tokenizer, task_names=list(tasks))
+    lengths = [len(ids) for ids in data["input_ids"]]  # once per benchmark, not per step
+    return data.select(sorted(range(len(data)), key=lengths.__getitem__))
+
+
 def eval_passes(task: str, tokenizer) -> int:
     """Forward passes per example in rank classification: one, plus one per multi-token label word."""
     from peft_talora.suite import PromptFormatter
@@ -73,6 +84,38 @@ def eval_passes(task: str, tokenizer) -> int:
 
 
 # ----------------------------------------------------------------------------- training
+class EvaluateEvery(TrainerCallback):
+    """Asks Trainer for its evaluation every ``every`` steps of the whole budget and after the last step.
+
+    ``offset`` is the number of steps trained before this call (TA-LoRA's warm-up), so every method's curve
+    has its points at the same steps of the budget; ``every=0``: the last step only (the loss the learning
+    rate is chosen by). Each evaluation leaves torch's random stream as it found it (its data loader draws a
+    seed from it), so training with validation is bit-identical to training without (LoRA's dropout).
+    """
+
+    def __init__(self, every: int, offset: int):
+        self.every, self.offset = every, offset
+        self.rng = None
+
+    def _keep_rng(self) -> None:
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._keep_rng()  # for eval_on_start
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step == state.max_steps or (self.every and (self.offset + step) % self.every == 0):
+            control.should_evaluate = True
+            self._keep_rng()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        cpu, cuda = self.rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def train(
     model,
     rows: datasets.Dataset,
@@ -86,16 +129,26 @@ def train(
     seed: int,
     folder,
     fast_lr_ratio: float,
+    validation: Optional[datasets.Dataset] = None,
+    eval_every: int = 0,
+    step_offset: int = 0,
+    eval_start: bool = False,
 ) -> dict:
     """Train ``model`` for ``steps`` steps on ``rows`` (exactly ``steps * batch_size`` rows, in order).
 
     ``route``: keep ``task_ids`` (ids into ``task_list``) in the batches; single-task methods get none.
+    ``validation`` (tokenised rows, :func:`validation_data`): Trainer's evaluation loop computes their mean
+    label-token loss every ``eval_every`` steps of the budget (``step_offset`` steps were trained before this
+    call), after the last step and, with ``eval_start``, before the first; the result gets ``curve``:
+    ``[[budget step, loss], ...]``.
     """
     if len(rows) != steps * batch_size:
         raise ValueError(f"expected {steps * batch_size} rows for {steps} steps, got {len(rows)}")
     data = tokenize_for_causal_lm(rows, tokenizer, task_names=list(task_list))
     if not route:
         data = data.remove_columns("task_ids")
+        if validation is not None:
+            validation = validation.remove_columns("task_ids")
     args = TrainingArguments(
         output_dir=str(folder),
         max_steps=steps,
@@ -116,28 +169,42 @@ def train(
         # Trainer inspects the *base* model's forward for a PeftModel and would drop task_ids for MPT/Poly;
         # the tokenised rows hold only model inputs anyway.
         remove_unused_columns=False,
+        # the validation loss: label tokens only (a PeftModel hides the label names from Trainer's inspection)
+        label_names=["labels"],
+        prediction_loss_only=True,
+        per_device_eval_batch_size=EVAL_BATCH_SIZE,
+        eval_on_start=validation is not None and eval_start,
     )
     collator = MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(task_list))
     trainer = build_trainer(
         model,
         args,
         train_dataset=data,
+        eval_dataset=validation,
         processing_class=tokenizer,
         data_collator=collator,
         fast_lr_ratio=fast_lr_ratio,
+        callbacks=[EvaluateEvery(eval_every, step_offset)] if validation is not None else None,
     )
     trainer.remove_callback(PrinterCallback)  # one line per run from the caller instead of a dict per log
     start = time.perf_counter()
     output = trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
     seconds = time.perf_counter() - start
-    print(f"    {steps} steps in {seconds:.1f} s, training loss {output.training_loss:.3f}", flush=True)
-    return {
+    result = {
         "steps": steps,
         "train_loss": float(output.training_loss),
         "logged_losses": losses,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
     }
+    message = f"    {steps} steps in {seconds:.1f} s, training loss {output.training_loss:.3f}"
+    if validation is not None:
+        result["curve"] = [[step_offset + e["step"], e["eval_loss"]] for e in history if "eval_loss" in e]
+        result["validation_seconds"] = round(sum(e["eval_runtime"] for e in history if "eval_runtime" in e), 1)
+        message += f", validation loss {result['curve'][-1][1]:.3f} ({result['validation_seconds']:.1f} s)"
+    print(message, flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------- evaluation

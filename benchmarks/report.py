@@ -7,7 +7,9 @@ Macro-F1 leads and accuracy stands beside it (on small imbalanced test sets accu
 measures the label prior; ``docs/benchmarks.md``). Every average carries a 95% percentile-bootstrap
 interval over the test rows and seeds, and every difference between two methods a paired one
 (:mod:`peft_talora.suite.intervals`). Runs cached before per-row predictions were stored get an
-interval over seeds only (marked †), or none with one seed; the report says so.
+interval over seeds only (marked †), or none with one seed; the report says so. With ``--lr-grid`` the report
+gives each method's learning rate chosen on validation per seed, and with validation curves whether each
+method's curve had flattened by the end of the budget (``curves.png``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ TARGET_K = "16"
 LEAD = "macro_f1"  # the metric targets are judged by; accuracy is shown beside it
 ONE_POINT_ROWS = 100  # test rows per task for one row to move accuracy by at most 1 point
 SEEDS_ONLY = "†"
+#: A validation curve has flattened when its last quarter of the steps lowered the loss by less than this share of
+#: its whole drop: more steps of the same schedule would change little.
+FLAT_SHARE = 0.02
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -190,8 +195,66 @@ def summarize(data: dict) -> dict:
         if "/" in key
     }
     data["test_sets"] = describe_rows(data, zero)
+    data["lr_choice"] = lr_choices(data)
+    data["curves"] = curves(data)
     data["targets"] = check_targets(data)
     return data
+
+
+def _planned(data: dict, key: str) -> Optional[dict]:
+    """The run ``key`` if it belongs to the current plan (its fingerprint) and did not fail."""
+    run = data["runs"].get(key)
+    if run is None or run.get("fingerprint") != data["plan"]["runs"].get(key) or "error" in run:
+        return None
+    return run
+
+
+def lr_choices(data: dict) -> dict:
+    """``--lr-grid``: ``{method: {seed: {"losses": {lr: validation loss, None if diverged}, "chosen": lr, "edge":
+    ...}}}`` from the grid's runs; ``chosen`` (the lowest loss, the first on ties, as ``run.py`` chooses) once every
+    learning rate of the grid is done, ``edge`` whether it is the grid's lowest or highest value."""
+    plan, out = data["plan"], {}
+    for key, grid in (plan.get("lr_grid") or {}).items():
+        for seed in plan["seeds"]:
+            runs = {f"{lr:g}": _planned(data, f"{key}|seed{seed}|lr={lr:g}") for lr in grid}
+            losses = {lr: run.get("validation_loss") for lr, run in runs.items() if run is not None}
+            finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+            chosen = min(finite, key=finite.get) if finite and len(losses) == len(grid) else None
+            edge = chosen is not None and len(grid) > 1 and chosen in (f"{min(grid):g}", f"{max(grid):g}")
+            out.setdefault(key, {})[str(seed)] = {"losses": losses, "chosen": chosen, "edge": edge}
+    return out
+
+
+def flatness(curve: list) -> dict:
+    """Whether a validation curve ``[[step, loss], ...]`` (first point before training) has flattened: from its
+    last point at or before 3/4 of the steps to the end the loss fell by less than ``FLAT_SHARE`` of its whole
+    drop. ``status``: ``flattened``, ``still falling``, ``no drop`` (the loss did not fall) or ``too few points``."""
+    steps, losses = [p[0] for p in curve], [p[1] for p in curve]
+    late = [i for i, step in enumerate(steps) if 0 < step <= 0.75 * steps[-1]]
+    if len(curve) < 3 or steps[0] != 0 or not late or None in losses:
+        return {"status": "too few points"}
+    drop, last = losses[0] - losses[-1], losses[late[-1]] - losses[-1]
+    status = "no drop" if drop <= 0 else "flattened" if last < FLAT_SHARE * drop else "still falling"
+    return {"status": status, "drop": drop, "last_quarter": last, "from_step": steps[late[-1]]}
+
+
+def curves(data: dict) -> dict:
+    """``{method: {seed: {"lr", "curve", "status", ...}}}``: the validation curve of each method and seed at its
+    (chosen) learning rate, with :func:`flatness`."""
+    plan, out = data["plan"], {}
+    for key in plan["methods"]:
+        for seed in plan["seeds"]:
+            choice = (data.get("lr_choice") or {}).get(key, {}).get(str(seed))
+            if choice is not None:
+                lr = choice["chosen"]
+                run = _planned(data, f"{key}|seed{seed}|lr={lr}") if lr is not None else None
+                curve = (run or {}).get("curve")
+            else:
+                train = (_run(data, f"{key}|seed{seed}|unseen_data") or {}).get("train") or {}
+                lr, curve = train.get("lr"), train.get("curve")
+            if curve:
+                out.setdefault(key, {})[str(seed)] = {"lr": lr, "curve": curve, **flatness(curve)}
+    return out
 
 
 def describe_test_sets(tasks: list[str], per_task: int) -> dict:
@@ -413,6 +476,122 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _validation_budget(settings: dict) -> str:
+    if not (settings.get("lr_grid") or settings.get("eval_every")):
+        return ""
+    every = settings.get("eval_every") or 0
+    when = f"every {every} steps" if every else "after the last step"
+    return f"; validation loss on {settings['val_per_task']} validation rows per source task {when}"
+
+
+def _shard_lines(data: dict) -> list[str]:
+    """The shard processes that produced the runs (``--shard``), with their commands and times."""
+    lines = []
+    for name, shard in sorted((data.get("shards") or {}).items()):
+        took = f", took {shard['elapsed_s'] / 60:.1f} min" if "elapsed_s" in shard else ", not finished"
+        lines.append(f"- **Shard {name}:** `{shard['command']}` (started {shard['started']}{took})")
+    return lines
+
+
+def _lr_text(lr) -> str:
+    """``3e-3`` for 0.003 (a number or the string a grid's runs are keyed by)."""
+    mantissa, exponent = f"{float(lr):e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def _lr_cell(data: dict, key: str) -> str:
+    """The protocol table's learning rate: the fixed one, or the grid and the choice per seed."""
+    fixed = data["methods"][key].get("lr")
+    if fixed is not None:
+        return f"{fixed:g}"
+    grid = (data["plan"].get("lr_grid") or {}).get(key, [])
+    chosen = [c["chosen"] for c in (data.get("lr_choice") or {}).get(key, {}).values()]
+    picks = ", ".join(_lr_text(c) if c else "-" for c in chosen)
+    return f"grid {' / '.join(_lr_text(lr) for lr in grid)}; chosen per seed: {picks or '-'}"
+
+
+def render_lr_choice(data: dict) -> list[str]:
+    """``--lr-grid``: the learning rate chosen per method and seed, with every validation loss of the grid."""
+    plan, choices = data["plan"], data.get("lr_choice") or {}
+    if not plan.get("lr_grid"):
+        return []
+    settings = data["meta"]["settings"]
+    grids = {tuple(grid) for grid in plan["lr_grid"].values()}
+    out = [
+        "## Learning rates chosen on validation",
+        "",
+        "Every method trained its multi-task adapter at each learning rate of its family's grid ("
+        + "; ".join(" / ".join(_lr_text(lr) for lr in grid) for grid in sorted(grids))
+        + f"), the same number of values for every method. Per seed the one with the lowest validation loss after "
+        f"the last step was kept (Trainer's evaluation loss, label tokens only, on {settings['val_per_task']} "
+        "rows of each source task's validation split, the same rows for every method); unseen data and unseen "
+        "tasks were evaluated with it only. Cells: **chosen** (validation loss of each learning rate). A choice "
+        "at the edge of the grid (marked *edge*) may mean the best value lies outside it.",
+        "",
+    ]
+    rows, edges = [], []
+    for key in plan["methods"]:
+        cells = []
+        for seed in plan["seeds"]:
+            choice = choices.get(key, {}).get(str(seed))
+            if not choice or not choice["losses"]:
+                cells.append("-")
+                continue
+            losses = ", ".join(
+                f"{_lr_text(lr)}: {'diverged' if v is None else f'{v:.3f}'}" for lr, v in choice["losses"].items()
+            )
+            head = f"**{_lr_text(choice['chosen'])}**" if choice["chosen"] else "not chosen yet"
+            cells.append(f"{head}{' *edge*' if choice['edge'] else ''} ({losses})")
+            if choice["edge"]:
+                edges.append(f"{label(data, key)} (seed {seed}: {_lr_text(choice['chosen'])})")
+        rows.append([label(data, key), *cells])
+    out += table(["method", *[f"seed {s}" for s in plan["seeds"]]], rows) + [""]
+    edge_text = "Chosen at an edge of the grid: " + "; ".join(edges) + "." if edges else "No choice is at an edge."
+    return out + [edge_text, ""]
+
+
+def render_curves(data: dict) -> list[str]:
+    """The validation-loss curves: per method and seed, whether the curve had flattened; the others named."""
+    plan, curves_ = data["plan"], data.get("curves") or {}
+    out = ["## Validation-loss curves", ""]
+    if not curves_:
+        return out + ["Not recorded (run with `--lr-grid` or `--eval-every N`).", ""]
+    every = data["meta"]["settings"].get("eval_every") or 0
+    out += [
+        f"The validation loss (as above) before training and every {f'{every} steps' if every > 1 else 'step'} "
+        "of multi-task training, at "
+        "each method's (chosen) learning rate (`curves.png`; TA-LoRA's points during its shared warm-up are of "
+        f"the shared prompt alone). A curve has **flattened** when its last quarter of the steps (from its "
+        f"last point at or before 3/4 of the budget to the end) lowered the loss by less than {FLAT_SHARE:.0%} "
+        "of its whole drop (first point to last): more steps would change little. *Still falling*: more steps "
+        "would help; *no drop*: the loss never fell below its start. Cells: start → end loss, the last quarter's "
+        "share of the drop.",
+        "",
+    ]
+    rows, named = [], []
+    for key in plan["methods"]:
+        cells, other = [], []
+        for seed in plan["seeds"]:
+            entry = curves_.get(key, {}).get(str(seed))
+            if entry is None:
+                cells.append("-")
+                continue
+            (_, start), (_, end) = entry["curve"][0], entry["curve"][-1]
+            share = f", {entry['last_quarter'] / entry['drop']:.1%}" if entry.get("drop", 0) > 0 else ""
+            cells.append(f"{start:.3f} → {end:.3f}{share}: {entry['status']}")
+            if entry["status"] != "flattened":
+                other.append(f"seed {seed} {entry['status']}")
+        if other:
+            named.append(f"{label(data, key)} ({', '.join(other)})")
+        rows.append([label(data, key), *cells])
+    out += table(["method", *[f"seed {s}" for s in plan["seeds"]]], rows) + [""]
+    if named:
+        out += [f"**Not flattened:** {'; '.join(named)}. More steps may change these methods' results.", ""]
+    else:
+        out += ["Every recorded curve flattened.", ""]
+    return out
+
+
 def render(data: dict, plots: list[str]) -> str:
     meta, plan, settings = data["meta"], data["plan"], data["meta"]["settings"]
     mach, vers = meta["machine"], meta["versions"]
@@ -440,7 +619,9 @@ def render(data: dict, plots: list[str]) -> str:
         f"- **Budget:** {settings['steps']} multi-task steps of batch {settings['batch_size']} per method "
         f"(TA-LoRA: {settings['warmup_steps']} of them shared warm-up), {settings['train_per_task']} training examples per "
         f"source task, {settings['target_steps']} steps per unseen task and k, {settings['eval_per_task']} test examples per "
-        f"task, texts cut to {settings['max_text_tokens']} tokens, `full` = at most {settings['full_cap'] or 'all'} rows",
+        f"task, texts cut to {settings['max_text_tokens']} tokens, `full` = at most {settings['full_cap'] or 'all'} rows"
+        + _validation_budget(settings),
+        *_shard_lines(data),
         "",
     ]
     n_eval = settings["eval_per_task"]
@@ -668,6 +849,8 @@ def render(data: dict, plots: list[str]) -> str:
             )
         out += table(header, rows) + [""]
 
+    out += render_lr_choice(data) + render_curves(data)
+
     # parameters
     params = data.get("parameters", {})
     if params:
@@ -833,8 +1016,14 @@ def render(data: dict, plots: list[str]) -> str:
         "prompts as training); `task_id` is passed only to methods that route tasks (TA-LoRA and MTL-LoRA by name, "
         "MPT and Poly by id), never to the others. Every run stores each test row's prediction in `results.json`, "
         "from which the report computes macro-F1, accuracy and their bootstrap intervals.",
-        "- **Learning rates** (not tuned per method; prompt methods at the main job's 1e-2, LoRA-style methods "
-        "at PEFT's usual 1e-3; `--lr` overrides):",
+        (
+            "- **Learning rates** chosen per method and seed on the validation loss from a grid of the same size "
+            "for every method (section *Learning rates chosen on validation*); unseen tasks are trained at the "
+            "chosen one:"
+            if plan.get("lr_grid")
+            else "- **Learning rates** (not tuned per method; prompt methods at the main job's 1e-2, LoRA-style "
+            "methods at PEFT's usual 1e-3; `--lr` overrides; `--lr-grid` chooses them on validation):"
+        ),
         "",
     ]
     out += table(
@@ -842,7 +1031,7 @@ def render(data: dict, plots: list[str]) -> str:
         [
             [
                 label(data, k),
-                f"{data['methods'][k]['lr']:g}",
+                _lr_cell(data, k),
                 data["methods"][k]["routes"] or "none",
                 data["methods"][k]["unseen_tasks"],
             ]
@@ -994,7 +1183,46 @@ def plot(data: dict, out: Path) -> list[Path]:
         paths.append(out / "speed.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+
+    if data.get("curves"):
+        paths.append(plot_curves(data, out / "curves.png"))
     return paths
+
+
+def plot_curves(data: dict, path: Path) -> Path:
+    """``curves.png``: validation loss vs step, one panel per seed, one line per method at its (chosen) learning
+    rate; ablations dashed."""
+    import matplotlib.pyplot as plt
+
+    seeds = data["plan"]["seeds"]
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5.5 * len(seeds), 4.2), squeeze=False, sharey=True)
+    colors = plt.get_cmap("tab20").colors
+    for ax, seed in zip(axes[0], seeds):
+        for i, key in enumerate(data["plan"]["methods"]):
+            entry = data["curves"].get(key, {}).get(str(seed))
+            if entry is None:
+                continue
+            steps, losses = zip(*entry["curve"])
+            lr = f", lr {_lr_text(entry['lr'])}" if entry.get("lr") is not None else ""
+            ax.plot(
+                steps,
+                losses,
+                marker=".",
+                linestyle="--" if "/" in key else "-",
+                color=colors[i % len(colors)],
+                label=f"{label(data, key)}{lr}{'' if entry['status'] == 'flattened' else ' (' + entry['status'] + ')'}",
+            )
+        ax.set_title(f"seed {seed}", fontsize=10)
+        ax.set_xlabel("multi-task training step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="upper right")  # per panel: the learning rate and status differ by seed
+    axes[0][0].set_ylabel("validation loss (label tokens)")
+    fig.suptitle(f"validation loss; flattened = last quarter < {FLAT_SHARE:.0%} of the drop", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write(data: dict, out: Path) -> list[Path]:

@@ -10,17 +10,23 @@ the TA-LoRA ablations, measures speed and memory side by side, and writes ``RESU
     python benchmarks/run.py --methods ta-lora lora --skip-speed                  # a partial rerun
     python benchmarks/run.py --skip-quality           # speed and memory only
     python benchmarks/run.py --quick --output-dir /tmp/bench   # every code path in a few minutes (tests)
+    python benchmarks/run.py --lr-grid --seeds 0 1 2 --threads 1 --shard 0/2 &   # two processes on 2 cores, each
+    python benchmarks/run.py --lr-grid --seeds 0 1 2 --threads 1 --shard 1/2 &   # with its share of the units,
+    python benchmarks/run.py --lr-grid --seeds 0 1 2 --skip-quality --skip-speed  # then the report
 
 Quality: unseen data (the source tasks' test subsets after multi-task training) and unseen tasks
 (target tasks learned from k examples per label, k in ``--shots``, ``full`` = the whole training
 split capped at ``--full-cap`` rows). Every method gets the same rows in the same order and the
-same number of steps; see ``benchmarks/methods.py`` for the configs and unseen-task protocols.
+same number of steps; see ``benchmarks/methods.py`` for the configs and unseen-task protocols. With
+``--lr-grid`` every method trains at each learning rate of a grid of the same size and keeps, per seed, the
+one with the lowest validation loss; ``--eval-every N`` (on with the grid) stores validation-loss curves.
 
 Resumable: every (method, seed, setting) result is cached in ``results.json`` together with a
 fingerprint of the budget that produced it, and trained multi-task adapters are cached under
 ``<output-dir>/.cache/``; rerunning skips what is done. Changing a budget flag reruns only what
 it affects. Code changes are not detected: after changing a method's implementation, rerun with
-``--fresh`` (or a new ``--output-dir``). ``--threads`` sets torch's CPU threads (default 1, see the flag).
+``--fresh`` (or a new ``--output-dir``). ``--threads`` sets torch's CPU threads (default 1, see the flag);
+``--shard I/N`` lets N processes share one ``--output-dir`` (``results.json`` is written under a file lock).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -61,6 +68,7 @@ DEFAULTS = dict(
     target_steps=4,
     train_per_task=32,
     eval_per_task=16,
+    val_per_task=8,
     batch_size=8,
     max_text_tokens=48,
     full_cap=256,
@@ -80,6 +88,7 @@ QUICK = dict(
     target_steps=1,
     train_per_task=4,
     eval_per_task=4,
+    val_per_task=2,
     batch_size=4,
     full_cap=4,
     ablation_shots=["1"],
@@ -138,25 +147,64 @@ def versions() -> dict:
 
 
 class State:
-    """``results.json`` in ``out``: loaded on start, written atomically after every finished piece."""
+    """``results.json`` in ``out``, shared safely by processes working on the same output folder (``--shard``).
+
+    The runs, the speed results and the shard records are written key by key (:meth:`put`, :meth:`put_top`):
+    under an exclusive ``fcntl.flock`` on ``results.json.lock`` the file is re-read, the one key merged in and
+    the file replaced atomically, so two processes never lose each other's results. Everything else (the
+    plan, the summaries the report is rendered from) belongs to the process that writes the report
+    (:meth:`save`).
+    """
+
+    SHARED = ("runs", "speed", "shards")
 
     def __init__(self, out: Path):
         self.path = out / "results.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.data.setdefault("runs", {})
+        self.lock_path = out / "results.json.lock"
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        data.setdefault("runs", {})
+        return data
 
     def done(self, key: str, fp: str) -> bool:
         run = self.data["runs"].get(key)
         return run is not None and run.get("fingerprint") == fp and "error" not in run
 
-    def put(self, key: str, record: dict) -> None:
-        self.data["runs"][key] = record
-        self.save()
+    def put(self, key: str, record: dict, section: str = "runs") -> None:
+        """Store one run (or, with ``section="shards"``, one shard's record)."""
+        assert section in self.SHARED and section != "speed"
+        self._write(lambda disk: disk.setdefault(section, {}).__setitem__(key, record))
+
+    def put_speed(self, value: Optional[dict]) -> None:
+        """Store the speed results (``None``: remove them)."""
+        self._write(lambda disk: disk.__setitem__("speed", value) if value is not None else disk.pop("speed", None))
+
+    def refresh(self) -> None:
+        """Take the shared entries from the file (what other processes have finished since)."""
+        self._write(lambda disk: None, write=False)
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(compact_json(self.data))
-        os.replace(tmp, self.path)
+        """Write this process's entries; the shared ones are taken from the file, never overwritten."""
+        self._write(lambda disk: disk.update({k: v for k, v in self.data.items() if k not in self.SHARED}))
+
+    def _write(self, change, write: bool = True) -> None:
+        import fcntl
+
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            disk = self._read()
+            change(disk)
+            if write:
+                tmp = self.path.with_suffix(f".json.tmp{os.getpid()}")
+                tmp.write_text(compact_json(disk))
+                os.replace(tmp, self.path)
+        for name in self.SHARED:
+            if name in disk:
+                self.data[name] = disk[name]
+            else:
+                self.data.pop(name, None)
 
 
 _NUMBER_LIST = re.compile(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]")
@@ -191,11 +239,28 @@ def learning_rate(args, key: str) -> float:
     return M.DEFAULT_LR[M.ALL[key].family]
 
 
+def lr_grid(args, key: str) -> list[float]:
+    """The learning rates ``key`` trains at: its family's grid with ``--lr-grid`` (a learning-rate variant keeps
+    its one value), else the one of :func:`learning_rate`."""
+    if not args.lr_grid:
+        return [learning_rate(args, key)]
+    if "lr" in M.ALL[key].ablation:
+        return [M.ALL[key].ablation["lr"]]
+    return list(args.prompt_lr_grid if M.ALL[key].family == "prompt" else args.lora_lr_grid)
+
+
+def validating(args) -> bool:
+    """Whether multi-task training computes the validation loss (the learning-rate grid needs it, curves too)."""
+    return args.lr_grid or args.eval_every > 0
+
+
 def model_id(args) -> str:
     return "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct"
 
 
-def source_fp(args, key: str, seed: int) -> str:
+def source_fp(args, key: str, seed: int, lr: Optional[float] = None) -> str:
+    """The multi-task adapter of ``key`` trained with ``seed`` at ``lr`` (default: :func:`learning_rate`)."""
+    validation = {"validation": [args.val_per_task, args.eval_every]} if validating(args) else {}
     return fingerprint(
         model=model_id(args),
         key=key,
@@ -205,10 +270,15 @@ def source_fp(args, key: str, seed: int) -> str:
         steps=args.steps,
         warmup=args.warmup_steps if M.uses_warmup(key) else 0,
         batch=args.batch_size,
-        lr=learning_rate(args, key),
+        lr=learning_rate(args, key) if lr is None else lr,
         max_text_tokens=args.max_text_tokens,
         version=2,
+        **validation,  # absent without validation: the fingerprints of earlier results stay valid
     )
+
+
+def lr_key(key: str, seed: int, lr: float) -> str:
+    return f"{key}|seed{seed}|lr={lr:g}"
 
 
 def shots_for(args, key: str) -> list[str]:
@@ -216,7 +286,10 @@ def shots_for(args, key: str) -> list[str]:
 
 
 def plan(args, keys: list[str]) -> dict:
-    """Every run of ``keys`` under this budget: ``{run key: fingerprint}``."""
+    """Every run of ``keys`` under this budget: ``{run key: fingerprint}``.
+
+    With ``--lr-grid`` every learning rate of a method and seed is a run of its own (``METHOD|seedS|lr=LR``), and
+    the evaluations depend on the whole grid (the learning rate is chosen from it)."""
     runs = {}
     for task in [*args.tasks, *args.targets]:
         runs[f"zero-shot|{task}"] = fingerprint(
@@ -225,6 +298,10 @@ def plan(args, keys: list[str]) -> dict:
     for seed in args.seeds:
         for key in keys:
             src = source_fp(args, key, seed)
+            if args.lr_grid:
+                grid = {lr_key(key, seed, lr): source_fp(args, key, seed, lr) for lr in lr_grid(args, key)}
+                runs.update(grid)
+                src = fingerprint(grid=list(grid.values()))
             runs[f"{key}|seed{seed}|unseen_data"] = fingerprint(src=src, eval=args.eval_per_task)
             for target in args.targets:
                 for shot in shots_for(args, key):
@@ -238,6 +315,23 @@ def plan(args, keys: list[str]) -> dict:
                         eval=args.eval_per_task,
                     )
     return runs
+
+
+def units(args, keys: list[str]) -> list[tuple[int, str]]:
+    """This process's (seed, method) work units: all of them, or with ``--shard I/N`` every N-th from the I-th of
+    the ordered list (the same list in every process given the same flags). A unit is the method's whole
+    learning-rate grid, choice and evaluations for the seed, so no shard waits for another."""
+    everything = [(seed, key) for seed in args.seeds for key in keys]
+    index, count = args.shard
+    return everything[index::count]
+
+
+def mine(args, keys: list[str], run_key: str) -> bool:
+    """Whether ``run_key`` is this process's work (zero-shot runs are shard 0's)."""
+    if run_key.startswith("zero-shot|"):
+        return args.shard[0] == 0
+    key, seed = run_key.split("|")[:2]
+    return (int(seed.removeprefix("seed")), key) in units(args, keys)
 
 
 # ----------------------------------------------------------------------------- time estimate
@@ -280,12 +374,23 @@ def calibrate(base, tokenizer, args) -> dict:
     }
 
 
-def estimate(args, keys, todo: dict, tokenizer, cal: dict) -> float:
-    """Seconds the remaining work should take, from the calibration (a shared machine can be 2x off)."""
+def validation_evals(args) -> int:
+    """Evaluations of the validation rows in one multi-task training: before the first step, every
+    ``--eval-every`` steps and after the last; the last only for a learning-rate grid without curves."""
+    if args.eval_every > 0:
+        return 1 + args.steps // args.eval_every + (args.steps % args.eval_every != 0)
+    return 1 if args.lr_grid else 0
+
+
+def estimate(args, keys, todo: dict, tokenizer, cal: dict, speed: Optional[bool] = None) -> float:
+    """Seconds the work in ``todo`` (and the speed runs, default: unless ``--skip-speed``) should take on one
+    process, from the calibration (a shared machine can be 2x off)."""
     overhead = 0.3 if args.tiny else 2.0  # model copy, Trainer set-up, tokenisation per run
     eval_batch = cal["forward_s"] * Q.EVAL_BATCH_SIZE / args.batch_size
     passes = {t: Q.eval_passes(t, tokenizer) for t in [*args.tasks, *args.targets]}
     batches = lambda tasks: sum(passes[t] * math.ceil(args.eval_per_task / Q.EVAL_BATCH_SIZE) for t in tasks)  # noqa: E731
+    validation = validation_evals(args) * math.ceil(len(args.tasks) * args.val_per_task / Q.EVAL_BATCH_SIZE)
+    training = args.steps * cal["train_step_s"] + overhead + validation * eval_batch
     seconds = 0.0
     trained = set()
     for run in todo:
@@ -293,16 +398,19 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict) -> float:
             seconds += batches([run.split("|")[1]]) * eval_batch
             continue
         key, seed, setting = run.split("|", 2)
-        if (key, seed) not in trained:
+        if setting.startswith("lr="):  # one multi-task training of the grid
+            seconds += training
+            continue
+        if not args.lr_grid and (key, seed) not in trained:
             trained.add((key, seed))
-            seconds += args.steps * cal["train_step_s"] + overhead
+            seconds += training
         if setting == "unseen_data":
             seconds += batches(args.tasks) * eval_batch
         else:
             seconds += (
                 args.target_steps * cal["train_step_s"] + batches([setting.split("|")[0]]) * eval_batch + overhead
             )
-    if not args.skip_speed:
+    if (not args.skip_speed) if speed is None else speed:
         r = args.speed_repeats
         seconds += 3 * ((1 + r) * cal["train_step_s"] + 2 * cal["forward_s"]) + 3 * overhead
         scale = 64 * args.task_batch_seq_len / (args.batch_size * cal["tokens_per_row"])
@@ -325,6 +433,11 @@ class Quality:
         self.tok_path = M.tokenizer_path()
         self.cache = Path(args.output_dir) / ".cache"
         self.tests = {t: Q.test_rows(t, args.eval_per_task) for t in [*args.tasks, *args.targets]}
+        self.validation = (
+            Q.validation_data(args.tasks, tokenizer, args.val_per_task, args.max_text_tokens)
+            if validating(args)
+            else None
+        )
 
     def todo(self, key: str) -> bool:
         return not self.state.done(key, self.runs[key])
@@ -340,21 +453,21 @@ class Quality:
             )
             self.state.put(key, {"fingerprint": self.runs[key], "tasks": result})
 
-    def trained(self, key: str, seed: int):
-        """The multi-task model of ``key`` and ``seed``: from the adapter cache, else trained now."""
+    def trained(self, key: str, seed: int, lr: float):
+        """The multi-task model of ``key`` and ``seed`` at ``lr``: from the adapter cache, else trained now."""
         args = self.args
-        fp = source_fp(args, key, seed)
+        fp = source_fp(args, key, seed, lr)
         path = self.cache / "adapters" / f"{key.replace('/', '_')}-seed{seed}-{fp}.pt"
         model = M.build(key, self.base, args.tasks, seed, self.tok_path)
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             M.load_state(model, saved["state"])
-            log(f"[{key} seed {seed}] multi-task adapter loaded from the cache")
+            log(f"[{key} seed {seed} lr {lr:g}] multi-task adapter loaded from the cache")
             return model, saved["train"], saved["state"]
         rows = Q.source_stream(
             args.tasks, self.tokenizer, args.train_per_task, seed, args.steps * args.batch_size, args.max_text_tokens
         )
-        lr, route = learning_rate(args, key), M.ALL[key].routes is not None
+        route = M.ALL[key].routes is not None
         common = dict(
             task_list=list(args.tasks),
             route=route,
@@ -363,34 +476,94 @@ class Quality:
             seed=seed,
             folder=self.cache / "trainer",
             fast_lr_ratio=M.fast_lr_ratio(key),
+            validation=self.validation,
+            eval_every=args.eval_every,
         )
         info = {"lr": lr}
         warm = min(args.warmup_steps, args.steps - 1) if M.uses_warmup(key) else 0
+        curves = args.eval_every > 0  # else the validation loss after the last step only
         if warm > 0:
-            log(f"[{key} seed {seed}] shared warm-up: {warm} steps")
+            log(f"[{key} seed {seed} lr {lr:g}] shared warm-up: {warm} steps")
             model.set_training_stage("shared_warmup")
             info["warmup"] = Q.train(
-                model, rows.select(range(warm * args.batch_size)), self.tokenizer, steps=warm, **common
+                model,
+                rows.select(range(warm * args.batch_size)),
+                self.tokenizer,
+                steps=warm,
+                **{**common, "validation": self.validation if curves else None},
+                eval_start=True,
             )
             model.set_training_stage("multi_task")
         steps = args.steps - warm
-        log(f"[{key} seed {seed}] multi-task training: {steps} steps on {len(args.tasks)} tasks")
+        log(f"[{key} seed {seed} lr {lr:g}] multi-task training: {steps} steps on {len(args.tasks)} tasks")
         info["multi_task"] = Q.train(
-            model, rows.select(range(warm * args.batch_size, len(rows))), self.tokenizer, steps=steps, **common
+            model,
+            rows.select(range(warm * args.batch_size, len(rows))),
+            self.tokenizer,
+            steps=steps,
+            **common,
+            step_offset=warm,
+            eval_start=curves and warm == 0,
         )
+        if self.validation is not None:  # one curve over the whole budget, warm-up included
+            info["curve"] = [*info.get("warmup", {}).pop("curve", []), *info["multi_task"].pop("curve")]
+            info["validation_loss"] = info["curve"][-1][1]
         path.parent.mkdir(parents=True, exist_ok=True)
         state = M.trainable_state(model)
-        torch.save({"state": state, "train": info}, path)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"state": state, "train": info}, tmp)
+        os.replace(tmp, path)  # an interruption never leaves half an adapter in the cache
         return model, info, state
+
+    def choose_lr(self, key: str, seed: int) -> float:
+        """``--lr-grid``: train ``key`` at every learning rate of its grid (each a resumable run of its own) and
+        return the one with the lowest validation loss after the last step (ties: the first in the grid). A
+        learning rate whose training diverges gets no loss and is never chosen."""
+        losses = {}
+        for lr in lr_grid(self.args, key):
+            run_key = lr_key(key, seed, lr)
+            if self.todo(run_key):
+                started = time.perf_counter()
+                record = {"fingerprint": self.runs[run_key], "lr": lr}
+                try:
+                    model, info, _ = self.trained(key, seed, lr)
+                    del model
+                except FloatingPointError as error:  # TA-LoRA refuses a non-finite penalty: this lr diverged
+                    info = {"diverged": str(error)}
+                loss = info.get("validation_loss")
+                finite = loss is not None and math.isfinite(loss)
+                train = {k: v for k, v in info.items() if k != "curve"}
+                record.update(validation_loss=loss if finite else None, curve=info.get("curve"), train=train)
+                if not finite:
+                    record["diverged"] = info.get("diverged", f"validation loss {loss}")
+                record["seconds"] = round(time.perf_counter() - started, 1)
+                self.state.put(run_key, record)
+                gc.collect()
+            losses[lr] = self.state.data["runs"][run_key]["validation_loss"]
+        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+        if not finite:
+            raise RuntimeError(f"{key} seed {seed}: every learning rate of the grid diverged: {list(losses)}")
+        chosen = min(finite, key=finite.get)
+        log(f"[{key} seed {seed}] learning rate {chosen:g} chosen on validation: {fmt_losses(losses)}")
+        return chosen
 
     def method_seed(self, key: str, seed: int) -> None:
         args = self.args
         data_key = f"{key}|seed{seed}|unseen_data"
         target_keys = [(t, s, f"{key}|seed{seed}|{t}|k={s}") for t in args.targets for s in shots_for(args, key)]
-        if not self.todo(data_key) and not any(self.todo(k) for _, _, k in target_keys):
+        grid_keys = [lr_key(key, seed, lr) for lr in lr_grid(args, key)] if args.lr_grid else []
+        if not any(self.todo(k) for k in [*grid_keys, data_key, *(k for _, _, k in target_keys)]):
             return
         started = time.perf_counter()
-        model, info, adapter = self.trained(key, seed)
+        lr = self.choose_lr(key, seed) if args.lr_grid else learning_rate(args, key)
+        if not self.todo(data_key) and not any(self.todo(k) for _, _, k in target_keys):
+            return
+        model, info, adapter = self.trained(key, seed, lr)
+        chosen = {}
+        if args.lr_grid:
+            runs = self.state.data["runs"]
+            grid = {f"{x:g}": runs[lr_key(key, seed, x)]["validation_loss"] for x in lr_grid(args, key)}
+            chosen = {"lr": lr, "lr_grid": grid}
         if self.todo(data_key):
             log(f"[{key} seed {seed}] unseen data: {len(args.tasks)} source tasks")
             tests = {t: self.tests[t] for t in args.tasks}
@@ -404,6 +577,7 @@ class Quality:
                     "tasks": result,
                     "average": Q.average(result),
                     "train": info,
+                    **chosen,
                     "seconds": round(time.perf_counter() - started, 1),
                 },
             )
@@ -428,7 +602,6 @@ class Quality:
                 key, adapter, self.base, args.tasks, target, seed, self.tok_path, self.cache / "scratch"
             )
             trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
-            lr = learning_rate(args, key)
             train_info = Q.train(
                 tuned,
                 rows,
@@ -458,6 +631,7 @@ class Quality:
                     "train": train_info,
                     "trainable_parameters": trainable,
                     "pool_size": len(pool),
+                    **({"lr": lr} if args.lr_grid else {}),
                     "seconds": round(time.perf_counter() - started, 1),
                 },
             )
@@ -465,21 +639,26 @@ class Quality:
             gc.collect()
 
     def run(self) -> None:
-        self.zero_shot()
-        for seed in self.args.seeds:
-            for key in self.keys:
-                try:
-                    self.method_seed(key, seed)
-                except Exception as error:  # noqa: BLE001 - one broken method must not lose the others' hours
-                    if self.args.strict:
-                        raise
-                    import traceback
+        """This process's share of the work (everything without ``--shard``)."""
+        if self.args.shard[0] == 0:
+            self.zero_shot()
+        for seed, key in units(self.args, self.keys):
+            try:
+                self.method_seed(key, seed)
+            except Exception as error:  # noqa: BLE001 - one broken method must not lose the others' hours
+                if self.args.strict:
+                    raise
+                import traceback
 
-                    traceback.print_exc()
-                    self.state.put(
-                        f"{key}|seed{seed}|unseen_data",
-                        {"fingerprint": self.runs[f"{key}|seed{seed}|unseen_data"], "error": repr(error)},
-                    )
+                traceback.print_exc()
+                self.state.put(
+                    f"{key}|seed{seed}|unseen_data",
+                    {"fingerprint": self.runs[f"{key}|seed{seed}|unseen_data"], "error": repr(error)},
+                )
+
+
+def fmt_losses(losses: dict) -> str:
+    return ", ".join(f"{lr:g}: {'diverged' if v is None else f'{v:.4f}'}" for lr, v in losses.items())
 
 
 # ----------------------------------------------------------------------------- speed
@@ -554,6 +733,47 @@ def parse(argv=None):
         "default 1e-2 for prompt methods (TA-LoRA, PT, MPT, AdaptionPrompt), 1e-3 for LoRA, Poly, MTL-LoRA",
     )
     add(
+        "--lr-grid",
+        action="store_true",
+        help="train every method at each learning rate of its family's grid and keep, per method and seed, the one "
+        "with the lowest validation loss (the same grid size for every method); unseen data and tasks use that one",
+    )
+    add(
+        "--prompt-lr-grid",
+        nargs="+",
+        type=float,
+        default=[3e-3, 1e-2, 3e-2],
+        metavar="LR",
+        help="the grid of TA-LoRA (and its ablations), PT, MPT, AdaptionPrompt (default: 3e-3 1e-2 3e-2)",
+    )
+    add(
+        "--lora-lr-grid",
+        nargs="+",
+        type=float,
+        default=[3e-4, 1e-3, 3e-3],
+        metavar="LR",
+        help="the grid of LoRA, Poly, MTL-LoRA (default: 3e-4 1e-3 3e-3)",
+    )
+    add(
+        "--val-per-task",
+        type=int,
+        help=f"validation rows per source task for the validation loss (default {DEFAULTS['val_per_task']})",
+    )
+    add(
+        "--eval-every",
+        type=int,
+        help="validation loss every N steps of multi-task training, stored as a curve (default: off, with "
+        "--lr-grid every steps/8 steps; 0: off)",
+    )
+    add(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only the I-th of N shares of the (method, seed) units (zero-shot and speed: shard 0), for N "
+        "processes on one --output-dir; then write the report with a run without --shard and with "
+        "--skip-quality --skip-speed",
+    )
+    add(
         "--speed-repeats", type=int, help=f"interleaved repeats per speed variant (default {DEFAULTS['speed_repeats']})"
     )
     add("--gen-batch-size", type=int, help=f"generation batch (default {DEFAULTS['gen_batch_size']})")
@@ -588,6 +808,23 @@ def parse(argv=None):
     for shot in [*args.shots, *args.ablation_shots]:
         if shot != "full" and not (shot.isdigit() and int(shot) > 0):
             parser.error(f"--shots takes positive ints or 'full', got {shot!r}")
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 8) if args.lr_grid else 0
+    if args.lr_grid and args.lr:
+        parser.error("--lr sets one learning rate, --lr-grid a grid: give --prompt-lr-grid / --lora-lr-grid instead")
+    if len(args.prompt_lr_grid) != len(args.lora_lr_grid):
+        parser.error("--prompt-lr-grid and --lora-lr-grid must have the same size (a fair search for every method)")
+    if args.val_per_task < 1 or args.eval_every < 0:
+        parser.error("--val-per-task must be >= 1 and --eval-every >= 0")
+    try:
+        index, count = (int(part) for part in args.shard.split("/"))
+    except ValueError:
+        parser.error(f"--shard takes I/N (e.g. 0/2), got {args.shard!r}")
+    if not 0 <= index < count:
+        parser.error(f"--shard {args.shard}: I must be in 0..N-1")
+    args.shard = (index, count)
+    if args.fresh and count > 1:
+        parser.error("--fresh with --shard: the shards would delete each other's results; start over once without")
     for entry in args.lr or []:
         name, _, value = entry.rpartition("=")
         if name and name not in M.ALL:
@@ -611,6 +848,19 @@ def quiet() -> None:
     transformers.logging.set_verbosity_error()
 
 
+def without_shard(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--shard I/N`` (for the report command a shard prints)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--shard="):
+            skip = False
+            continue
+        skip = arg == "--shard"
+        if not skip:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
@@ -625,7 +875,10 @@ def main(argv=None) -> dict:
     keys, notes = M.available(args.methods)
     state = State(out)
     runs = plan(args, keys)
-    todo = {k: fp for k, fp in runs.items() if not state.done(k, fp)} if not args.skip_quality else {}
+    shard = f"{args.shard[0]}/{args.shard[1]}" if args.shard[1] > 1 else None
+    speed = not args.skip_speed and args.shard[0] == 0
+    todo = {k: fp for k, fp in runs.items() if mine(args, keys, k) and not state.done(k, fp)}
+    todo = {} if args.skip_quality else todo
 
     from peft_talora.smollm2 import load_model
     from peft_talora.suite import load_task
@@ -636,22 +889,29 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         base = base.cuda()
 
-    if todo or not args.skip_speed:
+    cal = None
+    if todo or speed:
         log("calibrating (one training step, one forward, one short generate) ...")
         cal = calibrate(base, tokenizer, args)
-        seconds = estimate(args, keys, todo, tokenizer, cal)
+        seconds = estimate(args, keys, todo, tokenizer, cal, speed)
         log(
-            f"expected time: about {seconds / 60:.0f} min ({len(todo)} quality runs to do, "
-            f"{'no' if args.skip_speed else 'with'} speed runs; measured now with {args.threads} thread(s): training "
-            f"step {cal['train_step_s']:.1f} s, forward {cal['forward_s']:.1f} s at batch {args.batch_size}; "
-            "a shared machine can be 2x off either way)"
+            f"expected time: about {seconds / 60:.0f} min ({len(todo)} quality runs to do"
+            f"{f' in shard {shard}' if shard else ''}, {'with' if speed else 'no'} speed runs; measured now with "
+            f"{args.threads} thread(s): training step {cal['train_step_s']:.1f} s, forward {cal['forward_s']:.1f} s at "
+            f"batch {args.batch_size}; a shared machine can be 2x off either way)"
         )
+        if shard:
+            left = {k: fp for k, fp in runs.items() if not state.done(k, fp)}
+            log(
+                f"  (every shard's work on one process: about {estimate(args, keys, left, tokenizer, cal) / 60:.0f} min)"
+            )
         if len(args.seeds) == 1 and not args.quick:
             three = argparse.Namespace(**{**vars(args), "seeds": [0, 1, 2]})
             log(
                 f"  (--seeds 0 1 2 from scratch: about {estimate(three, keys, plan(three, keys), tokenizer, cal) / 60:.0f} min)"
             )
-        state.data["calibration"] = cal
+    if shard:
+        return run_shard(args, argv, shard, state, base, tokenizer, keys, runs, cal, speed, started)
 
     # The report covers the requested methods plus any other method already finished with this budget,
     # so a partial rerun (--methods lora) does not drop the rest from RESULTS.md.
@@ -663,6 +923,8 @@ def main(argv=None) -> dict:
         if k in keys
         or all(state.done(f"{k}|seed{s}|unseen_data", finished[f"{k}|seed{s}|unseen_data"]) for s in args.seeds)
     ]
+    if cal is not None:
+        state.data["calibration"] = cal
     meta = state.data.setdefault("meta", {})
     meta.update(
         command="python benchmarks/run.py " + shlex.join(argv),
@@ -679,6 +941,7 @@ def main(argv=None) -> dict:
         "targets": args.targets,
         "shots": args.shots,
         "ablation_shots": args.ablation_shots,
+        "lr_grid": {k: lr_grid(args, k) for k in shown} if args.lr_grid else None,
         "runs": plan(args, shown),
     }
     state.data["methods"] = {
@@ -686,7 +949,7 @@ def main(argv=None) -> dict:
             "label": M.ALL[k].label,
             "family": M.ALL[k].family,
             "routes": M.ALL[k].routes,
-            "lr": learning_rate(args, k),
+            "lr": None if args.lr_grid else learning_rate(args, k),
             "unseen_tasks": M.ALL[k].unseen_tasks,
             "ablation": M.ALL[k].ablation,
         }
@@ -706,22 +969,48 @@ def main(argv=None) -> dict:
         notes.append(
             "The cached speed results were measured on another model; they are left out (rerun without --skip-speed)."
         )
-        state.data.pop("speed")
+        state.put_speed(None)
     state.save()
 
     if not args.skip_quality:
         Quality(args, state, base, tokenizer, keys, runs).run()
-    if not args.skip_speed:
-        state.data["speed"] = {**run_speed(args, base, tokenizer), "model": model_id(args)}
-        state.save()
+    if speed:
+        state.put_speed({**run_speed(args, base, tokenizer), "model": model_id(args)})
 
     state.data["meta"]["elapsed_s"] = round(time.perf_counter() - started, 1)
     state.data["meta"]["machine"] = machine()
+    state.refresh()  # what shards running alongside have finished meanwhile
     R.summarize(state.data)
     state.save()
     paths = R.write(state.data, out)
     print(f"wrote {', '.join(str(p) for p in [*paths, state.path])}")
     print(R.targets_text(state.data))
+    return state.data
+
+
+def run_shard(args, argv, shard: str, state: State, base, tokenizer, keys, runs, cal, speed: bool, started) -> dict:
+    """``--shard I/N``: this process's units (and shard 0's zero-shot and speed runs), recorded under ``shards``
+    in ``results.json``; the report is written afterwards by one run without ``--shard``."""
+    record = {
+        "command": "python benchmarks/run.py " + shlex.join(argv),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "units": [f"{key}|seed{seed}" for seed, key in units(args, keys)],
+        "machine": machine(),
+        "calibration": cal,
+    }
+    state.put(shard, record, section="shards")
+    if not args.skip_quality:
+        Quality(args, state, base, tokenizer, keys, runs).run()
+    if speed:
+        state.put_speed({**run_speed(args, base, tokenizer), "model": model_id(args)})
+    record.update(
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        elapsed_s=round(time.perf_counter() - started, 1),
+    )
+    state.put(shard, record, section="shards")
+    rest = without_shard(argv)
+    report = shlex.join([*rest, *(f for f in ("--skip-quality", "--skip-speed") if f not in rest)])
+    log(f"shard {shard} done; once every shard is, write the report: python benchmarks/run.py {report}")
     return state.data
 
 

@@ -266,6 +266,177 @@ def test_aggregate_and_compare_pair_seeds_and_rows():
     assert report.aggregate([r for _, r in legacy], ["x"])["accuracy"]["interval"]["resampled"] == "seeds"
 
 
+# ----------------------------------------------------------------------------- learning-rate grid, curves, shards
+GRID = ["--methods", "ta-lora", "lora", "pt", "--lr-grid", "--skip-speed"]
+GRID_METHODS = ("ta-lora", "lora", "pt")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "tmp"
+    stdout = run_quick(out, *GRID)
+    return out, stdout
+
+
+def test_lr_grid_trains_every_lr_and_chooses_the_lowest_validation_loss(grid, quick):
+    import run
+    import torch
+
+    out, stdout = grid
+    data = json.loads((out / "results.json").read_text())
+    args = run.parse(["--quick", *GRID])
+    assert args.eval_every == 1  # curves are on with the grid (every steps/8 steps, at least 1)
+    for key in GRID_METHODS:
+        family = args.prompt_lr_grid if key != "lora" else args.lora_lr_grid
+        assert run.lr_grid(args, key) == family and len(family) == 3  # the same grid size for every method
+        losses = {}
+        for lr in family:
+            record = data["runs"][f"{key}|seed0|lr={lr:g}"]
+            steps = [step for step, _ in record["curve"]]
+            assert steps == [0, 1, 2] and record["validation_loss"] == record["curve"][-1][1]
+            losses[lr] = record["validation_loss"]
+        chosen = min(losses, key=losses.get)
+        unseen = data["runs"][f"{key}|seed0|unseen_data"]
+        assert unseen["lr"] == chosen and unseen["lr_grid"] == {f"{lr:g}": v for lr, v in losses.items()}
+        assert data["runs"][f"{key}|seed0|pubmedqa|k=1"]["lr"] == chosen  # the unseen task trains at it too
+        assert data["lr_choice"][key]["0"]["chosen"] == f"{chosen:g}"
+        curve = data["curves"][key]["0"]
+        assert curve["curve"] == data["runs"][f"{key}|seed0|lr={chosen:g}"]["curve"]
+        assert curve["status"] in ("flattened", "still falling", "no drop")
+    assert f"learning rate {data['runs']['lora|seed0|unseen_data']['lr']:g} chosen on validation" in stdout
+    assert (out / "curves.png").stat().st_size > 1000
+    report = (out / "RESULTS.md").read_text()
+    for title in ("## Learning rates chosen on validation", "## Validation-loss curves"):
+        body = section(report, title)
+        for key in GRID_METHODS:
+            assert f"| {data['methods'][key]['label']} |" in body, (title, key)
+    curves = section(report, "## Validation-loss curves")
+    assert "**flattened**" in curves and ("**Not flattened:**" in curves or "Every recorded curve flattened" in curves)
+    assert "grid 3e-4 / 1e-3 / 3e-3; chosen per seed: " in section(report, "## Protocol")
+    assert "## Validation-loss curves" in (quick[0] / "RESULTS.md").read_text()  # says "not recorded" there
+
+    # the validation evaluations leave training untouched: LoRA (with dropout) at 1e-3 in the grid is bit-identical
+    # to the default run's LoRA, trained at 1e-3 without any validation
+    def adapter(folder, argv, lr=None):
+        fp = run.source_fp(run.parse(["--quick", *argv]), "lora", 0, lr)
+        return torch.load(folder / ".cache" / "adapters" / f"lora-seed0-{fp}.pt", weights_only=True)["state"]
+
+    plain, gridded = adapter(quick[0], []), adapter(out, GRID, 1e-3)
+    assert plain.keys() == gridded.keys() and all(torch.equal(plain[k], gridded[k]) for k in plain)
+
+
+def test_two_shards_make_the_runs_of_one_process(grid, tmp_path):
+    out = tmp_path / "shards"
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output-dir", str(out), *GRID]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    shards = [
+        subprocess.Popen([*command, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]  # both write results.json at the same time
+    logs = [shard.communicate(timeout=900)[0].decode() for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], [log[-3000:] for log in logs]
+    assert "zero-shot" in logs[0] and "zero-shot" not in logs[1]  # zero-shot (and speed) runs are shard 0's
+    assert "write the report: " in logs[1] and "--skip-quality" in logs[1] and not (out / "RESULTS.md").exists()
+    run_quick(out, *GRID, "--skip-quality")  # the report
+    sharded = json.loads((out / "results.json").read_text())
+    single = json.loads((grid[0] / "results.json").read_text())
+    assert sorted(sharded["runs"]) == sorted(single["runs"])
+    for key, record in single["runs"].items():
+        assert sharded["runs"][key]["fingerprint"] == record["fingerprint"], key
+        for task, evaluation in record.get("tasks", {}).items():
+            assert sharded["runs"][key]["tasks"][task]["predictions"] == evaluation["predictions"], key
+    assert set(sharded["shards"]) == {"0/2", "1/2"} and all("elapsed_s" in r for r in sharded["shards"].values())
+    units = [unit for r in sharded["shards"].values() for unit in r["units"]]
+    assert sorted(units) == sorted(f"{key}|seed0" for key in GRID_METHODS)
+    assert "**Shard 1/2:**" in (out / "RESULTS.md").read_text()
+
+
+def test_grid_rerun_resumes_and_an_interrupted_grid_retrains_one_learning_rate(grid):
+    import run
+
+    out, _ = grid
+    before = json.loads((out / "results.json").read_text())
+    stdout = run_quick(out, *GRID)
+    assert "multi-task training" not in stdout and "unseen data:" not in stdout  # nothing retrained or re-evaluated
+    assert json.loads((out / "results.json").read_text())["runs"] == before["runs"]
+
+    # as if interrupted while training LoRA at 1e-3: neither its record nor its adapter was written
+    args = run.parse(["--quick", *GRID])
+    lost = "lora|seed0|lr=0.001"
+    (out / ".cache" / "adapters" / f"lora-seed0-{run.source_fp(args, 'lora', 0, 1e-3)}.pt").unlink()
+    data = json.loads((out / "results.json").read_text())
+    del data["runs"][lost]
+    (out / "results.json").write_text(json.dumps(data))
+    stdout = run_quick(out, *GRID)
+    assert stdout.count("multi-task training") == 1 and "[lora seed 0 lr 0.001] multi-task training" in stdout
+    after = json.loads((out / "results.json").read_text())["runs"]
+    assert after[lost]["validation_loss"] == before["runs"][lost]["validation_loss"]
+    assert {k: r["fingerprint"] for k, r in after.items()} == {k: r["fingerprint"] for k, r in before["runs"].items()}
+
+
+def _put_many(folder: str, prefix: str) -> None:
+    import run
+
+    state = run.State(Path(folder))
+    for i in range(100):
+        state.put(f"{prefix}{i}", {"fingerprint": "x", "i": i})
+    if prefix == "a":
+        state.put_speed({"by": prefix})
+    else:
+        state.save()  # a whole-file save with a stale view of the file
+
+
+def test_state_keeps_every_writer_s_results(tmp_path):
+    """Two processes putting runs into one results.json under the lock lose none; a whole-file save of one keeps
+    the other's runs and speed results."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_put_many, args=(str(tmp_path), prefix)) for prefix in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(data["runs"]) == sorted(f"{p}{i}" for p in "ab" for i in range(100))
+    assert data["speed"] == {"by": "a"}
+
+
+def test_flags_grid_shards_and_the_default_fingerprints():
+    import methods
+    import run
+
+    args = run.parse(["--quick", "--lr-grid", "--prompt-lr-grid", "1e-2", "2e-2", "--lora-lr-grid", "1e-3", "2e-3"])
+    assert run.lr_grid(args, "ta-lora/equal-lr") == [1e-2, 2e-2] and run.lr_grid(args, "poly") == [1e-3, 2e-3]
+    assert run.lr_grid(args, "ta-lora/lr-3e-3") == [3e-3]  # a learning-rate variant keeps its one value
+    assert "ta-lora|seed0|lr=0.02" in run.plan(args, ["ta-lora"])
+    for bad in (["--lr-grid", "--lr", "1e-3"], ["--prompt-lr-grid", "1e-2"], ["--shard", "2/2"], ["--shard", "x"]):
+        with pytest.raises(SystemExit):
+            run.parse(["--quick", *bad])
+    with pytest.raises(SystemExit):
+        run.parse(["--quick", "--fresh", "--shard", "0/2"])
+    keys = [*methods.METHODS, *methods.ABLATIONS]
+    args = run.parse(["--quick", "--seeds", "0", "1", "--shard", "1/2"])
+    mine = run.units(args, keys)
+    assert mine == [(s, k) for s in (0, 1) for k in keys][1::2] and not run.mine(args, keys, "zero-shot|trec")
+    assert run.parse(["--quick"]).eval_every == 0  # curves are off by default ...
+    assert run.parse(["--quick", "--eval-every", "1"]).eval_every == 1  # ... and on when asked
+
+    # results cached before these flags existed keep their fingerprints (the committed results.json, if it was
+    # made before them): the default budget gains no validation settings
+    data = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    settings = data["meta"]["settings"]
+    if "lr_grid" in settings:
+        pytest.skip("the committed results.json was made with the learning-rate grid flags")
+    args = run.parse(["--quick"] if settings["quick"] else [])
+    for name, value in settings.items():
+        if name not in ("output_dir", "methods", "skip_quality", "skip_speed", "quick", "tiny"):
+            setattr(args, name, value)
+    args.tiny = settings["tiny"]
+    assert run.plan(args, data["plan"]["methods"]) == data["plan"]["runs"]
+
+
 # ----------------------------------------------------------------------------- benchmarks/new_tasks.py
 def run_new_tasks(out: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "benchmarks" / "new_tasks.py"), "--tiny", "--output-dir", str(out)]
