@@ -7,7 +7,8 @@ from its train split:
 - ``ta-lora``: ``add_tasks([task])`` on the trained adapter (freeze mode: only the new ``u, v``
   train), the neutral start (the new task's prompt is the shared prompt);
 - ``ta-lora/closest``: the same, started as a copy of the source task whose routing gives the
-  shots the lowest loss (``closest_task`` then ``add_tasks(..., init_from=...)``);
+  shots the lowest loss (``closest_task`` then ``add_tasks(..., init_from=...)``), at the learning
+  rate ``ta-lora`` chose (a change of the start only; its own grid when ``ta-lora`` has not run);
 - ``pt``: PEFT prompt tuning (10 virtual tokens, TEXT init) on the base model;
 - ``lora``: PEFT LoRA (r=8 on q/v) on the base model.
 
@@ -57,7 +58,11 @@ SPLIT_FRACTIONS = {"consumer_contracts": (0.4, 0.1, 0.5)}
 LR_GRIDS = {"ta-lora": (3e-3, 1e-2, 3e-2), "pt": (3e-3, 1e-2, 3e-2), "lora": (3e-4, 1e-3, 3e-3)}
 
 
-def grid_of(method: str) -> tuple[float, ...]:
+def grid_of(method: str, done: dict) -> tuple[float, ...]:
+    """The learning rates ``method`` tries. A TA-LoRA variant (``ta-lora/closest``) is a change of the
+    start only: it trains at the learning rate TA-LoRA chose, when TA-LoRA has run (a third of the time)."""
+    if "/" in method and "lr" in done.get("ta-lora", {}):
+        return (done["ta-lora"]["lr"],)
     return LR_GRIDS[method.split("/")[0]]
 
 
@@ -75,11 +80,11 @@ class TaskData:
             self.shots, tokenizer, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
         )
         self.train_rows = tokenize_for_causal_lm(self.rows, tokenizer, task_column=None)  # no routing
+        self.source_losses = None  # mean label loss of the shots under each source task (ta-lora/closest)
 
     def routed_rows(self, model):
         """The shots with ``task_ids`` encoded by ``model``'s own task list (the new task's id, not 0)."""
         return tokenize_for_causal_lm(self.rows, tokenizer=self.tokenizer, task_names=model)
-        self.source_losses = None  # mean label loss of the shots under each source task (ta-lora/closest)
 
 
 def evaluate(model, tokenizer, rows, task: str, args, route: bool) -> dict:
@@ -233,16 +238,24 @@ def run(args) -> dict:
                 save(name)
                 continue
             entry = task.setdefault(method, {"grid": {}})
-            best = None  # (validation macro-F1, -step, lr, step, weights)
-            for lr in grid_of(method):
-                record, states = train_one(method, lr, data, tokenizer, args, Path(args.scratch) / name / method)
-                entry["grid"][str(lr)] = record
+            best = None  # (validation macro-F1, -step, lr, step)
+            folder = Path(args.scratch) / name / method.replace("/", "_")
+            for lr in grid_of(method, task):
+                weights_file = folder / f"lr{lr:g}.pt"  # the weights of every validation step of this lr
+                record = entry["grid"].get(str(lr))
+                if record is None or not weights_file.exists():  # each lr is a resumable unit
+                    record, states = train_one(method, lr, data, tokenizer, args, folder)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    torch.save(states, weights_file)
+                    entry["grid"][str(lr)] = record
+                    save(name)
                 curve = {int(s): v["macro_f1"] for s, v in record["validation"].items()}
                 print(f"  lr {lr:g}: validation macro-F1 by step {curve}, {record['seconds']:.0f} s", flush=True)
                 for step, f1 in curve.items():
                     if best is None or (f1, -step) > best[:2]:
-                        best = (f1, -step, lr, step, states[step])
-            f1, _, lr, step, weights = best
+                        best = (f1, -step, lr, step)
+            f1, _, lr, step = best
+            weights = torch.load(folder / f"lr{lr:g}.pt", weights_only=True)[step]
             model, _ = build(method, data, tokenizer, args)
             with torch.no_grad():
                 params = dict(model.named_parameters())
