@@ -336,7 +336,9 @@ def mine(args, keys: list[str], run_key: str) -> bool:
 
 # ----------------------------------------------------------------------------- time estimate
 def calibrate(base, tokenizer, args) -> dict:
-    """Seconds of one training step, one forward and one short generate on this machine, now."""
+    """Seconds of a training step (the faster of two: the first pays one-time costs), a forward, a short generate
+    and, per task, a test row of rank classification (one batch each: a task's label words set its passes), on
+    this machine, now."""
     rows = Q.source_stream(args.tasks, tokenizer, 2, 0, args.batch_size, args.max_text_tokens)
     data = Q.tokenize_for_causal_lm(rows, tokenizer, task_names=list(args.tasks))
     batch = Q.MultiTaskDataCollator(tokenizer=tokenizer, task_names=list(args.tasks))(
@@ -353,10 +355,13 @@ def calibrate(base, tokenizer, args) -> dict:
         model(**batch)
         forward = time.perf_counter() - start
     model.train()
-    start = time.perf_counter()
-    model(**batch).loss.backward()
-    optimizer.step()
-    step = time.perf_counter() - start
+    steps = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.append(time.perf_counter() - start)
     model.eval()
     prompt = tokenizer(["Hello"] * args.gen_batch_size, return_tensors="pt").to(device)
     start = time.perf_counter()
@@ -366,11 +371,14 @@ def calibrate(base, tokenizer, args) -> dict:
         )
     gen_token = (time.perf_counter() - start) / 4
     del model
+    tests = {t: Q.test_rows(t, Q.EVAL_BATCH_SIZE) for t in [*args.tasks, *args.targets]}
+    evaluated = Q.evaluate(base, tokenizer, tests, lambda name: None, args.max_text_tokens)
     return {
-        "train_step_s": step,
+        "train_step_s": min(steps),
         "forward_s": forward,
         "generate_token_s": gen_token,
         "tokens_per_row": float(batch["input_ids"].shape[1]),
+        "eval_row_s": {t: r["seconds"] / r["n"] for t, r in evaluated.items()},
     }
 
 
@@ -387,15 +395,21 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict, speed: Optional[bool]
     process, from the calibration (a shared machine can be 2x off)."""
     overhead = 0.3 if args.tiny else 2.0  # model copy, Trainer set-up, tokenisation per run
     eval_batch = cal["forward_s"] * Q.EVAL_BATCH_SIZE / args.batch_size
-    passes = {t: Q.eval_passes(t, tokenizer) for t in [*args.tasks, *args.targets]}
-    batches = lambda tasks: sum(passes[t] * math.ceil(args.eval_per_task / Q.EVAL_BATCH_SIZE) for t in tasks)  # noqa: E731
+    row_s = dict(cal.get("eval_row_s") or {})  # measured per task; else a forward per batch and label pass
+    for task in [*args.tasks, *args.targets]:
+        if task not in row_s:
+            row_s[task] = Q.eval_passes(task, tokenizer) * eval_batch / Q.EVAL_BATCH_SIZE
+
+    def evaluation(tasks) -> float:
+        return sum(row_s[t] for t in tasks) * args.eval_per_task
+
     validation = validation_evals(args) * math.ceil(len(args.tasks) * args.val_per_task / Q.EVAL_BATCH_SIZE)
     training = args.steps * cal["train_step_s"] + overhead + validation * eval_batch
     seconds = 0.0
     trained = set()
     for run in todo:
         if run.startswith("zero-shot|"):
-            seconds += batches([run.split("|")[1]]) * eval_batch
+            seconds += evaluation([run.split("|")[1]])
             continue
         key, seed, setting = run.split("|", 2)
         if setting.startswith("lr="):  # one multi-task training of the grid
@@ -405,11 +419,9 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict, speed: Optional[bool]
             trained.add((key, seed))
             seconds += training
         if setting == "unseen_data":
-            seconds += batches(args.tasks) * eval_batch
+            seconds += evaluation(args.tasks)
         else:
-            seconds += (
-                args.target_steps * cal["train_step_s"] + batches([setting.split("|")[0]]) * eval_batch + overhead
-            )
+            seconds += args.target_steps * cal["train_step_s"] + evaluation([setting.split("|")[0]]) + overhead
     if (not args.skip_speed) if speed is None else speed:
         r = args.speed_repeats
         seconds += 3 * ((1 + r) * cal["train_step_s"] + 2 * cal["forward_s"]) + 3 * overhead
@@ -763,7 +775,7 @@ def parse(argv=None):
         "--eval-every",
         type=int,
         help="validation loss every N steps of multi-task training, stored as a curve (default: off, with "
-        "--lr-grid every steps/8 steps; 0: off)",
+        "--lr-grid every steps/4 steps; 0: off). Each costs about a training step per 12 validation rows",
     )
     add(
         "--shard",
@@ -809,7 +821,7 @@ def parse(argv=None):
         if shot != "full" and not (shot.isdigit() and int(shot) > 0):
             parser.error(f"--shots takes positive ints or 'full', got {shot!r}")
     if args.eval_every is None:
-        args.eval_every = max(1, args.steps // 8) if args.lr_grid else 0
+        args.eval_every = max(1, args.steps // 4) if args.lr_grid else 0  # 5 points: enough to tell a flat end
     if args.lr_grid and args.lr:
         parser.error("--lr sets one learning rate, --lr-grid a grid: give --prompt-lr-grid / --lora-lr-grid instead")
     if len(args.prompt_lr_grid) != len(args.lora_lr_grid):

@@ -285,7 +285,7 @@ def test_lr_grid_trains_every_lr_and_chooses_the_lowest_validation_loss(grid, qu
     out, stdout = grid
     data = json.loads((out / "results.json").read_text())
     args = run.parse(["--quick", *GRID])
-    assert args.eval_every == 1  # curves are on with the grid (every steps/8 steps, at least 1)
+    assert args.eval_every == 1  # curves are on with the grid (every steps/4 steps, at least 1)
     for key in GRID_METHODS:
         family = args.prompt_lr_grid if key != "lora" else args.lora_lr_grid
         assert run.lr_grid(args, key) == family and len(family) == 3  # the same grid size for every method
