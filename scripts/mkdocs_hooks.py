@@ -11,6 +11,7 @@ from mkdocs.structure.files import File
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PUBLISHED = ("RESULTS.md", "quality.png", "ablations.png", "speed.png")
+OPTIONAL = ("curves.png",)  # only runs with validation-loss curves (--eval-every, --lr-grid) draw it
 SITE_FOLDER = "benchmark-results"
 
 
@@ -20,4 +21,7 @@ def on_files(files, config):
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing: run `python benchmarks/run.py` to generate the report.")
         files.append(File.generated(config, f"{SITE_FOLDER}/{name}", abs_src_path=str(source)))
+    for name in OPTIONAL:
+        if (BENCHMARKS / name).is_file():
+            files.append(File.generated(config, f"{SITE_FOLDER}/{name}", abs_src_path=str(BENCHMARKS / name)))
     return files

@@ -28,14 +28,16 @@ def run_example(script, *args, cwd):
 
 def test_main_job_tiny_reports_resumes_and_saves(tmp_path):
     out = tmp_path / "job"
-    args = ["--tiny", "--tasks", "sms_spam", "trec", "--targets", "pubmedqa", "--output-dir", str(out)]
+    args = ["--tiny", "--tasks", "sms_spam", "trec", "--targets", "pubmedqa", "--peers", "pt", "lora"]
+    args += ["--output-dir", str(out)]
     stdout = run_example("main_job.py", *args, cwd=tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert set(results["zero_shot"]) == {"sms_spam", "trec", "pubmedqa"}
     assert set(results["unseen_data"]) == {"sms_spam", "trec"} and set(results["unseen_tasks"]) == {"pubmedqa"}
     assert set(results["peers"]["pt"]) == {"pubmedqa"}  # the prompt-tuning peer, trained on the same shots
+    assert set(results["peers"]["lora"]) == {"pubmedqa"}  # and the LoRA peer
     records = [*results["zero_shot"].values(), *results["unseen_data"].values(), *results["unseen_tasks"].values(),
-               *results["peers"]["pt"].values()]  # fmt: skip
+               *results["peers"]["pt"].values(), *results["peers"]["lora"].values()]  # fmt: skip
     for metrics in records:
         assert list(metrics)[:2] == ["macro_f1", "macro_f1_interval"] and metrics["n"] == 4
         for metric in ("macro_f1", "accuracy"):
@@ -47,17 +49,20 @@ def test_main_job_tiny_reports_resumes_and_saves(tmp_path):
         "base",
         "ta-lora",
         "pt",
+        "lora",
     }
     for entry in [*averages["unseen_data"].values(), *averages["unseen_tasks"].values()]:
         for metric in ("macro_f1", "accuracy"):
             assert entry[metric]["low"] <= entry[metric]["estimate"] <= entry[metric]["high"]
             assert entry[metric]["resampled"] == "rows" and entry[metric]["resamples"] == 2000
-    assert set(results["differences"]["unseen_tasks"]) == {"ta-lora - base", "ta-lora - pt"}
+    assert set(results["differences"]["unseen_tasks"]) == {"ta-lora - base", "ta-lora - pt", "ta-lora - lora"}
     paired = results["differences"]["unseen_tasks"]["ta-lora - pt"]["macro_f1"]
     ta, pt = results["unseen_tasks"]["pubmedqa"]["macro_f1"], results["peers"]["pt"]["pubmedqa"]["macro_f1"]
     assert paired["estimate"] == pytest.approx(ta - pt) and paired["low"] <= paired["estimate"] <= paired["high"]
     assert (out / "results.png").stat().st_size > 1000
-    assert "base zero-shot" in stdout and "sms_spam" in stdout and "PEFT prompt tuning" in stdout
+    assert (
+        "base zero-shot" in stdout and "sms_spam" in stdout and "PEFT prompt tuning" in stdout and "PEFT LoRA" in stdout
+    )
     assert "macro-F1" in stdout and "one row = 25.0 accuracy points" in stdout and "(paired)" in stdout
     assert load_file(out / "adapter" / "adapter_model.safetensors")["base_model.talora_banks.task_u"].shape[1] == 2
     assert json.loads((out / "adapter_pubmedqa" / "adapter_config.json").read_text())["task_names"] == ["pubmedqa"]
