@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -306,6 +307,29 @@ def report(results: dict, tasks, methods) -> str:
             cells.append(cell)
         n = next((results[name][m]["test"]["n"] for m in methods if "test" in results[name].get(m, {})), "-")
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    ours = "ta-lora" if "ta-lora" in methods else next((m for m in methods if m.startswith("ta-lora")), None)
+    peers = [m for m in methods if not m.startswith("ta-lora")]
+    if ours and peers:
+        lines += [
+            "",
+            f"Target: {ours} above {', '.join(peers)} on every task (test macro-F1). Where a new task starts "
+            "(step 0, the shared prompt) against the base model, on the validation rows:",
+            "",
+            "| task | target met | below | base (validation) | start (validation) | best (validation) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in tasks:
+            entries = results[name]
+            if not all("test" in entries.get(m, {}) for m in (ours, *peers)):
+                continue
+            score = {m: entries[m]["test"]["macro_f1"] for m in (ours, *peers)}
+            below = [m for m in peers if score[ours] <= score[m]]
+            start = next(iter(entries[ours]["grid"].values()))["validation"]["0"]["macro_f1"]
+            base_val = entries["base"]["validation"]["0"]["macro_f1"] if "base" in entries else float("nan")
+            lines.append(
+                f"| {name} | {'yes' if not below else 'no'} | {', '.join(below) or '-'} | {100 * base_val:.1f} | "
+                f"{100 * start:.1f} | {100 * entries[ours]['validation_macro_f1']:.1f} |"
+            )
     done = [t for t in tasks if all("test" in results[t].get(m, {}) for m in methods)]
     if done:
         lines += ["", f"Average over {len(done)} tasks ({', '.join(done)}), macro-F1 [95% interval]:"]
@@ -349,7 +373,12 @@ def main(argv=None):
         results = load_results(Path(args.output_dir))
     else:
         results = run(args)
-    print("\n" + report(results, args.tasks, args.methods))
+    text = report(results, args.tasks, args.methods)
+    print("\n" + text)
+    if results:
+        command = "python benchmarks/new_tasks.py " + " ".join(sys.argv[1:])
+        header = f"# New tasks from k shots\n\nWritten by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+        (Path(args.output_dir) / "RESULTS.md").write_text(header + text + "\n")
 
 
 if __name__ == "__main__":
