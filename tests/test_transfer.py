@@ -118,29 +118,3 @@ def test_a_new_tasks_training_batch_routed_only_to_frozen_tasks_warns_that_nothi
         model.train()
         model.set_training_stage("multi_task")
         model(**batch, task_ids=[0, 0, 1])
-
-
-def test_the_orthogonality_penalty_counts_in_multi_task_training_only():
-    """A copy's penalty against its source is the largest there is: in the new_tasks stage it would push the
-    copy away at once, so the penalty belongs to the stage where tasks train together."""
-    model = make_adapted("talora", num_tasks=None, task_names=["a", "b"], orthogonality_weight=1.0)
-    model.train()
-    batch = _batch()
-    with torch.no_grad():
-        plain = model.base_model.model(**batch, **_routing(model, [0, 1, 0])).loss
-        penalty = model.base_model.talora_banks["default"].orthogonality_penalty()
-        assert penalty > 0
-        torch.testing.assert_close(model(**batch, task_ids=[0, 1, 0]).loss, plain + penalty)
-        model.add_tasks(["c"], init_from="a")
-        assert model.training_stage() == "new_tasks"
-        torch.testing.assert_close(
-            model(**batch, task_ids=[2, 1, 2]).loss, model.base_model.model(**batch, **_routing(model, [2, 1, 2])).loss
-        )
-
-
-def _routing(model, task_ids):
-    """The routing kwarg of a call, built as the task router builds it (to call the wrapped model directly)."""
-    from peft_talora.multitask import ROUTING_KWARG
-
-    tuner = model.base_model
-    return {ROUTING_KWARG: tuner.routing_for_call(torch.tensor(task_ids), len(task_ids))}

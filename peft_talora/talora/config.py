@@ -33,8 +33,7 @@ class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
         default=1e-3,
         metadata={
             "help": "Weight lambda of the penalty sum_{i != j} ||A_i A_j^T||_F^2 that pushes tasks' factors apart; "
-            "added to the loss in training mode when labels are given, in the 'multi_task' stage only (a task "
-            "added later trains alone and may start as a copy of another). 0 turns it off."
+            "added to the loss in training mode when labels are given. 0 turns it off."
         },
     )
     prompt_init_std: float = field(

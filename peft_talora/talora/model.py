@@ -257,18 +257,9 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
 
     # ----------------------------------------------------------------- calls
     def _after_forward(self, output, kwargs: dict):
-        """In multi-task training, add the orthogonality penalty to the loss (once per optimizer step, see
-        ``_share_of_items``).
-
-        Only in the ``"multi_task"`` stage: the penalty keeps tasks that train *together* from collapsing
-        onto each other. A task added later and trained alone on a few shots must be free to stay close to
-        the task it resembles; it may even start as a copy of one (``add_tasks(init_from=...)``), whose
-        penalty against its source would be the largest possible and push it away at once.
-        """
+        """In training, add the orthogonality penalty to the loss (once per optimizer step, see ``_share_of_items``)."""
         bank = self.active_bank
         weight = self.peft_config[self.active_adapter].orthogonality_weight if bank is not None else 0.0
-        if weight > 0 and self.training_stage() != "multi_task":
-            weight = 0.0
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
             penalty = bank.orthogonality_penalty()
             if not torch.isfinite(penalty):
