@@ -104,8 +104,13 @@ def evaluate(model, tokenizer, rows, task: str, args, route: bool) -> dict:
 
 # ----------------------------------------------------------------------------- models
 def build(method: str, data: TaskData, tokenizer, args):
-    """A fresh trainable model of ``method`` for ``data``'s task, and where it starts from (for the record)."""
+    """A fresh trainable model of ``method`` for ``data``'s task, and where it starts from (for the record).
+
+    The random initialisations (TA-LoRA's new ``u``, LoRA's ``A``) are seeded here, so every learning
+    rate of a method starts from the same weights whatever ran before in the process.
+    """
     base, _ = load_model(tiny=args.tiny)
+    torch.manual_seed(args.seed)
     family = method.split("/")[0]
     if family == "ta-lora":
         model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
