@@ -142,10 +142,6 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         self.set_requires_grad(adapter_name, trainable)  # the layers keep a stage's frozen parts frozen
 
     # ----------------------------------------------------------------- stages and tasks (hooks of the mixin)
-    def _num_task_blocks(self, adapter_name: str) -> int:
-        layers = self._layers(adapter_name)
-        return len(layers[0].mtllora_lambda[adapter_name]) if layers else 1
-
     def _task_block_sizes(self, adapter_name: str) -> list[int]:
         layers = self._layers(adapter_name)
         config = self.peft_config[adapter_name]
@@ -156,8 +152,8 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         for layer in self._layers(adapter_name):
             layer.add_task_block(adapter_name, count)
 
-    def _copy_task_factors(self, adapter_name: str, sources: list[int], first: int) -> None:
-        """The new tasks (the last block, ids ``first...``) take the ``Lambda`` and logits of tasks ``sources``."""
+    def _copy_task_factors(self, adapter_name: str, sources: list[int]) -> None:
+        """The tasks of the last block take the ``Lambda`` and mixing logits of tasks ``sources`` (one per task)."""
         for layer in self._layers(adapter_name):
             layer.copy_into_last_block(adapter_name, sources)
 

@@ -24,10 +24,11 @@ class MultiTaskTunerMixin:
     :class:`MultiTaskConfig`), ``_active_name`` (the active adapter, ``None`` when there is none),
     ``_router`` (its :class:`~peft_talora.multitask.routing.TaskRouter`), ``_stages`` and
     ``_frozen_blocks`` (dicts), ``_exported_tasks`` (a dict, empty outside an export) and a
-    ``model_card_tags`` tuple, and implements five hooks: ``_num_task_blocks(name)``,
-    ``_add_task_block(name, count)``, ``_task_block_sizes(name)`` (tasks per block), ``_copy_task_factors(name, sources, first)`` (new task
-    ``first + i`` starts as a copy of task ``sources[i]``) and ``_apply_stage(name)`` (set ``requires_grad`` for the
-    adapter's stage; ``_frozen_blocks[name]`` leading task blocks stay frozen in ``"new_tasks"``),
+    ``model_card_tags`` tuple, and implements four hooks: ``_task_block_sizes(name)`` (the number of
+    tasks in each block), ``_add_task_block(name, count)``, ``_copy_task_factors(name, sources)`` (the
+    last block's task ``i`` starts as a copy of task ``sources[i]``) and ``_apply_stage(name)`` (set
+    ``requires_grad`` for the adapter's stage; ``_frozen_blocks[name]`` leading task blocks stay frozen
+    in ``"new_tasks"``),
     plus ``_refresh_trainability(name)`` (apply the stage if the adapter trains now, else freeze it).
     Its ``_get_adapter_state_dict`` keeps only ``_exported_tasks[adapter]`` rows when that is set.
     """
@@ -109,7 +110,7 @@ class MultiTaskTunerMixin:
         name = self._check_adapter(adapter_name)
         if stage not in self.STAGES:
             raise ValueError(f"Unknown training stage {stage!r}; choose one of {list(self.STAGES)}.")
-        blocks = self._num_task_blocks(name)
+        blocks = len(self._task_block_sizes(name))
         if stage == "new_tasks":
             if blocks == 1:
                 raise ValueError(
@@ -141,10 +142,8 @@ class MultiTaskTunerMixin:
         from the new task's examples. Reachable from the PEFT model: ``peft_model.add_tasks([...])``.
         """
         name = self._check_adapter(adapter_name)
-        sources = None
-        if init_from is not None:
-            sources = self.peft_config[name].resolve_task_list(init_from, "add_tasks(init_from=...)")
         config = self.peft_config[name]
+        sources = None if init_from is None else config.resolve_task_list(init_from, "add_tasks(init_from=...)")
         before = (config.num_tasks, config.task_names)
         first, count = self._extend_task_list(name, tasks)
         if sources is not None and len(sources) not in (1, count):
@@ -155,7 +154,7 @@ class MultiTaskTunerMixin:
             )
         self._add_task_block(name, count)
         if sources is not None:
-            self._copy_task_factors(name, sources * count if len(sources) == 1 else sources, first)
+            self._copy_task_factors(name, sources * count if len(sources) == 1 else sources)
         if freeze:
             self.set_training_stage("new_tasks", name)
         else:

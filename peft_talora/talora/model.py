@@ -148,9 +148,6 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     def _active_name(self) -> Optional[str]:
         return self.active_adapter if self.active_adapter in self.peft_config else None
 
-    def _num_task_blocks(self, adapter_name: str) -> int:
-        return len(self.talora_banks[adapter_name].task_u_blocks)
-
     def _task_block_sizes(self, adapter_name: str) -> list[int]:
         return [block.shape[1] for block in self.talora_banks[adapter_name].task_u_blocks]
 
@@ -158,8 +155,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         """New tasks' factors; their prompts start equal to the shared prompt, so no output changes."""
         self.talora_banks[adapter_name].add_task_block(count)
 
-    def _copy_task_factors(self, adapter_name: str, sources: list[int], first: int) -> None:
-        """The new tasks (the last block, ids ``first...``) take the ``u, v`` of tasks ``sources``."""
+    def _copy_task_factors(self, adapter_name: str, sources: list[int]) -> None:
+        """The tasks of the last block take the ``u, v`` of tasks ``sources`` (one per task)."""
         self.talora_banks[adapter_name].copy_into_last_block(sources)
 
     def _refresh_trainability(self, adapter_name: str) -> None:
