@@ -19,21 +19,23 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ..multitask.config import TaskList
+from ..multitask.config import MultiTaskConfig, TaskList
+from .collator import _talora_config
 
 TaskKey = Union[str, int]
 
 
-def _adapter_config(model):
+def _adapter_config(model) -> MultiTaskConfig:
     """The active adapter's multi-task config (``task_names`` / ``num_tasks``) of a ``PeftModel``."""
-    configs = getattr(model, "peft_config", None)
-    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, Mapping) else None
-    if config is None or not hasattr(config, "resolve_task_list"):
-        raise TypeError(
-            "task_losses needs a PeftModel with an active TA-LoRA or MTL-LoRA adapter (one that takes task_ids); "
-            f"got {type(model).__name__}."
-        )
-    return config
+    try:
+        if not isinstance(model, MultiTaskConfig):
+            return _talora_config(model)
+    except TypeError:
+        pass
+    raise TypeError(
+        "task_losses needs a PeftModel with an active TA-LoRA or MTL-LoRA adapter (one that takes task_ids); "
+        f"got {type(model).__name__}."
+    )
 
 
 def task_losses(model, batch: Mapping, tasks: TaskList = None, *, chunk_size: int = 8) -> dict[TaskKey, float]:
@@ -57,30 +59,25 @@ def task_losses(model, batch: Mapping, tasks: TaskList = None, *, chunk_size: in
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    from ..suite.evaluation import _device, evaluating  # here: the suite imports this package's collator
+
     rows, count = input_ids.shape[0], len(candidates)
-    device = next(model.parameters()).device
+    device = _device(model)
     repeated = {"input_ids": input_ids.repeat(count, 1), "attention_mask": attention_mask.repeat(count, 1)}
     repeated_targets = targets.repeat(count, 1)
     task_ids = torch.as_tensor(candidates).repeat_interleave(rows)
     losses = torch.empty(rows * count)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, rows * count, chunk_size):
-                part = slice(start, start + chunk_size)
-                logits = model(
-                    input_ids=repeated["input_ids"][part].to(device),
-                    attention_mask=repeated["attention_mask"][part].to(device),
-                    task_ids=task_ids[part].to(device),
-                ).logits[:, -targets.shape[1] - 1 : -1]  # prompt tuning prepends virtual tokens
-                target = repeated_targets[part].to(device)
-                token_loss = F.cross_entropy(
-                    logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none"
-                )
-                losses[part] = (token_loss.sum(1) / (target != -100).sum(1)).cpu()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, rows * count, chunk_size):
+            part = slice(start, start + chunk_size)
+            logits = model(
+                input_ids=repeated["input_ids"][part].to(device),
+                attention_mask=repeated["attention_mask"][part].to(device),
+                task_ids=task_ids[part].to(device),
+            ).logits[:, -targets.shape[1] - 1 : -1]  # prompt tuning prepends virtual tokens
+            target = repeated_targets[part].to(device)
+            token_loss = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+            losses[part] = (token_loss.sum(1) / (target != -100).sum(1)).cpu()
     means = losses.view(count, rows).mean(1)
     names = config.task_names
     return {(names[t] if names else t): float(loss) for t, loss in zip(candidates, means)}
