@@ -37,12 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+import methods as M  # benchmarks/ (the script's folder): the benchmark's PEFT configs and adapter state
 import torch
-from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import PeftModel, get_peft_model
+from quality import SYSTEM_PROMPT
 from transformers import TrainerCallback, TrainingArguments
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
-from peft_talora import TALoraConfig
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import EXTRA_TASKS, SOURCE_TASKS, TARGET_TASKS, evaluate_task, format_split, load_task, subsample
 from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, paired_difference
@@ -50,8 +51,6 @@ from peft_talora.training import build_trainer
 from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.training.transfer import task_losses
 
-SYSTEM_PROMPT = "You are a precise text classifier."  # the main job's
-PT_INIT_TEXT = "Classify the text into one of the given labels."
 METHODS = ("base", "ta-lora", "ta-lora/closest", "pt", "lora")
 #: Tasks whose default split leaves under 100 test rows get a split with more test rows (train, validation, test):
 #: consumer_contracts has 396 rows, so 70/10/20 leaves 80 test rows; 40/10/50 leaves 198 and 158 to draw shots from.
@@ -123,25 +122,9 @@ def build(method: str, data: TaskData, tokenizer, args):
             start = min(data.source_losses, key=data.source_losses.get)
         model.add_tasks([data.name], init_from=start)
         return model, {"init_from": start, "source_losses": data.source_losses if start else None}
-    if family == "pt":
-        config = PromptTuningConfig(
-            task_type="CAUSAL_LM",
-            num_virtual_tokens=10,
-            prompt_tuning_init=PromptTuningInit.TEXT,
-            prompt_tuning_init_text=PT_INIT_TEXT,
-            tokenizer_name_or_path=tokenizer.name_or_path,
-        )
-        return get_peft_model(base, config), {}
-    if family == "lora":
-        config = LoraConfig(
-            task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
-        )
-        return get_peft_model(base, config), {}
-    raise ValueError(f"unknown method {method!r}")
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # the full benchmark's configs: PT with 10 virtual tokens and a text init, LoRA r=8 on q/v
+    config = M.make_config(family, [data.name], base.config.num_hidden_layers, tok_path=M.tokenizer_path())
+    return get_peft_model(base, config), {}
 
 
 class ValidationCheckpoints(TrainerCallback):
@@ -155,7 +138,7 @@ class ValidationCheckpoints(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self.points[state.global_step] = self.score(self.model)
-            self.states[state.global_step] = trainable_state(self.model)
+            self.states[state.global_step] = M.trainable_state(self.model)
 
 
 def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: Path) -> tuple[dict, dict]:
@@ -166,7 +149,7 @@ def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: P
     score = lambda m: evaluate(m, tokenizer, data.validation, data.name, args, route)  # noqa: E731
     checkpoints = ValidationCheckpoints(model, score, args.eval_every)
     checkpoints.points[0] = score(model)
-    checkpoints.states[0] = trainable_state(model)
+    checkpoints.states[0] = M.trainable_state(model)
     training_args = TrainingArguments(
         output_dir=str(folder),
         max_steps=args.steps,
@@ -223,9 +206,8 @@ def run(args) -> dict:
     if args.tiny:  # an untrained adapter on the tiny model stands in for a trained one
         args.adapter = str(Path(args.scratch) / "tiny_adapter")
         tiny_base, _ = load_model(tiny=True)
-        get_peft_model(tiny_base, TALoraConfig(task_type="CAUSAL_LM", task_names=list(SOURCE_TASKS))).save_pretrained(
-            args.adapter
-        )
+        config = M.make_config("ta-lora", list(SOURCE_TASKS), tiny_base.config.num_hidden_layers)
+        get_peft_model(tiny_base, config).save_pretrained(args.adapter)
     for name in args.tasks:
         data = TaskData(name, tokenizer, args)
         task = results.setdefault(name, {})
@@ -263,10 +245,7 @@ def run(args) -> dict:
             f1, _, lr, step = best
             weights = torch.load(folder / f"lr{lr:g}.pt", weights_only=True)[step]
             model, _ = build(method, data, tokenizer, args)
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for param_name, value in weights.items():
-                    params[param_name].copy_(value)
+            M.load_state(model, weights)
             entry.update(lr=lr, step=step, validation_macro_f1=f1)
             entry["test"] = evaluate(model, tokenizer, data.test, name, args, method.startswith("ta-lora"))
             print(f"  chose lr {lr:g} step {step}: test macro-F1 {100 * entry['test']['macro_f1']:.1f}", flush=True)
