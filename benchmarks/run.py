@@ -149,7 +149,7 @@ def versions() -> dict:
 class State:
     """``results.json`` in ``out``, shared safely by processes working on the same output folder (``--shard``).
 
-    The runs, the speed results and the shard records are written key by key (:meth:`put`, :meth:`put_top`):
+    The runs, the speed results and the shard records are written key by key (:meth:`put`, :meth:`put_speed`):
     under an exclusive ``fcntl.flock`` on ``results.json.lock`` the file is re-read, the one key merged in and
     the file replaced atomically, so two processes never lose each other's results. Everything else (the
     plan, the summaries the report is rendered from) belongs to the process that writes the report
