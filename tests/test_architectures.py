@@ -47,7 +47,9 @@ def test_low_rank_prefix_equals_replaying_the_built_prompts(arch_attn):
         results.append((out.logits.detach(), grads))
     (fast_logits, fast_grads), (built_logits, built_grads) = results
     torch.testing.assert_close(fast_logits, built_logits, rtol=1e-5, atol=1e-5)
-    assert fast_grads.keys() == built_grads.keys() and len(fast_grads) == 5  # theta0, B, u, v, gate
+    assert (
+        fast_grads.keys() == built_grads.keys() and len(fast_grads) == 5
+    )  # theta0, B, u, v, gate (the first block's c is fixed)
     for name, grad in fast_grads.items():
         torch.testing.assert_close(
             grad, built_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"

@@ -35,7 +35,8 @@ from peft_talora.peft_patches import (
 )
 
 BANK_KEYS = {
-    f"base_model.talora_banks.{name}" for name in ("shared_prompt", "shared_basis", "task_u", "task_v", "gate")
+    f"base_model.talora_banks.{name}"
+    for name in ("shared_prompt", "shared_basis", "task_u", "task_v", "task_gate", "gate")
 }
 
 
@@ -260,7 +261,9 @@ def test_disable_adapter_reenables_after_an_exception():
 
 def trainable(model, adapter):
     flags = {n: p.requires_grad for n, p in model.named_parameters() if f"talora_banks.{adapter}." in n}
-    assert len(flags) == 5
+    assert len(flags) == 6
+    assert not flags[f"base_model.talora_banks.{adapter}.task_gate_blocks.0"]  # the first block's c stays 1
+    del flags[f"base_model.talora_banks.{adapter}.task_gate_blocks.0"]
     return set(flags.values())
 
 
@@ -362,8 +365,9 @@ def test_state_dict_has_bank_keys_without_adapter_name():
     assert state["base_model.talora_banks.shared_basis"].shape == (2, 4, 4)
     assert state["base_model.talora_banks.task_u"].shape == (2, 3, 4)
     assert state["base_model.talora_banks.task_v"].shape == (2, 3, 64)
+    assert state["base_model.talora_banks.task_gate"].shape == (2, 3)
     assert state["base_model.talora_banks.gate"].shape == (2, 4)
-    for name in ("shared_prompt", "shared_basis", "task_u", "task_v", "gate"):
+    for name in ("shared_prompt", "shared_basis", "task_u", "task_v", "task_gate", "gate"):
         assert torch.equal(state[f"base_model.talora_banks.{name}"], getattr(bank, name))
 
 
@@ -458,7 +462,9 @@ def test_peft_model_from_pretrained_is_trainable(tmp_path):
 
 
 def expected_trainable(L, T, n, d, r, H):
-    return L * (n * d + n * r + T * r + T * d + H)
+    """theta0 (n, d) and B (n, r) per layer, u (r) and v (d) per layer and task, g (H) per layer (the gate
+    scales c, one per layer and task, are parameters too, fixed for the tasks an adapter is created with)."""
+    return L * (n * d + n * r + T * (r + d) + H)
 
 
 @pytest.mark.parametrize(
@@ -476,7 +482,7 @@ def test_print_trainable_parameters(capsys, kwargs, L):
     capsys.readouterr()
     model.print_trainable_parameters()
     out = capsys.readouterr().out.strip()
-    total = base_params + count
+    total = base_params + count + L * kwargs["num_tasks"]  # + the fixed gate scales
     assert out == f"trainable params: {count:,d} || all params: {total:,d} || trainable%: {100 * count / total:.4f}"
     assert model.get_nb_trainable_parameters() == (count, total)
 

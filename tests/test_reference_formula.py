@@ -131,11 +131,12 @@ def prefix_keys_values(prompts, weights, prefix, head_dim):
     return key, value
 
 
-def gated_prefix(q, prefix_key, prefix_value, gate, scaling):
-    """``tanh(g[h]) * softmax(q K_p^T * scaling) V_p`` per head, every query (padded or not) over all ``n``
-    prefix positions: q ``(B, H, S, hd)``, K_p/V_p ``(B, H, n, hd)``, gate ``(H,)`` -> ``(B, H, S, hd)``."""
+def gated_prefix(q, prefix_key, prefix_value, gate, task_gate, scaling):
+    """``c[t] * tanh(g[h]) * softmax(q K_p^T * scaling) V_p`` per head, every query (padded or not) over all
+    ``n`` prefix positions: q ``(B, H, S, hd)``, K_p/V_p ``(B, H, n, hd)``, gate ``(H,)``, task_gate ``(B,)`` (each
+    example's task's ``c``) -> ``(B, H, S, hd)``."""
     weights = torch.softmax((q @ prefix_key.transpose(-1, -2)) * scaling, dim=-1)
-    return torch.tanh(gate)[None, :, None, None] * (weights @ prefix_value)
+    return task_gate[:, None, None, None] * torch.tanh(gate)[None, :, None, None] * (weights @ prefix_value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def reference_logits(weights, config, bank, input_ids, attention_mask, task_ids,
     """Logits ``(B, S, V)`` of the Llama in ``weights`` with TA-LoRA's prefix in every layer.
 
     ``bank`` holds the adapter's tensors: ``theta0`` ``(L, n, d)``, ``basis`` ``(L, n, r)``, ``u`` ``(L, T, r)``,
-    ``v`` ``(L, T, d)``, ``gate`` ``(L, H)``, ``s`` (a float); ``bank=None`` is the base model.
+    ``v`` ``(L, T, d)``, ``c`` ``(L, T)``, ``gate`` ``(L, H)``, ``s`` (a float); ``bank=None`` is the base model.
     """
     H, G = config.num_attention_heads, config.num_key_value_heads
     head_dim = config.hidden_size // H
@@ -174,7 +175,12 @@ def reference_logits(weights, config, bank, input_ids, attention_mask, task_ids,
             )
             prefix_key, prefix_value = prefix_keys_values(prompts, weights, attn, head_dim)
             out = out + gated_prefix(
-                q, share_kv_heads(prefix_key, H), share_kv_heads(prefix_value, H), bank["gate"][layer], scaling
+                q,
+                share_kv_heads(prefix_key, H),
+                share_kv_heads(prefix_value, H),
+                bank["gate"][layer],
+                bank["c"][layer][task_ids],
+                scaling,
             )
         out = out.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], H * head_dim)  # heads back together
         hidden = hidden + linear(out, weights, f"{attn}.o_proj")
@@ -239,6 +245,7 @@ def bank_leaves(bank):
         "gate": bank.gate,
         **{f"task_u_blocks.{i}": p for i, p in enumerate(bank.task_u_blocks)},
         **{f"task_v_blocks.{i}": p for i, p in enumerate(bank.task_v_blocks)},
+        **{f"task_gate_blocks.{i}": p for i, p in enumerate(bank.task_gate_blocks)},
     }
     return {name: p.detach().clone().requires_grad_(True) for name, p in leaves.items()}
 
@@ -251,17 +258,22 @@ def reference_bank(leaves):
         "basis": leaves["shared_basis"],
         "u": torch.cat([leaves[name] for name in blocks], dim=1),
         "v": torch.cat([leaves[name.replace("task_u", "task_v")] for name in blocks], dim=1),
+        "c": torch.cat([leaves[name.replace("task_u", "task_gate")] for name in blocks], dim=1),
         "gate": leaves["gate"],
         "s": ALPHA / RANK,
     }
 
 
 def random_bank_values(bank, seed=0):
-    """Stand-in for training: every bank value random, gates open (``tanh(g)`` well away from 0)."""
+    """Stand-in for training: every bank value random, gates open (``tanh(g)`` well away from 0), each task's
+    gate scale ``c`` in ``[0.5, 1.5)`` (different per task and layer, so a lost or misrouted ``c`` shows)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in bank.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
+        for name, p in bank.named_parameters():
+            if name.startswith("task_gate_blocks."):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g))
 
 
 # (attention, attention_bias, dtype). float64 only with sdpa: transformers' eager attention takes its softmax in
@@ -338,6 +350,7 @@ def test_package_matches_reference_logits_and_bank_gradients(attn_implementation
     model = talora(base).to(dtype)
     bank = model.base_model.talora_banks["default"]
     random_bank_values(bank)
+    bank.requires_grad_(True)  # the first block's gate scales too (fixed in training, but their gradient is checked)
     input_ids, attention_mask, labels = inputs()
 
     leaves = bank_leaves(bank)

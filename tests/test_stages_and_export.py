@@ -56,7 +56,13 @@ def test_shared_warmup_switches_the_task_part_off_and_trains_only_shared_prompt_
     assert torch.equal(logits(model), per_task[0])  # task_ids are optional in the warm-up
 
     model.set_training_stage("multi_task")
-    assert trainable_names(model) == {"shared_prompt", "shared_basis", "task_u_blocks.0", "task_v_blocks.0", "gate"}
+    assert trainable_names(model) == {
+        "shared_prompt",
+        "shared_basis",
+        "task_u_blocks.0",
+        "task_v_blocks.0",
+        "gate",
+    }  # not task_gate_blocks.0: the gate scales of the tasks the adapter was created with stay 1
     assert not torch.equal(logits(model, task_ids=[0] * 3), logits(model, task_ids=[1] * 3))
 
 
@@ -79,8 +85,9 @@ def test_unknown_stage_and_new_tasks_stage_without_new_tasks():
 
 
 # ------------------------------------------------------------------ add_tasks
-def test_add_tasks_keeps_old_tasks_bit_identical_and_new_tasks_start_at_the_shared_prompt():
-    model = trained()
+@pytest.mark.parametrize("start", ["base", "shared_prompt"])
+def test_add_tasks_keeps_old_tasks_bit_identical_and_new_tasks_start_where_new_task_start_says(start):
+    model = trained(new_task_start=start)
     old = {t: logits(model, task_ids=[t, t, t]) for t in TASKS}
     mixed = logits(model, task_ids=TASKS)
 
@@ -90,10 +97,14 @@ def test_add_tasks_keeps_old_tasks_bit_identical_and_new_tasks_start_at_the_shar
     for t in TASKS:
         assert torch.equal(logits(model, task_ids=[t, t, t]), old[t])
     assert torch.equal(logits(model, task_ids=TASKS), mixed)
-    # a new task's factors start with v = 0, so its prompt is the shared prompt: the warm-up output
     new = logits(model, task_ids=["rte"] * 3)
-    model.set_training_stage("shared_warmup")
-    assert torch.allclose(new, logits(model), atol=1e-6)
+    if start == "base":  # gate scale c = 0: no prefix at all, the base model bit for bit
+        with model.disable_adapter():
+            assert torch.equal(new, logits(model))
+        assert not torch.allclose(new, old["sst2"])
+    else:  # v = 0, so its prompt is the shared prompt, with c = 1: the warm-up output
+        model.set_training_stage("shared_warmup")
+        assert torch.allclose(new, logits(model), atol=1e-6)
 
 
 def test_freeze_mode_trains_only_the_new_tasks_and_old_tasks_stay_bit_identical():
@@ -103,7 +114,7 @@ def test_freeze_mode_trains_only_the_new_tasks_and_old_tasks_stay_bit_identical(
     shared_before = {n: p.detach().clone() for n, p in bank.named_parameters()}
     model.add_tasks(["rte"])
     assert model.training_stage() == "new_tasks"
-    assert trainable_names(model) == {"task_u_blocks.1", "task_v_blocks.1"}
+    assert trainable_names(model) == {"task_u_blocks.1", "task_v_blocks.1", "task_gate_blocks.1"}
     new_before = logits(model, task_ids=["rte"] * 3)
 
     train_steps(model, task_ids=["rte", "rte", "sst2"], weight_decay=0.1)  # decay would move frozen rows if shared
@@ -155,7 +166,7 @@ def test_reload_a_saved_adapter_gain_tasks_train_them_and_save_again(tmp_path):
 
     reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "v1")  # inference mode, as PEFT loads by default
     reloaded.add_tasks(["rte"])
-    assert trainable_names(reloaded) == {"task_u_blocks.1", "task_v_blocks.1"}
+    assert trainable_names(reloaded) == {"task_u_blocks.1", "task_v_blocks.1", "task_gate_blocks.1"}
     train_steps(reloaded, task_ids=["rte"] * 3)
     assert torch.equal(logits(reloaded, task_ids=TASKS), old)
     reloaded.save_pretrained(tmp_path / "v2")
@@ -165,6 +176,31 @@ def test_reload_a_saved_adapter_gain_tasks_train_them_and_save_again(tmp_path):
     assert torch.equal(logits(again, task_ids=[*TASKS[:2], "rte"]), logits(reloaded, task_ids=[*TASKS[:2], "rte"]))
     saved = load_file(tmp_path / "v2" / "adapter_model.safetensors")
     assert saved["base_model.talora_banks.task_u"].shape == (2, 4, 4)  # blocks are saved joined
+    assert saved["base_model.talora_banks.task_gate"].shape == (2, 4)
+
+
+def test_an_adapter_saved_before_task_gate_scales_loads_with_every_c_at_one(tmp_path):
+    """Files written before ``task_gate`` existed hold no gate scales; those adapters computed ``c = 1``."""
+    from safetensors.torch import save_file
+
+    model = trained()
+    with torch.no_grad():  # what an adapter of that time computed
+        model.base_model.talora_banks["default"].task_gate_blocks[0].fill_(1.0)
+    model.save_pretrained(tmp_path)
+    expected = logits(model, task_ids=TASKS)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["base_model.talora_banks.task_gate"]
+    save_file(tensors, weights)
+
+    old = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert torch.equal(old.base_model.talora_banks["default"].task_gate, torch.ones(2, 3))
+    assert torch.equal(logits(old, task_ids=TASKS), expected)
+
+
+def test_new_task_start_must_be_base_or_shared_prompt():
+    with pytest.raises(ValueError, match=r"new_task_start must be one of \('base', 'shared_prompt'\) \(got 'zero'\)"):
+        TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, new_task_start="zero")
 
 
 def test_loading_a_grown_adapter_into_a_model_that_has_blocks(tmp_path):
@@ -322,7 +358,7 @@ def test_a_second_add_tasks_freezes_the_first_added_tasks_too():
     train_steps(model, task_ids=["rte"] * 3)
     after_first = logits(model, task_ids=[*TASKS[:2], "rte"])
     model.add_tasks(["cola"])
-    assert trainable_names(model) == {"task_u_blocks.2", "task_v_blocks.2"}
+    assert trainable_names(model) == {"task_u_blocks.2", "task_v_blocks.2", "task_gate_blocks.2"}
     train_steps(model, task_ids=["cola"] * 3, weight_decay=0.1)
     assert torch.equal(logits(model, task_ids=[*TASKS[:2], "rte"]), after_first)
 
@@ -342,4 +378,5 @@ def test_a_deep_copy_is_an_independent_adapted_model():
     clone.train()
     input_ids, mask = batch(batch_size=2)
     clone(input_ids=input_ids, attention_mask=mask, labels=input_ids, task_ids=["rte", "rte"]).loss.backward()
-    assert clone.base_model.talora_banks["default"].task_v_blocks[1].grad.abs().sum() > 0  # v: u gets none while v = 0
+    # the new task starts at the base model (c = 0): its gate scale gets the first gradient, v and u none yet
+    assert clone.base_model.talora_banks["default"].task_gate_blocks[1].grad.abs().sum() > 0

@@ -44,15 +44,21 @@ def test_a_task_started_from_another_answers_exactly_like_it_and_old_tasks_do_no
         assert not torch.equal(model(input_ids=ids, task_ids=["d"] * 3).logits, before["b"])
 
 
-def test_a_talora_copy_gets_gradients_on_both_factors_from_the_first_step():
-    """The neutral start has v = 0, so u gets no gradient at first; a copied start trains both."""
-    for init_from, u_moves in ((None, False), ("a", True)):
-        model = make_adapted("talora", num_tasks=None, task_names=["a", "b"])
-        model.add_tasks(["new"], init_from=init_from)
-        model(**_batch(), task_ids=["new"] * 3).loss.backward()
-        bank = model.base_model.talora_banks["default"]
-        assert bank.task_v_blocks[-1].grad.abs().sum() > 0
-        assert (bank.task_u_blocks[-1].grad.abs().sum() > 0) == u_moves
+@pytest.mark.parametrize(
+    "init_from, start, moving",
+    [
+        (None, "base", {"c"}),  # c = 0: no prefix, so only the gate scale gets a gradient at first
+        (None, "shared_prompt", {"v", "c"}),  # v = 0: u gets none at first
+        ("a", "base", {"u", "v", "c"}),  # a copy takes its source's u, v and c: everything trains at once
+    ],
+)
+def test_which_task_parameters_get_gradients_at_the_first_step(init_from, start, moving):
+    model = make_adapted("talora", num_tasks=None, task_names=["a", "b"], new_task_start=start)
+    model.add_tasks(["new"], init_from=init_from)
+    model(**_batch(), task_ids=["new"] * 3).loss.backward()
+    bank = model.base_model.talora_banks["default"]
+    blocks = {"u": bank.task_u_blocks, "v": bank.task_v_blocks, "c": bank.task_gate_blocks}
+    assert {name: bool(b[-1].grad.abs().sum() > 0) for name, b in blocks.items()} == {n: n in moving for n in blocks}
 
 
 def test_one_source_for_several_new_tasks_and_bad_init_from_leave_the_adapter_unchanged():

@@ -137,7 +137,10 @@ class AttentionSite:
         return combine(key), combine(value)
 
     def prefix(self, source: PrefixSource, routing: CallRouting, query: torch.Tensor):
-        """This layer's prefix for the call: ``(key, value)`` ``(B, H_kv, n, hd)`` and ``gate`` ``(H,)``, or ``None``.
+        """This layer's prefix for the call, or ``None``: ``(key, value, gate, gate_scale)``.
+
+        ``key``/``value`` ``(B, H_kv, n, hd)``, ``gate`` ``(H,)`` and each example's task gate scale
+        ``(B,)`` (``None`` for the shared prompt alone).
 
         ``query`` ``(B, H, q, hd)`` fixes the batch (grown by ``generate`` for beams), the device and
         the compute dtype. Inside ``generate`` (``routing.cache``) each layer computes it once per
@@ -154,6 +157,7 @@ class AttentionSite:
         if source.shared_only:  # one prompt for all: the shared one
             key, value = self.project_prompts(bank.shared_prompt[row].to(device, dtype))  # (1, H_kv, n, hd)
             inverse = torch.zeros(batch_size, dtype=torch.long, device=device)
+            gate_scale = None
         else:
             tasks, inverse = routing.unique_tasks(batch_size)
             shared, coefficients, directions = bank.task_prompt_factors(tasks.to(bank.gate.device), row)
@@ -161,7 +165,8 @@ class AttentionSite:
                 shared.to(device, dtype), coefficients.to(device, dtype), directions.to(device, dtype)
             )  # (U, H_kv, n, hd)
             inverse = inverse.to(device)
-        result = (key[inverse], value[inverse], bank.gate[row].to(device))
+            gate_scale = bank.task_gate_scales(tasks.to(bank.gate.device), row).to(device)[inverse]  # (B,)
+        result = (key[inverse], value[inverse], bank.gate[row].to(device), gate_scale)
         if routing.cache is not None:
             routing.cache[cache_key] = result
         return result
@@ -266,9 +271,10 @@ def _make_routed_attention(base: str) -> Callable:
                 scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
                 dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
                 softcap = kwargs.get("softcap")
-                out = out + gated_prefix_attention(query, *prefix, scaling, dropout=dropout, softcap=softcap).to(
-                    out.dtype
-                )
+                key, value, gate, gate_scale = prefix
+                out = out + gated_prefix_attention(
+                    query, key, value, gate, scaling, dropout=dropout, softcap=softcap, gate_scale=gate_scale
+                ).to(out.dtype)
         return out, weights
 
     attention.__name__ = f"talora_{base.replace('|', '_')}_attention"

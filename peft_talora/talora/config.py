@@ -11,6 +11,9 @@ from ..peft_patches import PeftModelDispatch, add_peft_type
 
 TALORA = add_peft_type("TALORA")
 
+#: Values of ``TALoraConfig.new_task_start``.
+NEW_TASK_STARTS = ("base", "shared_prompt")
+
 
 @dataclass
 class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
@@ -40,6 +43,14 @@ class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
         default=1.0,
         metadata={"help": "Std of the shared prompt's normal init; 1.0 matches normalised hidden states."},
     )
+    new_task_start: str = field(
+        default="base",
+        metadata={
+            "help": "Where a task added by add_tasks (without init_from) starts: 'base' (its gate scale c is 0, so "
+            "its output is exactly the base model's until training opens it) or 'shared_prompt' (c = 1: the "
+            "trained shared prompt, as in the paper). The tasks of the config always start at c = 1."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,6 +67,11 @@ class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
         self.prompt_init_std = check_number(
             kind, "prompt_init_std", self.prompt_init_std, at_least=0, hint="; the std of the shared prompt's init"
         )
+        if self.new_task_start not in NEW_TASK_STARTS:
+            raise ValueError(
+                f"{kind}.new_task_start must be one of {NEW_TASK_STARTS} (got {self.new_task_start!r}): 'base' starts "
+                "added tasks at the base model's output, 'shared_prompt' at the trained shared prompt."
+            )
         if self.adapter_layers is not None:
             if isinstance(self.adapter_layers, numbers.Integral) and not isinstance(self.adapter_layers, bool):
                 raise TypeError(

@@ -7,10 +7,15 @@ Shapes (``L`` adapted layers, ``T`` tasks, ``n`` virtual tokens, ``d`` hidden si
 - ``shared_basis``   ``B``       ``(L, n, r)``  slow, shared by all tasks
 - ``task_u``         ``u``       ``(L, T, r)``  fast, one row per task
 - ``task_v``         ``v``       ``(L, T, d)``  fast, one row per task
+- ``task_gate``      ``c``       ``(L, T)``     fast, one gate scale per task
 - ``gate``           ``g``       ``(L, H)``     zero-init, one per head
 
-Task ``t``'s prompt at layer ``l`` is ``theta0[l] + s * B[l] @ outer(u[l, t], v[l, t])``. The
-parameters of all layers are stacked so that one batched op builds every layer's prompt.
+Task ``t``'s prompt at layer ``l`` is ``theta0[l] + s * B[l] @ outer(u[l, t], v[l, t])`` and its
+prefix enters the layer with the gate ``c[l, t] * tanh(g[l])``. The tasks an adapter is created
+with start at ``c = 1`` (the method of the paper, where ``g = 0`` alone keeps the base model at
+the start); a task added later can start at ``c = 0``, which makes its output exactly the base
+model's whatever the trained shared prompt and gates hold. The parameters of all layers are
+stacked so that one batched op builds every layer's prompt.
 
 The task factors are kept in blocks, one per ``add_tasks`` call (``task_u_blocks[i]`` of shape
 ``(L, T_i, r)``), and read as one ``(L, T, r)`` tensor. Tasks added later are separate
@@ -50,29 +55,39 @@ class TALoraPromptBank(nn.Module):
         self.shared_basis = nn.Parameter(torch.randn(L, n, r) / math.sqrt(r))
         self.task_u_blocks = nn.ParameterList()
         self.task_v_blocks = nn.ParameterList()
+        self.task_gate_blocks = nn.ParameterList()
         self.add_task_block(T)
         self.gate = nn.Parameter(torch.zeros(L, num_heads))
 
-    def add_task_block(self, num_new_tasks: int) -> None:
-        """Append factors for ``num_new_tasks`` tasks; their prompts start equal to the shared prompt."""
+    def add_task_block(self, num_new_tasks: int, gate_scale: float = 1.0) -> None:
+        """Append factors for ``num_new_tasks`` tasks; their prompts start equal to the shared prompt.
+
+        ``gate_scale`` is their ``c``: 1 gives them the shared prompt's prefix, 0 no prefix at all
+        (exactly the base model) until training opens it.
+        """
         L, _, r = self.shared_basis.shape
         reference = self.shared_prompt
+        trainable = reference.requires_grad
         u = torch.randn(L, num_new_tasks, r, device=reference.device).to(reference.dtype) / math.sqrt(r)
-        self.task_u_blocks.append(nn.Parameter(u, requires_grad=reference.requires_grad))
+        self.task_u_blocks.append(nn.Parameter(u, requires_grad=trainable))
         # v starts at zero (like LoRA's B), so every task's prompt starts at the shared prompt.
         v = torch.zeros(L, num_new_tasks, reference.shape[-1], device=reference.device, dtype=reference.dtype)
-        self.task_v_blocks.append(nn.Parameter(v, requires_grad=reference.requires_grad))
+        self.task_v_blocks.append(nn.Parameter(v, requires_grad=trainable))
+        c = torch.full((L, num_new_tasks), float(gate_scale), device=reference.device, dtype=reference.dtype)
+        self.task_gate_blocks.append(nn.Parameter(c, requires_grad=trainable))
 
     @torch.no_grad()
     def copy_into_last_block(self, sources: list[int]) -> None:
         """Start the tasks of the last block as copies of tasks ``sources`` (one per task of that block).
 
-        Both factors are copied, so the copy's prompt equals its source's and both ``u`` and ``v``
-        get gradients from the first step (a neutral start has ``v = 0``, so ``u`` gets none).
+        Both factors and the gate scale are copied, so the copy's output equals its source's and
+        both ``u`` and ``v`` get gradients from the first step (a neutral start has ``v = 0``, so
+        ``u`` gets none).
         """
         index = torch.as_tensor(sources, device=self.shared_prompt.device)
         self.task_u_blocks[-1].copy_(self.task_u[:, index])
         self.task_v_blocks[-1].copy_(self.task_v[:, index])
+        self.task_gate_blocks[-1].copy_(self.task_gate[:, index])
 
     @property
     def task_u(self) -> torch.Tensor:
@@ -83,6 +98,15 @@ class TALoraPromptBank(nn.Module):
     def task_v(self) -> torch.Tensor:
         """``v`` of every task, ``(L, T, d)``."""
         return _concat(self.task_v_blocks)
+
+    @property
+    def task_gate(self) -> torch.Tensor:
+        """``c`` of every task, ``(L, T)``."""
+        return _concat(self.task_gate_blocks)
+
+    def task_gate_scales(self, tasks: torch.Tensor, layer: int) -> torch.Tensor:
+        """``c[layer, t]`` of task ids ``(U,)``: ``(U,)``."""
+        return _concat([block[layer] for block in self.task_gate_blocks], dim=0)[tasks]
 
     @property
     def num_tasks(self) -> int:
@@ -120,8 +144,8 @@ def _concat(blocks, dim: int = 1) -> torch.Tensor:
 
 
 def is_fast_parameter(name: str) -> bool:
-    """Whether the parameter called ``name`` is a task factor (``u`` or ``v``) of a TA-LoRA bank."""
-    return ".task_u_blocks." in name or ".task_v_blocks." in name
+    """Whether the parameter called ``name`` is per task (``u``, ``v`` or the gate scale ``c``) in a TA-LoRA bank."""
+    return any(f".{blocks}." in name for blocks in ("task_u_blocks", "task_v_blocks", "task_gate_blocks"))
 
 
 def gated_prefix_attention(
@@ -132,11 +156,13 @@ def gated_prefix_attention(
     scaling: float,
     dropout: float = 0.0,
     softcap: Optional[float] = None,
+    gate_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``tanh(g) * softmax(Q K_p^T * scaling) V_p`` per head, laid out like attention outputs.
+    """``c * tanh(g) * softmax(Q K_p^T * scaling) V_p`` per head, laid out like attention outputs.
 
     query ``(B, H, q, hd)``; prefix key/value ``(B, H_kv, n, hd)`` (grouped-query heads are
-    shared as in the base attention); gate ``(H,)``. Returns ``(B, q, H, hd)``. Every query sees
+    shared as in the base attention); gate ``(H,)``; ``gate_scale`` ``c`` ``(B,)``, each
+    example's task gate scale (``None``: 1). Returns ``(B, q, H, hd)``. Every query sees
     every prefix position: the prefix has no position and no mask (in a sliding-window layer too).
     The base attention's ``dropout`` and logit ``softcap`` (Gemma 2: ``c * tanh(scores / c)``) apply
     to the prefix scores as they do to the sequence's.
@@ -156,5 +182,8 @@ def gated_prefix_attention(
             dropout_p=dropout,
             enable_gqa=query.shape[1] != prefix_key.shape[1],
         )
-    out = out * torch.tanh(gate).to(out.dtype).view(1, -1, 1, 1)
+    gate = torch.tanh(gate).view(1, -1)  # (1, H)
+    if gate_scale is not None:
+        gate = gate_scale.view(-1, 1) * gate  # (B, H)
+    out = out * gate.to(out.dtype)[:, :, None, None]
     return out.transpose(1, 2)

@@ -152,11 +152,16 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         return [block.shape[1] for block in self.talora_banks[adapter_name].task_u_blocks]
 
     def _add_task_block(self, adapter_name: str, count: int) -> None:
-        """New tasks' factors; their prompts start equal to the shared prompt, so no output changes."""
-        self.talora_banks[adapter_name].add_task_block(count)
+        """New tasks' factors and gate scales; no existing task's output changes.
+
+        Their gate scale ``c`` follows ``new_task_start``: 0 (``"base"``, the new tasks' output is
+        the base model's) or 1 (``"shared_prompt"``, it is the shared prompt's).
+        """
+        start = self.peft_config[adapter_name].new_task_start
+        self.talora_banks[adapter_name].add_task_block(count, gate_scale=0.0 if start == "base" else 1.0)
 
     def _copy_task_factors(self, adapter_name: str, sources: list[int]) -> None:
-        """The tasks of the last block take the ``u, v`` of tasks ``sources`` (one per task)."""
+        """The tasks of the last block take the ``u, v, c`` of tasks ``sources`` (one per task)."""
         self.talora_banks[adapter_name].copy_into_last_block(sources)
 
     def _refresh_trainability(self, adapter_name: str) -> None:
@@ -166,17 +171,26 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     def _apply_stage(self, adapter_name: str) -> None:
         """``shared_warmup``: only the shared prompt and the gates train (every example gets the shared
         prompt; ``task_ids`` are optional). ``multi_task``: everything. ``new_tasks``: the task blocks
-        added since the stage began."""
+        added since the stage began.
+
+        The gate scales ``c`` of the first block (the tasks the adapter was created or loaded with) never
+        train: those tasks learn through the shared gate ``g`` from ``g = 0``, as in the paper, and a
+        per-task scale on top only duplicates it (on the DPO toy of tests/test_trl.py, training it slowed
+        learning: loss 0.52 against 0.41 after 12 steps). The ``c`` of added tasks trains with their factors,
+        which a task that starts at ``c = 0`` needs.
+        """
         bank = self.talora_banks[adapter_name]
         stage = self.training_stage(adapter_name)
         bank.requires_grad_(stage == "multi_task")
+        bank.task_gate_blocks[0].requires_grad_(False)
         if stage == "shared_warmup":
             bank.shared_prompt.requires_grad_(True)
             bank.gate.requires_grad_(True)
         elif stage == "new_tasks":  # earlier blocks stay bit-identical
             frozen = self._frozen_blocks.get(adapter_name, len(bank.task_u_blocks) - 1)
-            for block in (*bank.task_u_blocks[frozen:], *bank.task_v_blocks[frozen:]):
-                block.requires_grad_(True)
+            for blocks in (bank.task_u_blocks, bank.task_v_blocks, bank.task_gate_blocks):
+                for block in blocks[frozen:]:
+                    block.requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -288,7 +302,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     # ------------------------------------------------- PEFT state-dict extension points
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """The adapter's tensors with the task blocks joined into ``task_u``/``task_v`` (only the exported tasks)."""
+        """The adapter's tensors with the task blocks joined into ``task_u``/``task_v``/``task_gate`` (only the
+        exported tasks)."""
         marker = f"talora_banks.{adapter_name}."
         own = {k: v for k, v in state_dict.items() if marker in k}
         exported = getattr(model.base_model, "_exported_tasks", {}).get(adapter_name)
@@ -297,7 +312,7 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
             blocks = _block_keys(own, f"{marker}{factor}.")
             if not blocks:
                 continue
-            joined = torch.cat([own[k] for k in blocks], dim=1)  # (L, T, r | d)
+            joined = torch.cat([own[k] for k in blocks], dim=1)  # (L, T, r | d) or (L, T)
             if exported is not None:
                 joined = joined[:, exported]
             result[blocks[0].split(marker)[0] + marker + saved_name] = joined.contiguous()
@@ -309,7 +324,11 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Saved keys to this model's keys, splitting ``task_u``/``task_v`` into the live task blocks."""
+        """Saved keys to this model's keys, splitting ``task_u``/``task_v``/``task_gate`` into the live task blocks.
+
+        A file without ``task_gate`` (saved before per-task gate scales existed) loads with ``c = 1`` for
+        every task: exactly what that adapter computed.
+        """
         marker = f"talora_banks.{adapter_name}."
         live = {k: p for k, p in model.state_dict().items() if marker in k}
         remapped = {}
@@ -322,10 +341,13 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
                 remapped[key] = tensor
                 continue
             blocks = _block_keys(live, f"{stem}.{block_factor}.")
-            expected = (live[blocks[0]].shape[0], sum(live[k].shape[1] for k in blocks), live[blocks[0]].shape[2])
+            first = live[blocks[0]].shape
+            expected = (first[0], sum(live[k].shape[1] for k in blocks), *first[2:])
             _check_saved_shape(key, tensor, {key: torch.empty(expected, device="meta")}, config)
             sizes = [live[k].shape[1] for k in blocks]
             remapped.update(zip(blocks, torch.split(tensor, sizes, dim=1)))
+        for key in _block_keys(live, f"{marker}task_gate_blocks."):
+            remapped.setdefault(key, torch.ones_like(live[key], device="cpu"))
         missing = sorted({k.split(marker, 1)[1].split(".", 1)[0] for k in set(live) - set(remapped)})
         if missing:
             names = [_TASK_BLOCKS.get(m, m) for m in missing]
@@ -340,7 +362,7 @@ _NO_MERGE = (
 )
 
 #: Task-factor blocks in the model and the single tensor each is saved as.
-_TASK_BLOCKS = {"task_u_blocks": "task_u", "task_v_blocks": "task_v"}
+_TASK_BLOCKS = {"task_u_blocks": "task_u", "task_v_blocks": "task_v", "task_gate_blocks": "task_gate"}
 
 
 def _block_keys(keys, prefix: str) -> list[str]:
@@ -354,6 +376,7 @@ _SHAPE_MEANING = {
     "shared_basis": ("adapted layers (adapter_layers)", "num_virtual_tokens", "r"),
     "task_u": ("adapted layers (adapter_layers)", "tasks (num_tasks / task_names)", "r"),
     "task_v": ("adapted layers (adapter_layers)", "tasks (num_tasks / task_names)", "hidden size of the base model"),
+    "task_gate": ("adapted layers (adapter_layers)", "tasks (num_tasks / task_names)"),
     "gate": ("adapted layers (adapter_layers)", "attention heads of the base model"),
 }
 
