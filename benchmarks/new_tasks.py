@@ -4,11 +4,15 @@ For each unseen task (the 4 suite targets and the 2 extra held-out tasks), on k 
 from its train split:
 
 - ``base``: the base model zero-shot;
-- ``ta-lora``: ``add_tasks([task])`` on the trained adapter (freeze mode: only the new ``u, v``
-  train), the neutral start (the new task's prompt is the shared prompt);
-- ``ta-lora/closest``: the same, started as a copy of the source task whose routing gives the
+- ``ta-lora``: ``add_tasks([task])`` on the trained adapter (freeze mode: only the new ``u, v, c``
+  train), the default neutral start ``new_task_start="base"``: gate scale ``c = 0``, so the new
+  task starts exactly at the base model;
+- ``ta-lora/shared``: the same with ``new_task_start="shared_prompt"`` (``c = 1``: the new task
+  starts at the trained shared prompt: the paper's start, and the only one before gate scales existed);
+- ``ta-lora/closest``: started as a copy (``u, v, c``) of the source task whose routing gives the
   shots the lowest loss (``closest_task`` then ``add_tasks(..., init_from=...)``), at the learning
-  rate ``ta-lora`` chose (a change of the start only; its own grid when ``ta-lora`` has not run);
+  rate ``ta-lora/shared`` chose (both start on the trained prompt: a change of the start only; its
+  own grid when ``ta-lora/shared`` has not run);
 - ``pt``: PEFT prompt tuning (10 virtual tokens, TEXT init) on the base model;
 - ``lora``: PEFT LoRA (r=8 on q/v) on the base model.
 
@@ -51,7 +55,9 @@ from peft_talora.training import build_trainer
 from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.training.transfer import task_losses
 
-METHODS = ("base", "ta-lora", "ta-lora/closest", "pt", "lora")
+METHODS = ("base", "ta-lora", "ta-lora/shared", "ta-lora/closest", "pt", "lora")
+#: Where ``add_tasks`` starts the new task (``TALoraConfig.new_task_start``) for each TA-LoRA variant.
+NEW_TASK_START = {"ta-lora": "base", "ta-lora/shared": "shared_prompt", "ta-lora/closest": "shared_prompt"}
 #: Tasks whose default split leaves under 100 test rows get a split with more test rows (train, validation, test):
 #: consumer_contracts has 396 rows, so 70/10/20 leaves 80 test rows; 40/10/50 leaves 198 and 158 to draw shots from.
 SPLIT_FRACTIONS = {"consumer_contracts": (0.4, 0.1, 0.5)}
@@ -59,10 +65,10 @@ LR_GRIDS = {"ta-lora": (3e-3, 1e-2, 3e-2), "pt": (3e-3, 1e-2, 3e-2), "lora": (3e
 
 
 def grid_of(method: str, done: dict) -> tuple[float, ...]:
-    """The learning rates ``method`` tries. A TA-LoRA variant (``ta-lora/closest``) is a change of the
-    start only: it trains at the learning rate TA-LoRA chose, when TA-LoRA has run (a third of the time)."""
-    if "/" in method and "lr" in done.get("ta-lora", {}):
-        return (done["ta-lora"]["lr"],)
+    """The learning rates ``method`` tries. ``ta-lora/closest`` is a change of ``ta-lora/shared``'s start
+    only: it trains at the learning rate that one chose, when it has run (a third of the time)."""
+    if method == "ta-lora/closest" and "lr" in done.get("ta-lora/shared", {}):
+        return (done["ta-lora/shared"]["lr"],)
     return LR_GRIDS[method.split("/")[0]]
 
 
@@ -120,8 +126,10 @@ def build(method: str, data: TaskData, tokenizer, args):
                 batch = collator(list(data.train_rows))
                 data.source_losses = task_losses(model, batch)
             start = min(data.source_losses, key=data.source_losses.get)
+        model.peft_config["default"].new_task_start = NEW_TASK_START[method]
         model.add_tasks([data.name], init_from=start)
-        return model, {"init_from": start, "source_losses": data.source_losses if start else None}
+        info = {"new_task_start": NEW_TASK_START[method], "init_from": start}
+        return model, {**info, "source_losses": data.source_losses if start else None}
     # the full benchmark's configs: PT with 10 virtual tokens and a text init, LoRA r=8 on q/v
     config = M.make_config(family, [data.name], base.config.num_hidden_layers, tok_path=M.tokenizer_path())
     return get_peft_model(base, config), {}
@@ -297,7 +305,7 @@ def report(results: dict, tasks, methods) -> str:
         lines += [
             "",
             f"Target: {ours} above {', '.join(peers)} on every task (test macro-F1). Where a new task starts "
-            "(step 0, the shared prompt) against the base model, on the validation rows:",
+            f"(step 0; {ours}: new_task_start={NEW_TASK_START[ours]!r}) against the base model, on the validation rows:",
             "",
             "| task | target met | below | base (validation) | start (validation) | best (validation) |",
             "|---|---|---|---|---|---|",

@@ -453,13 +453,13 @@ def run_new_tasks(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path):
     out = tmp_path / "new_tasks"
-    methods = ["--tasks", "pubmedqa", "--methods", "base", "ta-lora/closest", "lora"]
+    methods = ["--tasks", "pubmedqa", "--methods", "base", "ta-lora", "ta-lora/closest", "lora"]
     first = run_new_tasks(out, *methods)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     record = json.loads((out / "pubmedqa.json").read_text())
     assert record["settings"]["shots"] == 2 and record["settings"]["steps"] == 2
     assert record["base"]["test"]["n"] == 8
-    for method in ("ta-lora/closest", "lora"):
+    for method in ("ta-lora", "ta-lora/closest", "lora"):
         entry = record[method]
         assert len(entry["grid"]) == 3  # the same grid size for every method
         # the chosen (lr, step) is the best validation macro-F1 over the whole grid, earliest step on ties
@@ -472,6 +472,9 @@ def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path
         assert entry["validation_macro_f1"] == best[0] and entry["step"] == best[3]
         assert len(entry["test"]["predictions"]) == 8
         assert all(len(run["train_loss"]) == 2 for run in entry["grid"].values())
+    # the default start (c = 0) is the base model: its step-0 predictions are the base model's
+    for run in record["ta-lora"]["grid"].values():
+        assert run["new_task_start"] == "base" and run["validation"]["0"] == record["base"]["validation"]["0"]
     assert record["ta-lora/closest"]["grid"]["0.01"]["init_from"] in (
         "movie_sentiment tweet_sentiment amazon_sentiment nyt_sentiment sms_spam trec bbc_topic boolq".split()
     )
