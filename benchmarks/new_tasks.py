@@ -325,18 +325,45 @@ def report(results: dict, tasks, methods) -> str:
     done = [t for t in tasks if all("test" in results[t].get(m, {}) for m in methods)]
     if done:
         lines += ["", f"Average over {len(done)} tasks ({', '.join(done)}), macro-F1 [95% interval]:"]
-        for method in methods:
-            interval = bootstrap_interval([runs(results[t][method]["test"]) for t in done], "macro_f1")
-            lines.append(f"- {method}: {interval.format()}")
-        for ours in [m for m in methods if m.startswith("ta-lora")]:
-            for other in [m for m in methods if not m.startswith("ta-lora")]:
-                diff = paired_difference(
-                    [runs(results[t][ours]["test"]) for t in done],
-                    [runs(results[t][other]["test"]) for t in done],
-                    "macro_f1",
-                )
-                lines.append(f"- {ours} - {other} (paired): {diff.format(signed=True)}")
+        lines += averages([results[t] for t in done], methods)
     return "\n".join(lines)
+
+
+def averages(records: list[dict], methods) -> list[str]:
+    """Each method's mean test macro-F1 over ``records`` (one task's results each) and the paired differences
+    of the TA-LoRA variants against the peers (and of ``ta-lora`` against the other starts), with intervals."""
+    lines = []
+    for method in methods:
+        interval = bootstrap_interval([runs(r[method]["test"]) for r in records], "macro_f1")
+        lines.append(f"- {method}: {interval.format()}")
+    variants = [m for m in methods if m.startswith("ta-lora")]
+    for ours in variants:
+        others = [m for m in methods if not m.startswith("ta-lora")]
+        if ours == "ta-lora":  # the default start against the other starts
+            others += [m for m in variants if m != ours]
+        for other in others:
+            diff = paired_difference(
+                [runs(r[ours]["test"]) for r in records], [runs(r[other]["test"]) for r in records], "macro_f1"
+            )
+            lines.append(f"- {ours} - {other} (paired): {diff.format(signed=True)}")
+    return lines
+
+
+def pooled_report(folders, tasks, methods) -> str:
+    """Averages over every (task, seed) pair of ``folders`` (one seed each) whose ``methods`` all finished.
+
+    Seeds draw different shots and test rows, so each pair is its own entry; the intervals resample the
+    test rows of every pair.
+    """
+    pairs = []
+    for folder in folders:
+        for name, record in load_results(Path(folder)).items():
+            if name in tasks and all("test" in record.get(m, {}) for m in methods):
+                pairs.append((f"{name} (seed {record['settings']['seed']})", record))
+    if not pairs:
+        return "No (task, seed) pair has every method finished."
+    header = f"Pooled over {len(pairs)} (task, seed) pairs ({', '.join(p for p, _ in pairs)}), macro-F1 [95% interval]:"
+    return "\n".join([header, *averages([r for _, r in pairs], methods)])
 
 
 def main(argv=None):
@@ -356,7 +383,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output-dir", default="benchmarks/new_tasks", help="one <task>.json per task")
     parser.add_argument("--scratch", default="outputs/new_tasks_scratch")
-    parser.add_argument("--report", action="store_true", help="print the table of --output and stop")
+    parser.add_argument("--report", action="store_true", help="print the table of --output-dir and stop")
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="with --report: also average over these output dirs' seeds",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random model and an untrained adapter (smoke test)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -366,6 +400,8 @@ def main(argv=None):
     else:
         results = run(args)
     text = report(results, args.tasks, args.methods)
+    if args.report and args.pool:
+        text += "\n\n" + pooled_report(args.pool, args.tasks, args.methods)
     print("\n" + text)
     if results:
         command = "python benchmarks/new_tasks.py " + " ".join(sys.argv[1:])

@@ -4,8 +4,8 @@
 2. shared warm-up (task part off), then multi-task training on the 8 source tasks with the stock
    ``Trainer`` (fast/slow learning rates, orthogonality penalty, periodic evaluation);
 3. unseen data: each source task's held-out test examples;
-4. unseen tasks: each target task is added to the trained adapter (``add_tasks``, freeze mode)
-   and trained on k examples per label;
+4. unseen tasks: each target task is added to the trained adapter (``add_tasks``, freeze mode;
+   it starts exactly at the base model) and trained on k examples per label;
 5. a peer trained the same way on each target (``--peers pt``: PEFT prompt tuning, same shots,
    steps, batch and learning rate as step 4, on the base model);
 6. a table on stdout, ``results.json``, ``results.png`` and the adapter in ``--output-dir``.
@@ -399,7 +399,10 @@ def run(args) -> dict:
             continue
         print(f"\n[4/5] unseen task {name}: k={args.shots} examples per label, new task factors only")
         model = PeftModel.from_pretrained(base, adapter)
-        model.add_tasks([name])  # freeze mode: shared parts and source tasks stay bit-identical
+        torch.manual_seed(args.seed)  # the new task's random u: the same in a fresh and in a resumed run
+        model.add_tasks(
+            [name]
+        )  # freeze mode: shared parts and source tasks stay bit-identical; starts at the base model
         shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
         rows = format_split(
             shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT

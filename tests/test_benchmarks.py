@@ -482,5 +482,8 @@ def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path
 
     again = run_new_tasks(out, *methods)  # everything is done: nothing trains again
     assert again.returncode == 0 and "== pubmedqa" not in again.stdout
+    pooled = run_new_tasks(out, *methods, "--report", "--pool", str(out))
+    assert "Pooled over 1 (task, seed) pairs (pubmedqa (seed 0))" in pooled.stdout
+    assert "- ta-lora - ta-lora/closest (paired): " in pooled.stdout  # the default start against the other
     other = run_new_tasks(out, *methods, "--seed", "1")
     assert other.returncode != 0 and "made with other settings" in other.stdout + other.stderr
