@@ -196,7 +196,8 @@ def test_precision_and_memory_modes_train(tmp_path, overrides, mlp_calls, logits
     assert logged[8] < logged[1]
     model = trainer.model
     end = adapter_state(model)
-    for key in start:  # every adapter tensor (prompt, basis, u, v, gate) was trained, and stays float32
+    assert torch.equal(end.pop("task_gate_blocks.0"), torch.ones_like(start.pop("task_gate_blocks.0")))  # fixed
+    for key in start:  # every other adapter tensor (prompt, basis, u, v, gate) was trained, and stays float32
         assert not torch.equal(start[key], end[key]), f"{key} did not change"
         assert end[key].dtype == torch.float32
     for key, value in model.get_base_model().state_dict().items():
