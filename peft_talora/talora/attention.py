@@ -160,12 +160,13 @@ class AttentionSite:
             gate_scale = None
         else:
             tasks, inverse = routing.unique_tasks(batch_size)
-            shared, coefficients, directions = bank.task_prompt_factors(tasks.to(bank.gate.device), row)
+            tasks = tasks.to(bank.gate.device)
+            shared, coefficients, directions = bank.task_prompt_factors(tasks, row)
             key, value = self.project_prompts(
                 shared.to(device, dtype), coefficients.to(device, dtype), directions.to(device, dtype)
             )  # (U, H_kv, n, hd)
             inverse = inverse.to(device)
-            gate_scale = bank.task_gate_scales(tasks.to(bank.gate.device), row).to(device)[inverse]  # (B,)
+            gate_scale = bank.task_gate_scales(tasks, row).to(device)[inverse]  # (B,)
         result = (key[inverse], value[inverse], bank.gate[row].to(device), gate_scale)
         if routing.cache is not None:
             routing.cache[cache_key] = result

@@ -106,7 +106,7 @@ class TALoraPromptBank(nn.Module):
 
     def task_gate_scales(self, tasks: torch.Tensor, layer: int) -> torch.Tensor:
         """``c[layer, t]`` of task ids ``(U,)``: ``(U,)``."""
-        return _concat([block[layer] for block in self.task_gate_blocks], dim=0)[tasks]
+        return _task_rows(self.task_gate_blocks, layer, tasks)
 
     @property
     def num_tasks(self) -> int:
@@ -121,8 +121,8 @@ class TALoraPromptBank(nn.Module):
         which lets an affine key/value projection skip building the ``(U, n, d)`` prompts. Each
         layer asks for its own row inside its own forward.
         """
-        u = _concat([block[layer] for block in self.task_u_blocks], dim=0)[tasks]  # (U, r)
-        v = _concat([block[layer] for block in self.task_v_blocks], dim=0)[tasks]  # (U, d)
+        u = _task_rows(self.task_u_blocks, layer, tasks)  # (U, r)
+        v = _task_rows(self.task_v_blocks, layer, tasks)  # (U, d)
         coefficients = self.scaling * u @ self.shared_basis[layer].T  # (U, n)
         return self.shared_prompt[layer], coefficients, v
 
@@ -141,6 +141,11 @@ class TALoraPromptBank(nn.Module):
 def _concat(blocks, dim: int = 1) -> torch.Tensor:
     """The task blocks joined along the task dimension (no copy when there is one block)."""
     return blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=dim)
+
+
+def _task_rows(blocks, layer: int, tasks: torch.Tensor) -> torch.Tensor:
+    """Bank row ``layer`` of task ids ``tasks`` ``(U,)`` across the task blocks: ``(U, ...)``."""
+    return _concat([block[layer] for block in blocks], dim=0)[tasks]
 
 
 def is_fast_parameter(name: str) -> bool:
