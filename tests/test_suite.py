@@ -1,6 +1,7 @@
 """The multi-task data suite: packaged tasks, dedup/split/cache, bring-your-own tasks, prompts, evaluation."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ from peft_talora.suite import (
     truncate_middle,
     unregister_task,
 )
-from peft_talora.training.collator import tokenize_for_causal_lm
+from peft_talora.suite.evaluation import _plain_cache
+from peft_talora.training.collator import TaskIdEncoder, tokenize_for_causal_lm
 
 BUILTIN_NAMES = {
     "movie_sentiment", "tweet_sentiment", "amazon_sentiment", "nyt_sentiment", "sms_spam", "trec", "bbc_topic",
@@ -358,6 +360,86 @@ def test_batched_rank_scores_match_one_forward_per_pair():
     tuned = get_peft_model(tiny_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     expected = reference_scores(tuned, tokenizer, PROMPTS, CHOICES, offset=3)
     assert torch.allclose(score_choices(tuned, tokenizer, PROMPTS, CHOICES, batch_size=2), expected, atol=1e-4)
+
+
+def _trained_like(model, seed: int = 0):
+    """Every trainable tensor drawn at random (zero-initialised gates and LoRA ``B`` open), as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.5)
+    return model
+
+
+def _shared_prompt_model(kind: str):
+    """``(model, task id per prompt or None)`` for the prompt-sharing test."""
+    from peft import AdaptionPromptConfig, LoraConfig, MultitaskPromptTuningConfig
+
+    from peft_talora import MTLLoraConfig
+
+    names = ["red", "blue"]
+    routed = [0, 1, 1, 0]
+    if kind in ("llama", "gpt2", "gemma3_text"):
+        return tiny_model(kind), None
+    if kind == "prompt-tuning":
+        return get_peft_model(tiny_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)), None
+    if kind == "multitask-prompt-tuning":
+        config = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_tasks=2, num_ranks=1)
+        return _trained_like(get_peft_model(tiny_model(), config)), routed
+    if kind == "adaption-prompt":
+        config = AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2)
+        return _trained_like(get_peft_model(tiny_model(), config)), None
+    if kind == "lora":
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+        return _trained_like(get_peft_model(tiny_model(), config)), None
+    if kind == "ta-lora":
+        config = TALoraConfig(task_type="CAUSAL_LM", task_names=names, num_virtual_tokens=3, r=2)
+        return perturb(get_peft_model(tiny_model(), config)), [names[t] for t in routed]
+    config = MTLLoraConfig(task_type="CAUSAL_LM", task_names=names, r=4, target_modules=["q_proj", "v_proj"])
+    return _trained_like(get_peft_model(tiny_model(), config)), [names[t] for t in routed]
+
+
+SHARED_PROMPT_MODELS = (
+    "llama",
+    "gpt2",
+    "gemma3_text",  # sliding-window cache: falls back to a pass per pair
+    "prompt-tuning",
+    "multitask-prompt-tuning",
+    "adaption-prompt",
+    "lora",
+    "ta-lora",
+    "mtl-lora",
+)
+
+
+@pytest.mark.parametrize("kind", SHARED_PROMPT_MODELS)
+def test_continuing_the_prompt_cache_scores_like_one_forward_per_pair(kind):
+    """Multi-token labels read from a continuation of each prompt's key/value cache (right padding masked, the
+    cache repeated per label, task ids per row) score as an unbatched forward of prompt + label, for every kind
+    of adapter; models whose cache cannot be continued fall back to the pair passes."""
+    model, task_ids = _shared_prompt_model(kind)
+    model.eval()  # no dropout in the reference either
+    tokenizer = tiny_tokenizer()
+    offset = 3 if "prompt-tuning" in kind else 0  # virtual tokens in the sequence (not inside the attention)
+    expected = torch.zeros(len(PROMPTS), len(CHOICES))
+    encoder = TaskIdEncoder.from_config(model) if task_ids and isinstance(task_ids[0], str) else None
+    encoder = encoder or SimpleNamespace(encode=lambda ids: ids)  # ids already
+    with torch.no_grad():
+        for i, prompt in enumerate(PROMPTS):
+            routing = {} if task_ids is None else {"task_ids": torch.tensor(encoder.encode([task_ids[i]]))}
+            for j, choice in enumerate(CHOICES):
+                p, c = tokenizer(prompt)["input_ids"], tokenizer(choice, add_special_tokens=False)["input_ids"]
+                log_probs = model(input_ids=torch.tensor([p + c]), **routing).logits[0, offset:].log_softmax(-1)
+                expected[i, j] = sum(log_probs[len(p) - 1 + k, t] for k, t in enumerate(c))
+    shared = score_choices(model, tokenizer, PROMPTS, CHOICES, task_id=task_ids, batch_size=3)
+    pairs = score_choices(model, tokenizer, PROMPTS, CHOICES, task_id=task_ids, batch_size=3, share_prompt=False)
+    assert torch.allclose(shared, expected, atol=1e-4), (shared - expected).abs().max()
+    assert torch.allclose(pairs, expected, atol=1e-4)
+    if kind in ("llama", "gemma3_text"):  # gemma3's sliding-window layers cannot be continued: pairs scored it
+        with torch.no_grad():
+            output = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+        assert _plain_cache(getattr(output, "cache", None) or output.past_key_values) == (kind == "llama")
 
 
 def forced_model(word: str):

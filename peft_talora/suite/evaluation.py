@@ -5,8 +5,9 @@ an int (every row), a task name (TA-LoRA's ``task_names``), or one per row; ``No
 ``task_ids`` at all, as the base model, LoRA or prompt tuning need. The model runs under
 ``torch.no_grad()`` in eval mode and every module's training flag is restored afterwards.
 Forward passes are batched (right-padded, sorted by length, only the needed logits computed);
-rank classification reads every one-token label word from one pass over the prompt and scores
-longer label words as (example, label) pairs.
+rank classification reads every one-token label word from one pass over the prompt, and the
+other tokens of longer label words from one short pass that continues that prompt's key/value
+cache (or, for models whose cache cannot be continued, a pass per (example, label) pair).
 """
 
 from __future__ import annotations
@@ -158,6 +159,95 @@ def _batches(order: np.ndarray, batch_size: int, progress: bool, desc: str):
 
 
 # ----------------------------------------------------------------------------- rank classification
+def _prompt_continuation(model) -> Optional[str]:
+    """Who continues a prompt's key/value cache with the label tokens: ``"model"`` (the model itself, task ids
+    included), ``"base"`` (prompt tuning: its virtual tokens are in the cache, the base model goes on) or ``None``
+    (other prompt-learning methods rebuild their prompt on every call: score pairs instead)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return "model"
+    from peft import PeftType
+
+    if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.MULTITASK_PROMPT_TUNING):
+        return "base"
+    return None
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` (recent transformers) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def _plain_cache(cache) -> bool:
+    """Whether ``cache`` holds every past key/value of every layer (right padding then only needs masking); a
+    sliding-window or recurrent (linear-attention) layer would have folded the padding into its state."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _score_sharing_prompts(
+    model, continuation: str, sequences, choice_ids, single, multi, row_tasks, pad: int, keep_logits: bool
+):
+    """Scores of one batch of prompts: ``(single (B, S), multi (B, M))``, or ``None`` if the cache is unusable.
+
+    One pass over the right-padded prompts gives every choice's first token and the key/value cache; one pass
+    over the multi-token choices' other tokens continues it, each prompt's cache repeated once per choice, with
+    the padding masked and the position ids the choice tokens would have right after their prompt.
+    """
+    device = _device(model)
+    rows = [torch.tensor(ids) for ids in sequences]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad).to(device)
+    batch, width = input_ids.shape
+    lengths = torch.tensor([len(ids) for ids in sequences], device=device)
+    attention_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
+    if keep_logits:
+        kwargs["logits_to_keep"] = int(width - lengths.min().item() + 1)
+    if row_tasks is not None:
+        kwargs["task_ids"] = row_tasks.to(device)
+    output = model(**kwargs)
+    cache = getattr(output, "cache", None)
+    cache = getattr(output, "past_key_values", None) if cache is None else cache
+    if not _plain_cache(cache):
+        return None
+    logit_index = lengths - 1 - width + output.logits.shape[1]
+    first = output.logits[torch.arange(batch, device=device), logit_index].float().log_softmax(-1)  # (B, vocab)
+    single_scores = first[:, torch.tensor([choice_ids[c][0] for c in single], dtype=torch.long, device=device)]
+
+    # every (example, multi-token choice) pair continues its example's cache with the choice's tokens but the last
+    sizes = torch.tensor([len(choice_ids[c]) - 1 for c in multi], device=device)  # tokens fed, >= 1
+    fed = int(sizes.max())
+    steps = torch.arange(fed, device=device)
+    valid = steps[None, :] < sizes[:, None]  # (M, fed)
+    inputs = torch.tensor([choice_ids[c][:-1] + [pad] * (fed + 1 - len(choice_ids[c])) for c in multi], device=device)
+    targets = torch.tensor([choice_ids[c][1:] + [pad] * (fed + 1 - len(choice_ids[c])) for c in multi], device=device)
+    pairs = torch.arange(batch, device=device).repeat_interleave(len(multi))  # example of each pair
+    cache.reorder_cache(pairs)
+    virtual = cache.get_seq_length() - width  # prompt tuning's virtual tokens sit before the prompt
+    past_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)[pairs]
+    continued = {
+        "input_ids": inputs.repeat(batch, 1),
+        "attention_mask": torch.cat([past_mask, valid.long().repeat(batch, 1)], dim=1),
+        "position_ids": (lengths[pairs] + virtual)[:, None] + steps[None, :],
+        _cache_argument(model): cache,
+    }
+    if continuation == "base":
+        logits = model.get_base_model()(**continued).logits
+    else:
+        if row_tasks is not None:
+            continued["task_ids"] = row_tasks.to(device)[pairs]
+        logits = model(**continued).logits
+    token_scores = logits.float().log_softmax(-1).gather(-1, targets.repeat(batch, 1)[..., None]).squeeze(-1)
+    rest = (token_scores * valid.repeat(batch, 1)).sum(-1).view(batch, len(multi))
+    first_tokens = torch.tensor([choice_ids[c][0] for c in multi], device=device)
+    return single_scores, first[:, first_tokens] + rest
+
+
 def _log_probs_at(model, sequences, positions, row_tasks, pad: int, keep_logits: bool) -> torch.Tensor:
     """Next-token log-probabilities after ``positions`` of right-padded ``sequences``: ``(B, P, vocab)``.
 
@@ -192,6 +282,7 @@ def score_choices(
     task_id: TaskId = None,
     batch_size: int = 16,
     length_normalize: bool = False,
+    share_prompt: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
     """Log-likelihood of each choice after each prompt, shape ``(len(prompts), len(choices))``.
@@ -199,8 +290,11 @@ def score_choices(
     Prompts are tokenised with the tokenizer's special tokens and choices without, exactly as
     :func:`peft_talora.training.collator.tokenize_for_causal_lm` tokenises prompt and completion. A choice of
     several tokens scores the sum of their log-probabilities (the mean with ``length_normalize``).
-    Choices of one token are all read from a single forward pass of the prompt; each choice of
-    several tokens gets a forward pass of prompt + choice, batched across examples.
+    Choices of one token are all read from a single forward pass of the prompt. With ``share_prompt``, the
+    other tokens of every longer choice come from one short pass that continues the prompt's key/value cache
+    (about one prompt pass per example however many labels); without it, or for a model whose cache cannot be
+    continued (prompt-learning methods other than prompt tuning, sliding-window or recurrent caches), each
+    (example, choice) pair gets a forward pass of prompt + choice. Both give the same scores up to rounding.
     """
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     choice_ids = tokenizer(list(choices), add_special_tokens=False)["input_ids"]
@@ -221,9 +315,33 @@ def score_choices(
 
     with evaluating(model):
         single = np.flatnonzero(choice_lengths == 1)
-        if len(single):  # one pass per example gives every one-token choice
+        multi = np.flatnonzero(choice_lengths > 1)
+        continuation = _prompt_continuation(model) if share_prompt and len(multi) else None
+        pair_examples = np.arange(n_examples) if continuation is None else np.array([], dtype=int)
+        if continuation is not None:  # one pass per example and one short continuation give every choice
+            order = np.argsort(-prompt_lengths, kind="stable")
+            unshared = []
+            for examples in _batches(order, batch_size, progress, "scoring labels"):
+                sequences = [prompt_ids[e] for e in examples]
+                shared = _score_sharing_prompts(
+                    model, continuation, sequences, choice_ids, single, multi, tasks_of(examples), pad, keep_logits
+                )
+                if shared is None:
+                    unshared.append(examples)
+                    continue
+                index = torch.as_tensor(examples)[:, None]
+                scores[index, torch.as_tensor(single, dtype=torch.long)[None, :]] = shared[0].cpu()
+                scores[index, torch.as_tensor(multi)[None, :]] = shared[1].cpu()
+            if unshared:  # the cache could not be continued: the one-token choices and every pair as below
+                pair_examples = np.concatenate(unshared)
+                single_examples = pair_examples
+            else:
+                single_examples = np.array([], dtype=int)
+        else:
+            single_examples = np.arange(n_examples)
+        if len(single) and len(single_examples):  # one pass per example gives every one-token choice
             single_tokens = torch.tensor([choice_ids[c][0] for c in single])
-            order = np.argsort(-prompt_lengths, kind="stable")  # similar lengths share a batch
+            order = single_examples[np.argsort(-prompt_lengths[single_examples], kind="stable")]  # similar lengths
             for examples in _batches(order, batch_size, progress, "scoring labels"):
                 last = torch.as_tensor(prompt_lengths[examples] - 1)[:, None]
                 sequences = [prompt_ids[e] for e in examples]
@@ -231,10 +349,9 @@ def score_choices(
                 single_scores = log_probs[:, 0, single_tokens.to(log_probs.device)].cpu()
                 scores[torch.as_tensor(examples)[:, None], torch.as_tensor(single)[None, :]] = single_scores
 
-        multi = np.flatnonzero(choice_lengths > 1)
-        if len(multi):  # (example, choice) pairs, longest first
-            pair_example = np.repeat(np.arange(n_examples), len(multi))
-            pair_choice = np.tile(multi, n_examples)
+        if len(multi) and len(pair_examples):  # (example, choice) pairs, longest first
+            pair_example = np.repeat(pair_examples, len(multi))
+            pair_choice = np.tile(multi, len(pair_examples))
             order = np.argsort(-(prompt_lengths[pair_example] + choice_lengths[pair_choice]), kind="stable")
             for pairs in _batches(order, batch_size, progress, "scoring multi-token labels"):
                 examples, options = pair_example[pairs], pair_choice[pairs]
