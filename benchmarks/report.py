@@ -209,19 +209,34 @@ def _planned(data: dict, key: str) -> Optional[dict]:
     return run
 
 
+def _grid_losses(data: dict, key: str, grid: list, seeds: list) -> dict:
+    """``{lr: validation loss}`` of the grid runs done, the mean over ``seeds`` (``None`` if one diverged)."""
+    losses = {}
+    for lr in grid:
+        runs = [_planned(data, f"{key}|seed{seed}|lr={lr:g}") for seed in seeds]
+        if None not in runs:
+            values = [run.get("validation_loss") for run in runs]
+            losses[f"{lr:g}"] = None if None in values else sum(values) / len(values)
+    return losses
+
+
 def lr_choices(data: dict) -> dict:
     """``--lr-grid``: ``{method: {seed: {"losses": {lr: validation loss, None if diverged}, "chosen": lr, "edge":
-    ...}}}`` from the grid's runs; ``chosen`` (the lowest loss, the first on ties, as ``run.py`` chooses) once every
-    learning rate of the grid is done, ``edge`` whether it is the grid's lowest or highest value."""
+    ..., "on_seeds": [...]}}}`` from the grid's runs; ``losses`` are the seed's own (empty for a seed that did not
+    train the grid, ``--lr-grid-seeds``); ``chosen`` (the lowest mean loss over ``on_seeds``, the first on ties, as
+    ``run.py`` chooses) once every learning rate of the grid is done, ``edge`` whether it is the grid's lowest or
+    highest value."""
     plan, out = data["plan"], {}
+    pooled = plan.get("lr_grid_seeds")
     for key, grid in (plan.get("lr_grid") or {}).items():
         for seed in plan["seeds"]:
-            runs = {f"{lr:g}": _planned(data, f"{key}|seed{seed}|lr={lr:g}") for lr in grid}
-            losses = {lr: run.get("validation_loss") for lr, run in runs.items() if run is not None}
-            finite = {lr: loss for lr, loss in losses.items() if loss is not None}
-            chosen = min(finite, key=finite.get) if finite and len(losses) == len(grid) else None
+            on = list(pooled) if pooled else [seed]
+            losses = _grid_losses(data, key, grid, [seed]) if seed in on or not pooled else {}
+            choice = _grid_losses(data, key, grid, on)
+            finite = {lr: loss for lr, loss in choice.items() if loss is not None}
+            chosen = min(finite, key=finite.get) if finite and len(choice) == len(grid) else None
             edge = chosen is not None and len(grid) > 1 and chosen in (f"{min(grid):g}", f"{max(grid):g}")
-            out.setdefault(key, {})[str(seed)] = {"losses": losses, "chosen": chosen, "edge": edge}
+            out.setdefault(key, {})[str(seed)] = {"losses": losses, "chosen": chosen, "edge": edge, "on_seeds": on}
     return out
 
 
@@ -245,11 +260,10 @@ def curves(data: dict) -> dict:
     for key in plan["methods"]:
         for seed in plan["seeds"]:
             choice = (data.get("lr_choice") or {}).get(key, {}).get(str(seed))
-            if choice is not None:
+            if choice is not None and choice["chosen"] in choice["losses"]:  # the seed trained the grid
                 lr = choice["chosen"]
-                run = _planned(data, f"{key}|seed{seed}|lr={lr}") if lr is not None else None
-                curve = (run or {}).get("curve")
-            else:
+                curve = (_planned(data, f"{key}|seed{seed}|lr={lr}") or {}).get("curve")
+            else:  # a fixed learning rate, or one chosen on other seeds (--lr-grid-seeds)
                 train = (_run(data, f"{key}|seed{seed}|unseen_data") or {}).get("train") or {}
                 lr, curve = train.get("lr"), train.get("curve")
             if curve:
@@ -510,6 +524,22 @@ def _lr_cell(data: dict, key: str) -> str:
     return f"grid {' / '.join(_lr_text(lr) for lr in grid)}; chosen per seed: {picks or '-'}"
 
 
+def _seeds_text(seeds: list) -> str:
+    return ", ".join(str(seed) for seed in seeds)
+
+
+def _choice_rule(plan: dict) -> str:
+    """How the learning rate was chosen: per seed, or once on ``--lr-grid-seeds`` for every seed."""
+    pooled = plan.get("lr_grid_seeds")
+    if not pooled:
+        return "Per seed the one with the lowest validation loss after the last step was kept"
+    return (
+        f"Only seed {_seeds_text(pooled)} trained the whole grid; the learning rate with the lowest "
+        f"{'mean ' if len(pooled) > 1 else ''}validation loss after the last step there was kept, and every seed "
+        "trained at it"
+    )
+
+
 def render_lr_choice(data: dict) -> list[str]:
     """``--lr-grid``: the learning rate chosen per method and seed, with every validation loss of the grid."""
     plan, choices = data["plan"], data.get("lr_choice") or {}
@@ -522,11 +552,11 @@ def render_lr_choice(data: dict) -> list[str]:
         "",
         "Every method trained its multi-task adapter at each learning rate of its family's grid ("
         + "; ".join(" / ".join(_lr_text(lr) for lr in grid) for grid in sorted(grids))
-        + f"), the same number of values for every method. Per seed the one with the lowest validation loss after "
-        f"the last step was kept (Trainer's evaluation loss, label tokens only, on {settings['val_per_task']} "
-        "rows of each source task's validation split, the same rows for every method); unseen data and unseen "
-        "tasks were evaluated with it only. Cells: **chosen** (validation loss of each learning rate). A choice "
-        "at the edge of the grid (marked *edge*) may mean the best value lies outside it.",
+        + f"), the same number of values for every method. {_choice_rule(plan)} (Trainer's evaluation loss, "
+        f"label tokens only, on {settings['val_per_task']} rows of each source task's validation split, the same "
+        "rows for every method); unseen data and unseen tasks were evaluated with it only. Cells: **chosen** "
+        "(validation loss of each learning rate). A choice at the edge of the grid (marked *edge*) may mean the "
+        "best value lies outside it.",
         "",
     ]
     rows, edges = [], []
@@ -534,6 +564,9 @@ def render_lr_choice(data: dict) -> list[str]:
         cells = []
         for seed in plan["seeds"]:
             choice = choices.get(key, {}).get(str(seed))
+            if choice and not choice["losses"] and choice["chosen"]:  # chosen on the grid seeds
+                cells.append(f"**{_lr_text(choice['chosen'])}** (chosen on seed {_seeds_text(choice['on_seeds'])})")
+                continue
             if not choice or not choice["losses"]:
                 cells.append("-")
                 continue

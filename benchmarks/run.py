@@ -249,6 +249,17 @@ def lr_grid(args, key: str) -> list[float]:
     return list(args.prompt_lr_grid if M.ALL[key].family == "prompt" else args.lora_lr_grid)
 
 
+def choice_seeds(args, seed: int) -> list[int]:
+    """The seeds whose validation losses choose ``seed``'s learning rate: ``seed`` itself, or with
+    ``--lr-grid-seeds`` those seeds (the mean loss over them; every seed then trains at that one choice)."""
+    return list(args.lr_grid_seeds) if args.lr_grid_seeds else [seed]
+
+
+def grid_seeds(args) -> list[int]:
+    """The seeds that train the whole learning-rate grid (all of them unless ``--lr-grid-seeds``)."""
+    return list(args.lr_grid_seeds) if args.lr_grid_seeds else list(args.seeds)
+
+
 def validating(args) -> bool:
     """Whether multi-task training computes the validation loss (the learning-rate grid needs it, curves too)."""
     return args.lr_grid or args.eval_every > 0
@@ -299,9 +310,10 @@ def plan(args, keys: list[str]) -> dict:
         for key in keys:
             src = source_fp(args, key, seed)
             if args.lr_grid:
-                grid = {lr_key(key, seed, lr): source_fp(args, key, seed, lr) for lr in lr_grid(args, key)}
-                runs.update(grid)
-                src = fingerprint(grid=list(grid.values()))
+                if seed in grid_seeds(args):
+                    runs.update({lr_key(key, seed, lr): source_fp(args, key, seed, lr) for lr in lr_grid(args, key)})
+                choice = [source_fp(args, key, s, lr) for s in choice_seeds(args, seed) for lr in lr_grid(args, key)]
+                src = fingerprint(grid=choice)  # with one choice seed, as before --lr-grid-seeds existed
             runs[f"{key}|seed{seed}|unseen_data"] = fingerprint(src=src, eval=args.eval_per_task)
             for target in args.targets:
                 for shot in shots_for(args, key):
@@ -318,12 +330,24 @@ def plan(args, keys: list[str]) -> dict:
 
 
 def units(args, keys: list[str]) -> list[tuple[int, str]]:
-    """This process's (seed, method) work units: all of them, or with ``--shard I/N`` every N-th from the I-th of
-    the ordered list (the same list in every process given the same flags). A unit is the method's whole
-    learning-rate grid, choice and evaluations for the seed, so no shard waits for another."""
-    everything = [(seed, key) for seed in args.seeds for key in keys]
+    """This process's (seed, method) work units: all of them, or with ``--shard I/N`` the I-th share of the ordered
+    list (the same in every process given the same flags). A unit is the method's learning-rate grid (on a grid
+    seed), choice and evaluations for the seed. The grid seeds come first: with ``--lr-grid-seeds`` another seed's
+    unit needs their grids, and waits only if another shard is still on them. Each unit in turn goes to the share
+    with the least work so far, counted in trainings (a grid's size, else one, plus one for the evaluations): with
+    equal units that is every N-th from the I-th."""
+    first = grid_seeds(args) if args.lr_grid else []
+    ordered = [*first, *(seed for seed in args.seeds if seed not in first)]
     index, count = args.shard
-    return everything[index::count]
+    loads, share = [0] * count, []
+    for seed in ordered:
+        for key in keys:
+            trainings = len(lr_grid(args, key)) if args.lr_grid and seed in first else 1
+            lightest = loads.index(min(loads))
+            loads[lightest] += trainings + 1
+            if lightest == index:
+                share.append((seed, key))
+    return share
 
 
 def mine(args, keys: list[str], run_key: str) -> bool:
@@ -415,7 +439,8 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict, speed: Optional[bool]
         if setting.startswith("lr="):  # one multi-task training of the grid
             seconds += training
             continue
-        if not args.lr_grid and (key, seed) not in trained:
+        own_grid = args.lr_grid and int(seed.removeprefix("seed")) in grid_seeds(args)
+        if not own_grid and (key, seed) not in trained:
             trained.add((key, seed))
             seconds += training
         if setting == "unseen_data":
@@ -432,6 +457,14 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict, speed: Optional[bool]
 
 
 # ----------------------------------------------------------------------------- quality
+class GridPending(Exception):
+    """A learning-rate choice needs grid runs that another shard has not finished yet (``keys``)."""
+
+    def __init__(self, keys: list[str]):
+        super().__init__(", ".join(keys))
+        self.keys = keys
+
+
 class Quality:
     def __init__(self, args, state: State, base, tokenizer, keys, runs: dict):
         self.args, self.state, self.base, self.tokenizer, self.keys, self.runs = (
@@ -527,55 +560,74 @@ class Quality:
         os.replace(tmp, path)  # an interruption never leaves half an adapter in the cache
         return model, info, state
 
-    def choose_lr(self, key: str, seed: int) -> float:
-        """``--lr-grid``: train ``key`` at every learning rate of its grid (each a resumable run of its own) and
-        return the one with the lowest validation loss after the last step (ties: the first in the grid). A
-        learning rate whose training diverges gets no loss and is never chosen."""
-        losses = {}
+    def run_grid(self, key: str, seed: int) -> None:
+        """Train ``key`` with ``seed`` at every learning rate of its grid, each a resumable run of its own that
+        records the validation loss after the last step (none if the training diverged)."""
         for lr in lr_grid(self.args, key):
             run_key = lr_key(key, seed, lr)
-            if self.todo(run_key):
-                started = time.perf_counter()
-                record = {"fingerprint": self.runs[run_key], "lr": lr}
-                try:
-                    model, info, _ = self.trained(key, seed, lr)
-                    del model
-                except FloatingPointError as error:  # TA-LoRA refuses a non-finite penalty: this lr diverged
-                    info = {"diverged": str(error)}
-                loss = info.get("validation_loss")
-                finite = loss is not None and math.isfinite(loss)
-                train = {k: v for k, v in info.items() if k != "curve"}
-                record.update(validation_loss=loss if finite else None, curve=info.get("curve"), train=train)
-                if not finite:
-                    record["diverged"] = info.get("diverged", f"validation loss {loss}")
-                record["seconds"] = round(time.perf_counter() - started, 1)
-                self.state.put(run_key, record)
-                gc.collect()
-            losses[lr] = self.state.data["runs"][run_key]["validation_loss"]
+            if not self.todo(run_key):
+                continue
+            started = time.perf_counter()
+            record = {"fingerprint": self.runs[run_key], "lr": lr}
+            try:
+                model, info, _ = self.trained(key, seed, lr)
+                del model
+            except FloatingPointError as error:  # TA-LoRA refuses a non-finite penalty: this lr diverged
+                info = {"diverged": str(error)}
+            loss = info.get("validation_loss")
+            finite = loss is not None and math.isfinite(loss)
+            train = {k: v for k, v in info.items() if k != "curve"}
+            record.update(validation_loss=loss if finite else None, curve=info.get("curve"), train=train)
+            if not finite:
+                record["diverged"] = info.get("diverged", f"validation loss {loss}")
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            self.state.put(run_key, record)
+            gc.collect()
+
+    def choose_lr(self, key: str, seed: int) -> tuple[float, dict]:
+        """``--lr-grid``: the learning rate of ``key`` for ``seed`` and the validation losses it was chosen by
+        (``{lr: loss}``, the mean over :func:`choice_seeds`; ``None`` where a seed diverged): the lowest (ties:
+        the first in the grid). A grid seed trains its own grid first. Raises :class:`GridPending` while another
+        shard is still training a choice seed's grid."""
+        if seed in grid_seeds(self.args):
+            self.run_grid(key, seed)
+        seeds = choice_seeds(self.args, seed)
+        losses = {}
+        for lr in lr_grid(self.args, key):
+            keys = [lr_key(key, s, lr) for s in seeds]
+            pending = [k for k in keys if self.todo(k)]
+            if pending:
+                raise GridPending(pending)
+            values = [self.state.data["runs"][k]["validation_loss"] for k in keys]
+            losses[lr] = None if None in values else sum(values) / len(values)
         finite = {lr: loss for lr, loss in losses.items() if loss is not None}
         if not finite:
             raise RuntimeError(f"{key} seed {seed}: every learning rate of the grid diverged: {list(losses)}")
         chosen = min(finite, key=finite.get)
-        log(f"[{key} seed {seed}] learning rate {chosen:g} chosen on validation: {fmt_losses(losses)}")
-        return chosen
+        on = "" if seeds == [seed] else f" (mean over seeds {seeds})" if len(seeds) > 1 else f" (on seed {seeds[0]})"
+        log(f"[{key} seed {seed}] learning rate {chosen:g} chosen on validation{on}: {fmt_losses(losses)}")
+        return chosen, losses
 
     def method_seed(self, key: str, seed: int) -> None:
         args = self.args
         data_key = f"{key}|seed{seed}|unseen_data"
         target_keys = [(t, s, f"{key}|seed{seed}|{t}|k={s}") for t in args.targets for s in shots_for(args, key)]
-        grid_keys = [lr_key(key, seed, lr) for lr in lr_grid(args, key)] if args.lr_grid else []
+        own_grid = args.lr_grid and seed in grid_seeds(args)
+        grid_keys = [lr_key(key, seed, lr) for lr in lr_grid(args, key)] if own_grid else []
         if not any(self.todo(k) for k in [*grid_keys, data_key, *(k for _, _, k in target_keys)]):
             return
         started = time.perf_counter()
-        lr = self.choose_lr(key, seed) if args.lr_grid else learning_rate(args, key)
+        chosen = {}
+        if args.lr_grid:
+            lr, losses = self.choose_lr(key, seed)
+            chosen = {"lr": lr, "lr_grid": {f"{x:g}": loss for x, loss in losses.items()}}
+            if choice_seeds(args, seed) != [seed]:
+                chosen["lr_chosen_on_seeds"] = choice_seeds(args, seed)
+        else:
+            lr = learning_rate(args, key)
         if not self.todo(data_key) and not any(self.todo(k) for _, _, k in target_keys):
             return
         model, info, adapter = self.trained(key, seed, lr)
-        chosen = {}
-        if args.lr_grid:
-            runs = self.state.data["runs"]
-            grid = {f"{x:g}": runs[lr_key(key, seed, x)]["validation_loss"] for x in lr_grid(args, key)}
-            chosen = {"lr": lr, "lr_grid": grid}
         if self.todo(data_key):
             log(f"[{key} seed {seed}] unseen data: {len(args.tasks)} source tasks")
             tests = {t: self.tests[t] for t in args.tasks}
@@ -654,9 +706,19 @@ class Quality:
         """This process's share of the work (everything without ``--shard``)."""
         if self.args.shard[0] == 0:
             self.zero_shot()
-        for seed, key in units(self.args, self.keys):
+        queue, waiting = list(units(self.args, self.keys)), set()
+        while queue:
+            seed, key = queue.pop(0)
             try:
                 self.method_seed(key, seed)
+            except GridPending as pending:  # another shard is training a choice seed's grid: its other units first
+                if (seed, key) not in waiting:
+                    log(f"[{key} seed {seed}] waiting for another shard's runs: {', '.join(pending.keys)}")
+                    waiting.add((seed, key))
+                if all(unit in waiting for unit in queue):
+                    time.sleep(30)
+                self.state.refresh()
+                queue.append((seed, key))
             except Exception as error:  # noqa: BLE001 - one broken method must not lose the others' hours
                 if self.args.strict:
                     raise
@@ -751,6 +813,14 @@ def parse(argv=None):
         "with the lowest validation loss (the same grid size for every method); unseen data and tasks use that one",
     )
     add(
+        "--lr-grid-seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="with --lr-grid: only these seeds train the whole grid, and every seed trains at the learning rate "
+        "with the lowest mean validation loss over them (default: every seed chooses its own)",
+    )
+    add(
         "--prompt-lr-grid",
         nargs="+",
         type=float,
@@ -824,6 +894,8 @@ def parse(argv=None):
         args.eval_every = max(1, args.steps // 4) if args.lr_grid else 0  # 5 points: enough to tell a flat end
     if args.lr_grid and args.lr:
         parser.error("--lr sets one learning rate, --lr-grid a grid: give --prompt-lr-grid / --lora-lr-grid instead")
+    if args.lr_grid_seeds and not (args.lr_grid and set(args.lr_grid_seeds) <= set(args.seeds)):
+        parser.error("--lr-grid-seeds needs --lr-grid and seeds that are among --seeds")
     if len(args.prompt_lr_grid) != len(args.lora_lr_grid):
         parser.error("--prompt-lr-grid and --lora-lr-grid must have the same size (a fair search for every method)")
     if args.val_per_task < 1 or args.eval_every < 0:
@@ -954,6 +1026,7 @@ def main(argv=None) -> dict:
         "shots": args.shots,
         "ablation_shots": args.ablation_shots,
         "lr_grid": {k: lr_grid(args, k) for k in shown} if args.lr_grid else None,
+        "lr_grid_seeds": args.lr_grid_seeds,
         "runs": plan(args, shown),
     }
     state.data["methods"] = {

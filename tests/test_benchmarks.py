@@ -351,6 +351,64 @@ def test_two_shards_make_the_runs_of_one_process(grid, tmp_path):
     assert "**Shard 1/2:**" in (out / "RESULTS.md").read_text()
 
 
+def chosen_in(log: str) -> str:
+    """The learning rate a run's log says seed 0 chose."""
+    return log.split("[lora seed 0] learning rate ")[1].split()[0]
+
+
+def test_lr_grid_seeds_choose_once_and_a_shard_waits_for_the_grid_it_needs(grid, tmp_path):
+    """``--lr-grid-seeds 0``: only seed 0 trains the grid, seed 1 trains once at seed 0's choice. With two shards
+    and one method, shard 1's only unit (seed 1) needs shard 0's grid: it waits, then matches one process."""
+    import run
+
+    flags = ["--methods", "lora", "--lr-grid", "--skip-speed", "--seeds", "0", "1", "--lr-grid-seeds", "0"]
+    out = tmp_path / "pooled"
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output-dir", str(out), *flags]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    shards = [
+        subprocess.Popen([*command, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in (1, 0)
+    ]
+    logs = [shard.communicate(timeout=900)[0].decode() for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], [log[-3000:] for log in logs]
+    assert "[lora seed 1] waiting for another shard's runs: lora|seed0|lr=" in logs[0]
+    assert f"learning rate {chosen_in(logs[1])} chosen on validation (on seed 0)" in logs[0]
+    run_quick(out, *flags, "--skip-quality")  # the report
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]
+    assert not any(key.startswith("lora|seed1|lr=") for key in runs)  # seed 1 trained no grid
+    losses = {lr: runs[f"lora|seed0|lr={lr:g}"]["validation_loss"] for lr in run.parse(["--quick"]).lora_lr_grid}
+    chosen = min(losses, key=losses.get)
+    seed1 = runs["lora|seed1|unseen_data"]
+    assert seed1["lr"] == chosen and seed1["lr_chosen_on_seeds"] == [0] and seed1["train"]["lr"] == chosen
+    assert runs["lora|seed1|pubmedqa|k=1"]["lr"] == chosen
+    assert data["curves"]["lora"]["1"]["curve"] == seed1["train"]["curve"]  # its own training's curve
+    # seed 0 is exactly the per-seed grid's (same fingerprints, same predictions): results carry over
+    single = json.loads((grid[0] / "results.json").read_text())["runs"]
+    for key in ("lora|seed0|unseen_data", "lora|seed0|pubmedqa|k=1", f"lora|seed0|lr={chosen:g}"):
+        assert runs[key]["fingerprint"] == single[key]["fingerprint"], key
+    for task, evaluation in single["lora|seed0|unseen_data"]["tasks"].items():
+        assert runs["lora|seed0|unseen_data"]["tasks"][task]["predictions"] == evaluation["predictions"], task
+    choice = section((out / "RESULTS.md").read_text(), "## Learning rates chosen on validation")
+    assert "Only seed 0 trained the whole grid" in choice and "(chosen on seed 0)" in choice
+    for bad in (["--lr-grid-seeds", "0"], ["--lr-grid", "--lr-grid-seeds", "2"]):  # no grid; not among --seeds
+        with pytest.raises(SystemExit):
+            run.parse(["--quick", "--seeds", "0", "1", *bad])
+    args = run.parse(["--quick", "--lr-grid", "--seeds", "2", "0", "1", "--lr-grid-seeds", "1"])
+    assert [seed for seed, _ in run.units(args, ["lora"])] == [1, 2, 0]  # the grid seeds' units come first
+    # two shards share the work by trainings: 5 grid units (3 trainings) of seed 0, then 10 single trainings
+    five = ["ta-lora", "pt", "mpt", "adaption-prompt", "lora"]
+    shares = [
+        run.units(
+            run.parse(["--quick", "--lr-grid", "--seeds", "0", "1", "2", "--lr-grid-seeds", "0", "--shard", s]), five
+        )
+        for s in ("0/2", "1/2")
+    ]
+    assert sorted(shares[0] + shares[1]) == sorted((seed, key) for seed in (0, 1, 2) for key in five)
+    assert [sum(3 + 1 if seed == 0 else 1 + 1 for seed, _ in share) for share in shares] == [20, 20]
+    assert [key for seed, key in shares[0] if seed == 0] == ["ta-lora", "mpt", "lora"]
+
+
 def test_grid_rerun_resumes_and_an_interrupted_grid_retrains_one_learning_rate(grid):
     import run
 
