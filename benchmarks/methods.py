@@ -159,6 +159,19 @@ HYPERPARAMETERS = {
         ),
         _talora_variant("ta-lora/lr-3e-3", "TA-LoRA, learning rate 3e-3 instead of 1e-2", lr=3e-3),
         _talora_variant("ta-lora/lr-3e-2", "TA-LoRA, learning rate 3e-2 instead of 1e-2", lr=3e-2),
+        _talora_variant(
+            "ta-lora/paper-warmup",
+            "TA-LoRA, the paper's warm-up (a shared prompt per source task, averaged) instead of the shared one",
+            warmup="paper",
+        ),
+        _talora_variant("ta-lora/r-4", f"TA-LoRA, rank r=4 instead of {RANK}", r=4),
+        _talora_variant("ta-lora/r-16", f"TA-LoRA, rank r=16 instead of {RANK}", r=16),
+        _talora_variant(
+            "ta-lora/tokens-5", f"TA-LoRA, 5 virtual tokens instead of {NUM_VIRTUAL_TOKENS}", num_virtual_tokens=5
+        ),
+        _talora_variant(
+            "ta-lora/tokens-20", f"TA-LoRA, 20 virtual tokens instead of {NUM_VIRTUAL_TOKENS}", num_virtual_tokens=20
+        ),
     )
 }
 
@@ -210,10 +223,10 @@ def make_config(key: str, tasks: list[str], num_layers: int, *, counting: bool =
         )
     )
     if base_key == "ta-lora":
-        extra = {k: v for k, v in method.ablation.items() if k in ("orthogonality_weight", "prompt_init_std")}
-        return TALoraConfig(
-            task_type="CAUSAL_LM", task_names=list(tasks), num_virtual_tokens=NUM_VIRTUAL_TOKENS, r=RANK, **extra
-        )
+        config = {"num_virtual_tokens": NUM_VIRTUAL_TOKENS, "r": RANK}
+        fields = ("orthogonality_weight", "prompt_init_std", "r", "num_virtual_tokens")
+        config.update({k: v for k, v in method.ablation.items() if k in fields})
+        return TALoraConfig(task_type="CAUSAL_LM", task_names=list(tasks), **config)
     if base_key == "pt":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS, **text_init)
     if base_key == "mpt":
@@ -256,6 +269,11 @@ def fast_lr_ratio(key: str) -> float:
 
 def uses_warmup(key: str) -> bool:
     return ALL[key].is_talora and ALL[key].ablation.get("warmup", True)
+
+
+def paper_warmup(key: str) -> bool:
+    """The paper's warm-up: the shared prompt (and gates) trained on each source task alone, then averaged."""
+    return ALL[key].is_talora and ALL[key].ablation.get("warmup") == "paper"
 
 
 def eval_task_id(key: str, task: str, task_list: list[str]):

@@ -74,13 +74,14 @@ def validation_data(tasks, tokenizer, per_task: int, max_text_tokens: int) -> da
 
 
 def eval_passes(task: str, tokenizer) -> int:
-    """Forward passes per example in rank classification: one, plus one per multi-token label word."""
+    """Forward passes per example in rank classification, an upper bound: one over the prompt, plus one short pass
+    continuing it when some label word has several tokens (counted as a whole pass)."""
     from peft_talora.suite import PromptFormatter
 
     formatter = PromptFormatter(tokenizer, system_prompt=SYSTEM_PROMPT)
     choices = formatter.completions(get_task(task))
     lengths = [len(ids) for ids in tokenizer(choices, add_special_tokens=False)["input_ids"]]
-    return 1 + sum(n > 1 for n in lengths)
+    return 1 + (max(lengths) > 1)
 
 
 # ----------------------------------------------------------------------------- training

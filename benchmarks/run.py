@@ -527,7 +527,16 @@ class Quality:
         info = {"lr": lr}
         warm = min(args.warmup_steps, args.steps - 1) if M.uses_warmup(key) else 0
         curves = args.eval_every > 0  # else the validation loss after the last step only
-        if warm > 0:
+        if M.paper_warmup(key):
+            warm = len(args.tasks) * args.warmup_steps
+            if warm >= args.steps:
+                raise ValueError(
+                    f"{key}: the paper's warm-up takes {args.warmup_steps} steps per source task ({warm} in all), "
+                    f"leaving none of --steps {args.steps} for multi-task training; give more --steps"
+                )
+            log(f"[{key} seed {seed} lr {lr:g}] paper warm-up: {args.warmup_steps} steps on each source task alone")
+            info["warmup"] = self.paper_warmup(model, rows, common, curves)
+        elif warm > 0:
             log(f"[{key} seed {seed} lr {lr:g}] shared warm-up: {warm} steps")
             model.set_training_stage("shared_warmup")
             info["warmup"] = Q.train(
@@ -541,6 +550,8 @@ class Quality:
             model.set_training_stage("multi_task")
         steps = args.steps - warm
         log(f"[{key} seed {seed} lr {lr:g}] multi-task training: {steps} steps on {len(args.tasks)} tasks")
+        # the paper's warm-up has no curve points of the whole adapter: its multi-task part evaluates at its start
+        paper_start = M.paper_warmup(key) and curves
         info["multi_task"] = Q.train(
             model,
             rows.select(range(warm * args.batch_size, len(rows))),
@@ -548,7 +559,7 @@ class Quality:
             steps=steps,
             **common,
             step_offset=warm,
-            eval_start=curves and warm == 0,
+            eval_start=curves and (warm == 0 or paper_start),
         )
         if self.validation is not None:  # one curve over the whole budget, warm-up included
             info["curve"] = [*info.get("warmup", {}).pop("curve", []), *info["multi_task"].pop("curve")]
@@ -583,6 +594,47 @@ class Quality:
             record["seconds"] = round(time.perf_counter() - started, 1)
             self.state.put(run_key, record)
             gc.collect()
+
+    def paper_warmup(self, model, rows, common: dict, curves: bool) -> dict:
+        """The paper's warm-up: from the same start, the shared prompt and gates (the ``shared_warmup`` stage's
+        parameters) train ``--warmup-steps`` steps on each source task's own rows (its first ones in the stream);
+        multi-task training starts from their mean. The tasks' steps count against the budget. With curves, the
+        validation loss before any training is the curve's first point."""
+        args = self.args
+        model.set_training_stage("shared_warmup")
+        shared = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        start = {name: p.detach().clone() for name, p in shared.items()}
+        total = {name: torch.zeros_like(p) for name, p in start.items()}
+        names = list(rows["task_ids"])
+        runs = []
+        for i, task in enumerate(args.tasks):
+            mine = [row for row, name in enumerate(names) if name == task]
+            need = args.warmup_steps * args.batch_size
+            if not mine:
+                raise ValueError(f"the training stream has no row of {task}")
+            picked = [mine[j % len(mine)] for j in range(need)]
+            with torch.no_grad():
+                for name, p in shared.items():
+                    p.copy_(start[name])
+            first = curves and i == 0  # the untrained adapter's loss, step 0 of the budget
+            run = Q.train(
+                model,
+                rows.select(picked),
+                self.tokenizer,
+                steps=args.warmup_steps,
+                **{**common, "validation": self.validation if first else None, "eval_every": 0},
+                eval_start=first,
+            )
+            runs.append({"task": task, **run})
+            with torch.no_grad():
+                for name, p in shared.items():
+                    total[name] += p
+        with torch.no_grad():
+            for name, p in shared.items():
+                p.copy_(total[name] / len(args.tasks))
+        model.set_training_stage("multi_task")
+        curve = runs[0].pop("curve", [])[:1]  # after the first task's steps it is one task's prompt: not kept
+        return {"per_task": runs, "steps": len(args.tasks) * args.warmup_steps, **({"curve": curve} if curves else {})}
 
     def choose_lr(self, key: str, seed: int) -> tuple[float, dict]:
         """``--lr-grid``: the learning rate of ``key`` for ``seed`` and the validation losses it was chosen by

@@ -195,6 +195,18 @@ def test_flags_learning_rates_and_fingerprints():
     assert "ta-lora/prompt-std-0.25" not in default.methods  # variants run only when named
     config = methods.make_config("ta-lora/prompt-std-0.25", ["a", "b"], 2, counting=True)
     assert config.prompt_init_std == 0.25
+    shapes = {
+        key: (c.r, c.num_virtual_tokens)
+        for key in ("ta-lora", "ta-lora/r-4", "ta-lora/r-16", "ta-lora/tokens-5", "ta-lora/tokens-20")
+        for c in [methods.make_config(key, ["a", "b"], 2, counting=True)]
+    }
+    assert shapes == {
+        "ta-lora": (8, 10),
+        "ta-lora/r-4": (4, 10),
+        "ta-lora/r-16": (16, 10),
+        "ta-lora/tokens-5": (8, 5),
+        "ta-lora/tokens-20": (8, 20),
+    }
     assert run.learning_rate(default, "pt") == 1e-2 and run.learning_rate(default, "poly") == 1e-3
     longer = run.parse(["--quick", "--steps", "3"])
     keys = ["ta-lora", "lora"]
@@ -407,6 +419,69 @@ def test_lr_grid_seeds_choose_once_and_a_shard_waits_for_the_grid_it_needs(grid,
     assert sorted(shares[0] + shares[1]) == sorted((seed, key) for seed in (0, 1, 2) for key in five)
     assert [sum(3 + 1 if seed == 0 else 1 + 1 for seed, _ in share) for share in shares] == [20, 20]
     assert [key for seed, key in shares[0] if seed == 0] == ["ta-lora", "mpt", "lora"]
+
+
+def test_paper_warmup_trains_the_shared_prompt_per_task_then_multi_task(tmp_path):
+    """``ta-lora/paper-warmup``: --warmup-steps steps on each source task alone (2 tasks: 2 steps of the budget),
+    then multi-task training from the averaged prompt for the rest; its curve starts before any training and goes
+    on from the multi-task start. Too few steps for the warm-up is refused with the fix."""
+    out = tmp_path / "paper"
+    flags = ["--methods", "ta-lora/paper-warmup", "--steps", "4", "--warmup-steps", "1", "--eval-every", "1"]
+    stdout = run_quick(out, *flags, "--skip-speed")
+    assert "paper warm-up: 1 steps on each source task alone" in stdout and "multi-task training: 2 steps" in stdout
+    record = json.loads((out / "results.json").read_text())["runs"]["ta-lora/paper-warmup|seed0|unseen_data"]
+    warmup = record["train"]["warmup"]
+    assert [run["task"] for run in warmup["per_task"]] == ["sms_spam", "trec"] and warmup["steps"] == 2
+    assert all(run["steps"] == 1 for run in warmup["per_task"])
+    assert [step for step, _ in record["train"]["curve"]] == [0, 2, 3, 4]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output-dir", str(tmp_path / "few")]
+        + ["--methods", "ta-lora/paper-warmup", "--steps", "2", "--skip-speed", "--strict"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert result.returncode != 0 and "give more --steps" in result.stdout + result.stderr
+
+
+def test_paper_warmup_averages_the_per_task_prompts(tmp_path, monkeypatch):
+    """Each task's warm-up starts from the same prompt and gates and sees only its own rows; multi-task training
+    starts from the mean of what they trained (training replaced by filling the parameters with a per-task value)."""
+    import methods
+    import quality
+    import run
+    import torch
+
+    from peft_talora.smollm2 import load_model
+
+    key = "ta-lora/paper-warmup"
+    args = run.parse(["--quick", "--methods", key, "--steps", "4", "--warmup-steps", "1"])
+    base, tokenizer = load_model(tiny=True)
+    runner = run.Quality(args, run.State(tmp_path), base, tokenizer, [key], run.plan(args, [key]))
+    model = methods.build(key, base, args.tasks, 0, methods.tokenizer_path())
+    model.set_training_stage("shared_warmup")
+    shared = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    start = {name: p.detach().clone() for name, p in shared.items()}
+    rows = quality.source_stream(args.tasks, tokenizer, 4, 0, 4 * args.batch_size, args.max_text_tokens)
+    seen = []
+
+    def fake_train(model, rows, tokenizer, **kwargs):
+        task = rows["task_ids"][0]
+        assert set(rows["task_ids"]) == {task} and len(rows) == kwargs["steps"] * args.batch_size
+        assert all(torch.equal(p, start[name]) for name, p in shared.items())  # every task from the same start
+        seen.append(task)
+        with torch.no_grad():
+            for p in shared.values():
+                p.fill_(float(len(seen)))  # 1.0 for the first task, 2.0 for the second
+        return {"steps": kwargs["steps"]}
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    common = dict(task_list=list(args.tasks), route=True, batch_size=args.batch_size, lr=1e-2, seed=0)
+    info = runner.paper_warmup(model, rows, {**common, "folder": tmp_path, "fast_lr_ratio": 1.0}, curves=False)
+    assert seen == list(args.tasks) and info["steps"] == 2
+    assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in shared.values())  # the mean of 1 and 2
+    assert model.training_stage() == "multi_task"
 
 
 def test_grid_rerun_resumes_and_an_interrupted_grid_retrains_one_learning_rate(grid):
