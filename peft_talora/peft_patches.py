@@ -303,6 +303,24 @@ def complete_model_cards() -> None:
 OUR_PEFT_TYPES: set[str] = set()
 
 
+def _refuse_other_task_names(config, folder: str, source: str) -> None:
+    """Loading into an existing adapter (``Trainer`` resuming from a checkpoint): the file's tasks must be this
+    adapter's, in the same order. Tensor shapes catch another task count, not the same count under other names,
+    whose factors would silently answer for the wrong tasks."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        saved = json.load(handle).get("task_names")
+    here = list(config.task_names or [])
+    if saved and here and len(saved) == len(here) and list(saved) != here:
+        raise ValueError(
+            f"The adapter in {source} was saved for other tasks (task_names: {list(saved)} in the file, {here} here): "
+            "its factors would answer for the wrong tasks. Nothing was loaded. Load or resume it into a model built "
+            f"with the {type(config).__name__} it was saved with (its {CONFIG_NAME})."
+        )
+
+
 def explain_unreadable_adapter_files() -> None:
     """Damaged or mislabelled files of a TA-LoRA/MTL-LoRA adapter get an error naming the problem and the fix.
 
@@ -310,8 +328,9 @@ def explain_unreadable_adapter_files() -> None:
     of ours without a weights file (PEFT would then ask the Hub for the local path:
     ``HFValidationError``), an unreadable weights file (``SafetensorError``), tensors the model has no
     place for, a base model other than the one saved from (``base_model_shape``: family, width,
-    depth, heads, KV heads) and loaded weights with NaN or inf each raise a ``ValueError``, and an
-    adapter the failed call added is deleted again;
+    depth, heads, KV heads), loaded weights with NaN or inf, and a file saved for other task names
+    than the existing adapter it is loaded into (a resumed checkpoint) each raise a ``ValueError``,
+    and an adapter the failed call added is deleted again;
     other methods' loads are untouched. The config checks are in :func:`explain_mislabelled_configs`.
     """
     explain_mislabelled_configs()
@@ -335,6 +354,8 @@ def explain_unreadable_adapter_files() -> None:
                 f"{CONFIG_NAME}."
             )
         new, source = adapter_name not in self.peft_config, repr(str(model_id))
+        if not new and _is_ours(self.peft_config[adapter_name]) and os.path.isdir(folder):
+            _refuse_other_task_names(self.peft_config[adapter_name], folder, source)
         try:
             result = load(self, model_id, adapter_name, *args, **kwargs)
         except Exception as error:

@@ -282,8 +282,12 @@ def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
         (dict(task_names=[*TASKS, "third"]), "tasks (num_tasks / task_names): 2 in the file, 3 here"),
         (dict(task_names=TASKS, r=2), "r: 4 in the file, 2 here"),
         (dict(task_names=TASKS, num_virtual_tokens=6), "num_virtual_tokens: 4 in the file, 6 here"),
+        (
+            dict(task_names=list(reversed(TASKS))),
+            f"task_names: {TASKS} in the file, {list(reversed(TASKS))} here",
+        ),  # the same shapes: only the names tell
     ],
-    ids=["tasks", "rank", "virtual-tokens"],
+    ids=["tasks", "rank", "virtual-tokens", "task-names"],
 )
 def test_resume_from_a_checkpoint_of_another_config_is_a_clear_error(tmp_path, other_config, meaning):
     data = tokenize_for_causal_lm(raw(False), tiny_tokenizer(), padding="longest")
