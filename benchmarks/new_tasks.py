@@ -397,6 +397,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.report:
         results = load_results(Path(args.output_dir))
+        if not any(task in results for task in args.tasks):
+            raise SystemExit(
+                f"No results for {', '.join(args.tasks)} in {args.output_dir}: run the benchmark there first "
+                "(without --report), or point --output-dir at the folder that holds them."
+            )
     else:
         results = run(args)
     text = report(results, args.tasks, args.methods)

@@ -618,5 +618,7 @@ def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path
     pooled = run_new_tasks(out, *methods, "--report", "--pool", str(out))
     assert "Pooled over 1 (task, seed) pairs (pubmedqa (seed 0))" in pooled.stdout
     assert "- ta-lora - ta-lora/closest (paired): " in pooled.stdout  # the default start against the other
+    empty = run_new_tasks(tmp_path / "nothing", *methods, "--report")
+    assert empty.returncode != 0 and "No results for pubmedqa in " in empty.stderr
     other = run_new_tasks(out, *methods, "--seed", "1")
     assert other.returncode != 0 and "made with other settings" in other.stdout + other.stderr
