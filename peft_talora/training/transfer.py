@@ -26,16 +26,18 @@ TaskKey = Union[str, int]
 
 
 def _adapter_config(model) -> MultiTaskConfig:
-    """The active adapter's multi-task config (``task_names`` / ``num_tasks``) of a ``PeftModel``."""
-    try:
-        if not isinstance(model, MultiTaskConfig):
-            return _talora_config(model)
-    except TypeError:
-        pass
-    raise TypeError(
+    """The active adapter's multi-task config (``task_names`` / ``num_tasks``) of a ``PeftModel``; a bare config
+    (which the collator's lookup accepts) is not a model to score with."""
+    error = TypeError(
         "task_losses needs a PeftModel with an active TA-LoRA or MTL-LoRA adapter (one that takes task_ids); "
         f"got {type(model).__name__}."
     )
+    if isinstance(model, MultiTaskConfig):
+        raise error
+    try:
+        return _talora_config(model)
+    except TypeError:
+        raise error from None
 
 
 def task_losses(model, batch: Mapping, tasks: TaskList = None, *, chunk_size: int = 8) -> dict[TaskKey, float]:
