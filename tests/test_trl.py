@@ -177,6 +177,49 @@ def test_sft_task_column_may_have_another_name(tmp_path):
     assert "task" not in batch and sorted(batch["task_ids"].tolist()) == [0] * 4 + [1] * 4
 
 
+@pytest.mark.parametrize("trainer_class", ["sft", "dpo"])
+def test_task_sampling_draws_the_training_order_from_the_multitask_sampler(tmp_path, trainer_class):
+    """An imbalanced set (12 "first", 3 "second"): with task_sampling="temperature" the batches' tasks follow
+    MultiTaskSampler's order for the same counts and seed, through TRL's own data preparation."""
+    from peft_talora.training.sampling import MultiTaskSampler
+
+    if trainer_class == "sft":
+        rows = sft_rows("prompt-completion")
+        config_class, trainer_type = SFTConfig, MultiTaskSFTTrainer
+    else:
+        rows = dpo_rows()
+        config_class, trainer_type = DPOConfig, MultiTaskDPOTrainer
+    first = [i for i, name in enumerate(rows["task_ids"]) if name == "first"]
+    second = [i for i, name in enumerate(rows["task_ids"]) if name == "second"]
+    data = rows.select([*first, *first, *first, *second[:3]])  # 12 first, 3 second
+    args = cpu_training_args(config_class, tmp_path, bf16=False, per_device_train_batch_size=5, seed=3)
+    trainer = trainer_type(
+        model=tiny_model(),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(),
+        peft_config=adapter_config("ta-lora"),
+        task_sampling="temperature",
+        task_sampling_temperature=2.0,
+    )
+    batches = list(trainer.get_train_dataloader())
+    rows_per_example = 1 if trainer_class == "sft" else 2
+    drawn = torch.cat([batch["task_ids"][: len(batch["task_ids"]) // rows_per_example] for batch in batches])
+    reference = MultiTaskSampler([0] * 12 + [1] * 3, "temperature", temperature=2.0, seed=3)
+    assert trainer.task_sampler is not None and trainer.task_sampler.seed == 3
+    torch.testing.assert_close(trainer.task_sampler.probabilities, reference.probabilities)
+    assert drawn.tolist() == reference.task_ids[torch.tensor(list(reference))].tolist()
+    with pytest.raises(ValueError, match="'uncertainty' needs the model's predictions"):
+        trainer_type(
+            model=tiny_model(),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer(),
+            peft_config=adapter_config("ta-lora"),
+            task_sampling="uncertainty",
+        )
+
+
 def test_sft_loss_includes_the_orthogonality_penalty(tmp_path):
     """TRL's loss comes from log-probabilities, not the model's ``loss``: the trainer adds ``lambda * R`` itself."""
     trainer = MultiTaskSFTTrainer(

@@ -85,6 +85,42 @@ def _column_values(dataset, column: str) -> list:
     return [dataset[i][column] for i in range(len(dataset))]
 
 
+def task_sampler(
+    trainer: Trainer,
+    dataset,
+    column: str,
+    strategy: str,
+    temperature: float,
+    uncertainty_momentum: float = 0.0,
+    refresh_every: Optional[int] = None,
+) -> MultiTaskSampler:
+    """The :class:`MultiTaskSampler` of ``trainer``'s training set ``dataset`` under ``strategy``.
+
+    ``column`` holds each example's task (an int id, or a task name of the model's adapter); the sampler
+    is seeded with ``args.data_seed`` (else ``args.seed``). Shared by :class:`MultiTaskTrainer` and the
+    TRL trainers of :mod:`peft_talora.training.trl_trainers`.
+    """
+    from .collator import TaskIdEncoder
+
+    values = _column_values(dataset, column)
+    num_tasks = None
+    try:
+        encoder = TaskIdEncoder.from_config(trainer.accelerator.unwrap_model(trainer.model))
+        values, num_tasks = encoder.encode(values), encoder.num_tasks
+    except TypeError:  # not a TA-LoRA model: take the ids as they are
+        values = [int(v) for v in values]
+    seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
+    return MultiTaskSampler(
+        values,
+        strategy,
+        temperature=temperature,
+        num_tasks=num_tasks,
+        seed=seed,
+        uncertainty_momentum=uncertainty_momentum,
+        refresh_every=refresh_every,
+    )
+
+
 def _next_token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example mean normalised entropy of a causal LM's predictions at its target tokens ``(B,)``."""
     logits, labels = logits[:, :-1], labels[:, 1:]
@@ -132,24 +168,14 @@ class MultiTaskTrainer(Trainer):
         if self.task_sampling is None:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        values = _column_values(dataset, self.task_column)
-        num_tasks = None
-        try:
-            from .collator import TaskIdEncoder
-
-            encoder = TaskIdEncoder.from_config(self.accelerator.unwrap_model(self.model))
-            values, num_tasks = encoder.encode(values), encoder.num_tasks
-        except TypeError:  # not a TA-LoRA model: take the ids as they are
-            values = [int(v) for v in values]
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        self.task_sampler = MultiTaskSampler(
-            values,
+        self.task_sampler = task_sampler(
+            self,
+            dataset,
+            self.task_column,
             self.task_sampling,
-            temperature=self.task_sampling_temperature,
-            num_tasks=num_tasks,
-            seed=seed,
-            uncertainty_momentum=self.uncertainty_momentum,
-            refresh_every=self.uncertainty_refresh_every,
+            self.task_sampling_temperature,
+            self.uncertainty_momentum,
+            self.uncertainty_refresh_every,
         )
         return self.task_sampler
 

@@ -13,7 +13,11 @@ are the stock trainers with exactly that changed:
 - ``packing`` and ``padding_free`` (several examples, possibly of different tasks, in one row,
   while routing is one task per row) raise at construction instead of training on wrong routes;
 - TA-LoRA's orthogonality penalty is added to the loss, as ``Trainer`` gets it from the model:
-  TRL computes its losses from per-token log-probabilities and never reads the model's ``loss``.
+  TRL computes its losses from per-token log-probabilities and never reads the model's ``loss``;
+- ``task_sampling="proportional"`` or ``"temperature"`` (with ``task_sampling_temperature``) draws
+  the training order from :class:`peft_talora.training.sampling.MultiTaskSampler`, as
+  :class:`peft_talora.training.MultiTaskTrainer` does. ``"uncertainty"`` is refused: it needs the
+  model's predictions at the target tokens, which TRL's losses do not hand back.
 
 Everything else (dataset formats, completion-only and assistant-only loss, PEFT's ``peft_config=``,
 DPO's reference model computed with the adapter disabled) is TRL's own. Needs ``pip install trl``.
@@ -37,6 +41,10 @@ from ..multitask import MultiTaskConfig
 from ..talora.model import TALoraModel, _share_of_items
 from .callbacks import OrthogonalityLogCallback
 from .collator import TaskIdEncoder, _encode_task_column
+from .trainer import task_sampler
+
+#: The task-sampling strategies the TRL trainers take (``"uncertainty"`` needs predictions TRL does not expose).
+TRL_TASK_SAMPLING = ("proportional", "temperature")
 
 
 class TaskIdsCollator:
@@ -133,7 +141,22 @@ class _TaskColumnMixin:
     _rows_per_example = 1
     _row_mixing_options = ()
 
-    def __init__(self, *args, task_column: str = "task_ids", **kwargs):
+    def __init__(
+        self,
+        *args,
+        task_column: str = "task_ids",
+        task_sampling: Optional[str] = None,
+        task_sampling_temperature: float = 2.0,
+        **kwargs,
+    ):
+        if task_sampling is not None and task_sampling not in TRL_TASK_SAMPLING:
+            raise ValueError(
+                f"{type(self).__name__} takes task_sampling None, {' or '.join(map(repr, TRL_TASK_SAMPLING))}; got "
+                f"{task_sampling!r}. ('uncertainty' needs the model's predictions at the target tokens, which TRL's "
+                "losses do not hand back: use peft_talora.training.MultiTaskTrainer for it.)"
+            )
+        self.task_sampling, self.task_sampling_temperature = task_sampling, task_sampling_temperature
+        self.task_sampler = None
         given = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
         self._check_row_options(given.get("args"))
         config = _multitask_config(given.get("model"), given.get("peft_config"))
@@ -159,6 +182,15 @@ class _TaskColumnMixin:
                 "examples, possibly of different tasks, into one row, but a multi-task adapter routes each row to one "
                 f"task, so training would use wrong routes. Set {settings} in the config."
             )
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.task_sampling is None or self._task_column is None:  # stock order; one task: nothing to balance
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        self.task_sampler = task_sampler(
+            self, dataset, self._task_column, self.task_sampling, self.task_sampling_temperature
+        )
+        return self.task_sampler
 
     @property
     def _tuner(self):
@@ -198,7 +230,8 @@ class _TaskColumnMixin:
 class MultiTaskSFTTrainer(_TaskColumnMixin, SFTTrainer):
     """``trl.SFTTrainer`` for TA-LoRA/MTL-LoRA: the dataset's ``task_column`` (ids or names) routes each example.
 
-    Takes every argument of ``SFTTrainer`` plus ``task_column``. Works with TRL's prompt/completion
+    Takes every argument of ``SFTTrainer`` plus ``task_column``, ``task_sampling`` and
+    ``task_sampling_temperature``. Works with TRL's prompt/completion
     and conversational (``messages``, or ``prompt``/``completion`` as message lists) datasets and
     their completion-only and assistant-only losses. ``packing=True`` and ``padding_free=True``
     raise a ``ValueError``.
@@ -210,7 +243,8 @@ class MultiTaskSFTTrainer(_TaskColumnMixin, SFTTrainer):
 class MultiTaskDPOTrainer(_TaskColumnMixin, DPOTrainer):
     """``trl.DPOTrainer`` for TA-LoRA/MTL-LoRA: the preference dataset's ``task_column`` routes each example.
 
-    Takes every argument of ``DPOTrainer`` plus ``task_column``. With ``peft_config=`` (and no
+    Takes every argument of ``DPOTrainer`` plus ``task_column``, ``task_sampling`` and
+    ``task_sampling_temperature``. With ``peft_config=`` (and no
     ``ref_model``) the reference log-probabilities come from the model with the adapter disabled,
     as TRL does for every PEFT adapter; the task ids go to both the chosen and the rejected row.
     """
