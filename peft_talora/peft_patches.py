@@ -20,7 +20,8 @@ The touches:
    method's call untouched. It also installs ``explain_missing_adapter`` (the
    ``active_peft_config`` property of a model whose last adapter was deleted).
 5. ``export_tasks_through_save_and_push`` gives ``PeftModel.save_pretrained`` and ``push_to_hub`` a
-   ``tasks=`` argument, for tuners with ``exporting_tasks``: inside that context the tuner swaps
+   ``tasks=`` argument, for tuners with ``exporting_tasks``, and ``as_lora=True`` (one MTL-LoRA task
+   written, or uploaded, as a plain LoRA adapter): inside that context the tuner swaps
    in a config and state dict restricted to those tasks, and PEFT's own saving does the rest.
    Saves of this package's adapters (``push_to_hub`` saves through ``save_pretrained``) refuse NaN
    or inf weights and are atomic: PEFT writes into a new folder that replaces the target in one
@@ -181,7 +182,9 @@ def export_tasks_through_save_and_push() -> None:
             return save(self, save_directory, *args, **kwargs)
 
     @functools.wraps(push)
-    def push_to_hub(self, repo_id, *args, tasks=None, **kwargs):
+    def push_to_hub(self, repo_id, *args, tasks=None, as_lora=False, **kwargs):
+        if as_lora:  # the folder save_pretrained(as_lora=True) writes, uploaded as it is
+            return _push_task_as_lora(self, repo_id, tasks, *args, **kwargs)
         _check(self, tasks)
         if tasks is None:
             return push(self, repo_id, *args, **kwargs)
@@ -191,6 +194,45 @@ def export_tasks_through_save_and_push() -> None:
     save_pretrained._peft_talora_exports_tasks = True
     PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub
+
+
+#: What ``push_to_hub(..., as_lora=True)`` passes on to the upload (the rest of transformers' arguments are refused).
+LORA_PUSH_ARGUMENTS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
+
+
+def _push_task_as_lora(model, repo_id: str, tasks, *args, **kwargs):
+    """``push_to_hub(repo_id, tasks=[t], as_lora=True)``: one MTL-LoRA task as a plain LoRA adapter on the Hub.
+
+    The task is exported into a temporary folder with ``save_pretrained(..., as_lora=True)`` (every check runs
+    before anything is written or sent) and that folder's files are uploaded in one commit, so a multi-LoRA server can
+    pull the repo with plain PEFT.
+    """
+    import tempfile
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    unsupported = sorted(kwargs.keys() - set(LORA_PUSH_ARGUMENTS))
+    if args or unsupported:
+        raise TypeError(
+            f"push_to_hub(as_lora=True) takes repo_id, tasks= and the keywords {', '.join(LORA_PUSH_ARGUMENTS)}; "
+            f"got {f'{len(args)} positional argument(s)' if args else ''}{', ' if args and unsupported else ''}"
+            f"{f'unsupported {unsupported}' if unsupported else ''}."
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, tasks=tasks, as_lora=True)
+        api = HfApi(token=kwargs.get("token"))
+        repo = api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True)
+        files = sorted(
+            os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+        )
+        return api.create_commit(
+            repo_id=repo.repo_id,
+            operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in files],
+            commit_message=kwargs.get("commit_message") or "Upload one MTL-LoRA task as a LoRA adapter",
+            commit_description=kwargs.get("commit_description"),
+            revision=kwargs.get("revision"),
+            create_pr=bool(kwargs.get("create_pr", False)),
+        )
 
 
 def _saving_atomically(save):

@@ -213,3 +213,41 @@ def test_a_failed_or_non_finite_export_leaves_the_previous_export_untouched(tmp_
     with pytest.raises(ValueError, match="non-finite|NaN"):
         model.save_pretrained(target, tasks=["sst2"], as_lora=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_push_to_hub_as_lora_uploads_the_export_folder(hub, tmp_path):
+    """``push_to_hub(repo, tasks=[t], as_lora=True)`` sends the folder ``save_pretrained(..., as_lora=True)``
+    writes, in one commit; what was sent loads as plain LoRA with the task's logits. Bad calls send nothing."""
+    from peft import PeftModel
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    model = mtl_model(tmp_path / "base")
+    model.save_pretrained(tmp_path / "saved", tasks=["trec"], as_lora=True)
+    model.push_to_hub("me/trec-lora", tasks=["trec"], as_lora=True, commit_message="trec as LoRA")
+    assert hub["repo"] == "me/trec-lora"
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    assert set(hub["files"]) == set(saved) and {"adapter_config.json", "adapter_model.safetensors"} <= set(saved)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert hub["files"][name] == saved[name], name
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    for name, data in hub["files"].items():
+        (pulled / name).write_bytes(data)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), pulled).eval()
+    assert type(plain.base_model).__name__ == "LoraModel"
+    input_ids, mask = batch(left_pad=2)
+    with torch.no_grad():
+        served = plain(input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(served, routed_logits(model, "trec"), atol=1e-5, rtol=1e-5)
+
+    hub.clear()
+    with pytest.raises(ValueError, match="pass tasks=\\[<one of them>\\]"):
+        model.push_to_hub("me/all", as_lora=True)  # three tasks: which one?
+    with pytest.raises(TypeError, match="unsupported \\['max_shard_size'\\]"):
+        model.push_to_hub("me/trec-lora", tasks=["trec"], as_lora=True, max_shard_size="1GB")
+    talora = get_peft_model(
+        tiny_model(), TALoraConfig(task_type="CAUSAL_LM", task_names=TASKS, num_virtual_tokens=2, r=2)
+    )
+    with pytest.raises(TypeError, match="TA-LoRA has no LoRA form"):
+        talora.push_to_hub("me/talora", tasks=["trec"], as_lora=True)
+    assert hub == {}  # nothing was created or sent
