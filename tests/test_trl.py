@@ -193,15 +193,19 @@ def test_task_sampling_draws_the_training_order_from_the_multitask_sampler(tmp_p
     second = [i for i, name in enumerate(rows["task_ids"]) if name == "second"]
     data = rows.select([*first, *first, *first, *second[:3]])  # 12 first, 3 second
     args = cpu_training_args(config_class, tmp_path, bf16=False, per_device_train_batch_size=5, seed=3)
-    trainer = trainer_type(
-        model=tiny_model(),
-        args=args,
-        train_dataset=data,
-        processing_class=tokenizer(),
-        peft_config=adapter_config("ta-lora"),
-        task_sampling="temperature",
-        task_sampling_temperature=2.0,
-    )
+
+    def make(sampling):
+        return trainer_type(
+            model=tiny_model(),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer(),
+            peft_config=adapter_config("ta-lora"),
+            task_sampling=sampling,
+            task_sampling_temperature=2.0,
+        )
+
+    trainer = make("temperature")
     batches = list(trainer.get_train_dataloader())
     rows_per_example = 1 if trainer_class == "sft" else 2
     drawn = torch.cat([batch["task_ids"][: len(batch["task_ids"]) // rows_per_example] for batch in batches])
@@ -210,14 +214,7 @@ def test_task_sampling_draws_the_training_order_from_the_multitask_sampler(tmp_p
     torch.testing.assert_close(trainer.task_sampler.probabilities, reference.probabilities)
     assert drawn.tolist() == reference.task_ids[torch.tensor(list(reference))].tolist()
     with pytest.raises(ValueError, match="'uncertainty' needs the model's predictions"):
-        trainer_type(
-            model=tiny_model(),
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer(),
-            peft_config=adapter_config("ta-lora"),
-            task_sampling="uncertainty",
-        )
+        make("uncertainty")
 
 
 def test_sft_loss_includes_the_orthogonality_penalty(tmp_path):
