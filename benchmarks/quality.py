@@ -63,12 +63,16 @@ def test_rows(task: str, per_task: int) -> datasets.Dataset:
     return subsample(load_task(task)["test"], per_task, seed=TEST_SEED)
 
 
-def validation_data(tasks, tokenizer, per_task: int, max_text_tokens: int) -> datasets.Dataset:
-    """Tokenised rows of every source task's validation split (``per_task`` each, fixed for every method and seed),
-    sorted by length so that evaluation batches carry little padding; ``task_ids`` index ``tasks``."""
+def validation_data(
+    tasks, tokenizer, per_task: int, max_text_tokens: int, task_names: Optional[list[str]] = None
+) -> datasets.Dataset:
+    """Tokenised rows of every task's validation split (``per_task`` each, fixed for every method and seed),
+    sorted by length so that evaluation batches carry little padding; ``task_ids`` index ``task_names``
+    (default ``tasks``; an unseen task's rows index the list its model routes by)."""
     rows = [subsample(load_task(t)["validation"], per_task, seed=TEST_SEED) for t in tasks]
     parts = [format_rows(r, tokenizer, max_text_tokens) for r in rows]
-    data = tokenize_for_causal_lm(datasets.concatenate_datasets(parts), tokenizer, task_names=list(tasks))
+    names = list(tasks if task_names is None else task_names)
+    data = tokenize_for_causal_lm(datasets.concatenate_datasets(parts), tokenizer, task_names=names)
     lengths = [len(ids) for ids in data["input_ids"]]  # once per benchmark, not per step
     return data.select(sorted(range(len(data)), key=lengths.__getitem__))
 

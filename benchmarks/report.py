@@ -583,6 +583,52 @@ def render_lr_choice(data: dict) -> list[str]:
     return out + [edge_text, ""]
 
 
+def render_target_lr_choice(data: dict) -> list[str]:
+    """``--target-lr-grid``: per method, unseen task and k the learning rate chosen on the task's validation rows,
+    with the validation loss of every learning rate (from the unseen-task runs done)."""
+    plan = data["plan"]
+    if not plan.get("target_lr_grid"):
+        return []
+    settings, pooled = data["meta"]["settings"], plan.get("lr_grid_seeds")
+    seeds = f"Only seed {_seeds_text(pooled)} trained these grids; every seed trained at its choice." if pooled else ""
+    out = [
+        "## Learning rates chosen for the unseen tasks",
+        "",
+        "Every method also trained each unseen task at every learning rate of its grid, from its multi-task "
+        "adapter, and kept the one with the lowest validation loss after the last step on "
+        f"{settings['target_val_rows']} rows of the task's validation split (the same rows for every method). "
+        f"{seeds} Cells: **chosen** (validation loss of each learning rate), *edge* where it is the grid's lowest "
+        "or highest.",
+        "",
+    ]
+    columns = [(t, s) for t in plan["targets"] for s in plan["shots"]]
+    rows = []
+    for key in plan["methods"]:
+        cells = []
+        for target, shot in columns:
+            choice = next(
+                (
+                    run
+                    for seed in plan["seeds"]
+                    if (run := _planned(data, f"{key}|seed{seed}|{target}|k={shot}")) and "target_lr" in run
+                ),
+                None,
+            )
+            if choice is None:
+                cells.append("-")
+                continue
+            grid = [float(lr) for lr in choice["target_lr_grid"]]
+            edge = len(grid) > 1 and choice["target_lr"] in (min(grid), max(grid))
+            losses = ", ".join(
+                f"{_lr_text(lr)}: {'diverged' if v is None else f'{v:.3f}'}"
+                for lr, v in choice["target_lr_grid"].items()
+            )
+            cells.append(f"**{_lr_text(choice['target_lr'])}**{' *edge*' if edge else ''} ({losses})")
+        rows.append([label(data, key), *cells])
+    header = ["method", *[f"{t}, k={s}" for t, s in columns]]
+    return out + table(header, rows) + [""]
+
+
 def render_curves(data: dict) -> list[str]:
     """The validation-loss curves: per method and seed, whether the curve had flattened; the others named."""
     plan, curves_ = data["plan"], data.get("curves") or {}
@@ -882,7 +928,7 @@ def render(data: dict, plots: list[str]) -> str:
             )
         out += table(header, rows) + [""]
 
-    out += render_lr_choice(data) + render_curves(data)
+    out += render_lr_choice(data) + render_target_lr_choice(data) + render_curves(data)
 
     # parameters
     params = data.get("parameters", {})

@@ -69,6 +69,7 @@ DEFAULTS = dict(
     train_per_task=32,
     eval_per_task=16,
     val_per_task=8,
+    target_val_rows=40,
     batch_size=8,
     max_text_tokens=48,
     full_cap=256,
@@ -89,6 +90,7 @@ QUICK = dict(
     train_per_task=4,
     eval_per_task=4,
     val_per_task=2,
+    target_val_rows=2,
     batch_size=4,
     full_cap=4,
     ablation_shots=["1"],
@@ -292,6 +294,34 @@ def lr_key(key: str, seed: int, lr: float) -> str:
     return f"{key}|seed{seed}|lr={lr:g}"
 
 
+def trained_fp(args, key: str, seed: int) -> str:
+    """The multi-task adapter unseen data and tasks use: :func:`source_fp`, or with ``--lr-grid`` the one chosen
+    from the grid runs of :func:`choice_seeds`."""
+    if not args.lr_grid:
+        return source_fp(args, key, seed)
+    choice = [source_fp(args, key, s, lr) for s in choice_seeds(args, seed) for lr in lr_grid(args, key)]
+    return fingerprint(grid=choice)  # with one choice seed, as before --lr-grid-seeds existed
+
+
+def target_lr_key(key: str, seed: int, target: str, shot: str, lr: float) -> str:
+    return f"{key}|seed{seed}|{target}|k={shot}|lr={lr:g}"
+
+
+def target_lr_fp(args, key: str, seed: int, target: str, shot: str, lr: float) -> str:
+    """``--target-lr-grid``: ``target`` trained from ``key``'s adapter of ``seed`` at ``lr``, scored by its
+    validation loss on ``--target-val-rows`` rows of the target's validation split."""
+    return fingerprint(
+        src=trained_fp(args, key, seed),
+        target=target,
+        shot=shot,
+        steps=args.target_steps,
+        batch=args.batch_size,
+        cap=args.full_cap if shot == "full" else None,
+        lr=lr,
+        validation=args.target_val_rows,
+    )
+
+
 def shots_for(args, key: str) -> list[str]:
     return list(args.shots) if key in M.METHODS else list(args.ablation_shots)
 
@@ -308,15 +338,25 @@ def plan(args, keys: list[str]) -> dict:
         )
     for seed in args.seeds:
         for key in keys:
-            src = source_fp(args, key, seed)
-            if args.lr_grid:
-                if seed in grid_seeds(args):
-                    runs.update({lr_key(key, seed, lr): source_fp(args, key, seed, lr) for lr in lr_grid(args, key)})
-                choice = [source_fp(args, key, s, lr) for s in choice_seeds(args, seed) for lr in lr_grid(args, key)]
-                src = fingerprint(grid=choice)  # with one choice seed, as before --lr-grid-seeds existed
+            src = trained_fp(args, key, seed)
+            if args.lr_grid and seed in grid_seeds(args):
+                runs.update({lr_key(key, seed, lr): source_fp(args, key, seed, lr) for lr in lr_grid(args, key)})
             runs[f"{key}|seed{seed}|unseen_data"] = fingerprint(src=src, eval=args.eval_per_task)
             for target in args.targets:
                 for shot in shots_for(args, key):
+                    target_grid = {}  # absent without --target-lr-grid: the fingerprints of earlier results stay valid
+                    if args.target_lr_grid:
+                        if seed in grid_seeds(args):
+                            for lr in lr_grid(args, key):
+                                runs[target_lr_key(key, seed, target, shot, lr)] = target_lr_fp(
+                                    args, key, seed, target, shot, lr
+                                )
+                        choice = [
+                            target_lr_fp(args, key, s, target, shot, lr)
+                            for s in choice_seeds(args, seed)
+                            for lr in lr_grid(args, key)
+                        ]
+                        target_grid = {"target_grid": fingerprint(grid=choice)}
                     runs[f"{key}|seed{seed}|{target}|k={shot}"] = fingerprint(
                         src=src,
                         target=target,
@@ -325,6 +365,7 @@ def plan(args, keys: list[str]) -> dict:
                         batch=args.batch_size,
                         cap=args.full_cap if shot == "full" else None,
                         eval=args.eval_per_task,
+                        **target_grid,
                     )
     return runs
 
@@ -443,10 +484,14 @@ def estimate(args, keys, todo: dict, tokenizer, cal: dict, speed: Optional[bool]
         if not own_grid and (key, seed) not in trained:
             trained.add((key, seed))
             seconds += training
+        target_training = args.target_steps * cal["train_step_s"] + overhead
         if setting == "unseen_data":
             seconds += evaluation(args.tasks)
-        else:
-            seconds += args.target_steps * cal["train_step_s"] + evaluation([setting.split("|")[0]]) + overhead
+        elif "|lr=" in setting:  # one target training of --target-lr-grid, scored on the validation rows
+            seconds += target_training + math.ceil(args.target_val_rows / Q.EVAL_BATCH_SIZE) * eval_batch
+        else:  # on a grid seed with --target-lr-grid the chosen training is the grid's, loaded from the cache
+            reuse = args.target_lr_grid and own_grid
+            seconds += (0 if reuse else target_training) + evaluation([setting.split("|")[0]])
     if (not args.skip_speed) if speed is None else speed:
         r = args.speed_repeats
         seconds += 3 * ((1 + r) * cal["train_step_s"] + 2 * cal["forward_s"]) + 3 * overhead
@@ -666,7 +711,8 @@ class Quality:
         target_keys = [(t, s, f"{key}|seed{seed}|{t}|k={s}") for t in args.targets for s in shots_for(args, key)]
         own_grid = args.lr_grid and seed in grid_seeds(args)
         grid_keys = [lr_key(key, seed, lr) for lr in lr_grid(args, key)] if own_grid else []
-        if not any(self.todo(k) for k in [*grid_keys, data_key, *(k for _, _, k in target_keys)]):
+        target_grids = [k for t, shot, _ in target_keys for k in self.target_grid_keys(key, seed, t, shot)]
+        if not any(self.todo(k) for k in [*grid_keys, data_key, *(k for _, _, k in target_keys), *target_grids]):
             return
         started = time.perf_counter()
         chosen = {}
@@ -677,7 +723,7 @@ class Quality:
                 chosen["lr_chosen_on_seeds"] = choice_seeds(args, seed)
         else:
             lr = learning_rate(args, key)
-        if not self.todo(data_key) and not any(self.todo(k) for _, _, k in target_keys):
+        if not self.todo(data_key) and not any(self.todo(k) for k in [*(k for _, _, k in target_keys), *target_grids]):
             return
         model, info, adapter = self.trained(key, seed, lr)
         if self.todo(data_key):
@@ -700,37 +746,27 @@ class Quality:
         del model
         gc.collect()
         for target, shot, run_key in target_keys:
-            if not self.todo(run_key):
+            grid = self.target_grid_keys(key, seed, target, shot)
+            if not self.todo(run_key) and not any(self.todo(k) for k in grid):
                 continue
             started = time.perf_counter()
-            log(f"[{key} seed {seed}] unseen task {target}, k={shot}")
             try:
                 pool = Q.target_pool(target, shot, seed, args.full_cap)
             except ValueError as error:  # too few examples of a label for this k
-                self.state.put(run_key, {"fingerprint": self.runs[run_key], "skipped": str(error)})
+                for skipped in [run_key, *grid]:
+                    self.state.put(skipped, {"fingerprint": self.runs[skipped], "skipped": str(error)})
                 continue
-            rows = Q.stream(
-                Q.format_rows(pool, self.tokenizer, args.max_text_tokens, task=target),
-                args.target_steps * args.batch_size,
-                seed,
-            )
-            tuned, task_list = M.for_target(
-                key, adapter, self.base, args.tasks, target, seed, self.tok_path, self.cache / "scratch"
-            )
+            target_lr, chosen_target = lr, {}
+            if args.target_lr_grid:
+                if grid:
+                    self.run_target_grid(key, seed, adapter, target, shot, pool)
+                target_lr, losses = self.choose_target_lr(key, seed, target, shot)
+                chosen_target = {"target_lr": target_lr, "target_lr_grid": {f"{x:g}": v for x, v in losses.items()}}
+            if not self.todo(run_key):
+                continue
+            log(f"[{key} seed {seed}] unseen task {target}, k={shot}")
+            tuned, task_list, train_info = self.tuned(key, seed, adapter, target, shot, pool, target_lr)
             trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
-            train_info = Q.train(
-                tuned,
-                rows,
-                self.tokenizer,
-                task_list=task_list,
-                route=M.ALL[key].routes is not None,
-                steps=args.target_steps,
-                batch_size=args.batch_size,
-                lr=lr,
-                seed=seed,
-                folder=self.cache / "trainer",
-                fast_lr_ratio=M.fast_lr_ratio(key),
-            )
             result = Q.evaluate(
                 tuned,
                 self.tokenizer,
@@ -748,11 +784,118 @@ class Quality:
                     "trainable_parameters": trainable,
                     "pool_size": len(pool),
                     **({"lr": lr} if args.lr_grid else {}),
+                    **chosen_target,
                     "seconds": round(time.perf_counter() - started, 1),
                 },
             )
             del tuned
             gc.collect()
+
+    def target_grid_keys(self, key: str, seed: int, target: str, shot: str) -> list[str]:
+        """The ``--target-lr-grid`` runs ``seed`` trains for ``target`` (none on a seed outside the grid seeds)."""
+        if not (self.args.target_lr_grid and seed in grid_seeds(self.args)):
+            return []
+        return [target_lr_key(key, seed, target, shot, lr) for lr in lr_grid(self.args, key)]
+
+    def tuned(self, key: str, seed: int, adapter: dict, target: str, shot: str, pool, lr: float, validate=False):
+        """``(model, task_list, train info)``: ``key``'s model of ``seed`` trained on ``target``'s ``pool`` at
+        ``lr`` (the method's unseen-task protocol, :func:`methods.for_target`). A training of the target grid is
+        loaded from its cache instead (the same training: validation leaves the random stream as it was);
+        ``validate`` adds the validation loss after the last step on the target's validation rows."""
+        args = self.args
+        tuned, task_list = M.for_target(
+            key, adapter, self.base, args.tasks, target, seed, self.tok_path, self.cache / "scratch"
+        )
+        validation = None
+        if validate:  # the same rows for every method; their task ids index the list this method routes by
+            validation = Q.validation_data(
+                [target], self.tokenizer, args.target_val_rows, args.max_text_tokens, task_names=task_list
+            )
+        path = self.target_cache(key, seed, target, shot, lr)
+        if path is not None and path.exists() and not validate:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            M.load_state(tuned, saved["state"])
+            return tuned, task_list, saved["train"]
+        rows = Q.stream(
+            Q.format_rows(pool, self.tokenizer, args.max_text_tokens, task=target),
+            args.target_steps * args.batch_size,
+            seed,
+        )
+        info = Q.train(
+            tuned,
+            rows,
+            self.tokenizer,
+            task_list=task_list,
+            route=M.ALL[key].routes is not None,
+            steps=args.target_steps,
+            batch_size=args.batch_size,
+            lr=lr,
+            seed=seed,
+            folder=self.cache / "trainer",
+            fast_lr_ratio=M.fast_lr_ratio(key),
+            validation=validation,
+        )
+        if path is not None and validate:
+            info["validation_loss"] = info["curve"][-1][1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"state": M.trainable_state(tuned), "train": info}, tmp)
+            os.replace(tmp, path)
+        return tuned, task_list, info
+
+    def target_cache(self, key: str, seed: int, target: str, shot: str, lr: float) -> Optional[Path]:
+        """Where a ``--target-lr-grid`` training keeps its weights (``None``: not a grid training)."""
+        run_key = target_lr_key(key, seed, target, shot, lr)
+        if run_key not in self.runs:
+            return None
+        name = f"{key.replace('/', '_')}-seed{seed}-{target}-k{shot}-lr{lr:g}-{self.runs[run_key]}.pt"
+        return self.cache / "targets" / name
+
+    def run_target_grid(self, key: str, seed: int, adapter: dict, target: str, shot: str, pool) -> None:
+        """``--target-lr-grid``: train ``target`` at every learning rate of ``key``'s grid, each a resumable run
+        that records the validation loss after the last step on the target's validation rows."""
+        for lr in lr_grid(self.args, key):
+            run_key = target_lr_key(key, seed, target, shot, lr)
+            if not self.todo(run_key):
+                continue
+            started = time.perf_counter()
+            log(f"[{key} seed {seed} lr {lr:g}] unseen task {target}, k={shot}: learning-rate grid")
+            try:
+                tuned, _, info = self.tuned(key, seed, adapter, target, shot, pool, lr, validate=True)
+                del tuned
+            except FloatingPointError as error:
+                info = {"diverged": str(error)}
+            loss = info.get("validation_loss")
+            finite = loss is not None and math.isfinite(loss)
+            record = {"fingerprint": self.runs[run_key], "lr": lr, "validation_loss": loss if finite else None}
+            record["train"] = {k: v for k, v in info.items() if k != "curve"}
+            if not finite:
+                record["diverged"] = info.get("diverged", f"validation loss {loss}")
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            self.state.put(run_key, record)
+            gc.collect()
+
+    def choose_target_lr(self, key: str, seed: int, target: str, shot: str) -> tuple[float, dict]:
+        """``--target-lr-grid``: the learning rate ``target`` trains at for ``seed``, the lowest validation loss
+        (mean over :func:`choice_seeds`, ties: the first in the grid) and every loss. Raises :class:`GridPending`
+        while another shard is still training a choice seed's target grid."""
+        seeds = choice_seeds(self.args, seed)
+        losses = {}
+        for lr in lr_grid(self.args, key):
+            keys = [target_lr_key(key, s, target, shot, lr) for s in seeds]
+            pending = [k for k in keys if self.todo(k)]
+            if pending:
+                raise GridPending(pending)
+            values = [self.state.data["runs"][k]["validation_loss"] for k in keys]
+            losses[lr] = None if None in values else sum(values) / len(values)
+        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+        if not finite:
+            raise RuntimeError(f"{key} seed {seed} {target}: every learning rate of the target grid diverged")
+        chosen = min(finite, key=finite.get)
+        log(
+            f"[{key} seed {seed}] {target}, k={shot}: learning rate {chosen:g} chosen on validation: {fmt_losses(losses)}"
+        )
+        return chosen, losses
 
     def run(self) -> None:
         """This process's share of the work (everything without ``--shard``)."""
@@ -889,6 +1032,18 @@ def parse(argv=None):
         help="the grid of LoRA, Poly, MTL-LoRA (default: 3e-4 1e-3 3e-3)",
     )
     add(
+        "--target-lr-grid",
+        action="store_true",
+        help="with --lr-grid: also train every unseen task at each learning rate of its method's grid and keep the "
+        "one with the lowest validation loss on the task's own validation rows (on --lr-grid-seeds if given); "
+        "by default an unseen task trains at the learning rate its method's multi-task adapter was chosen at",
+    )
+    add(
+        "--target-val-rows",
+        type=int,
+        help=f"validation rows per unseen task for --target-lr-grid (default {DEFAULTS['target_val_rows']})",
+    )
+    add(
         "--val-per-task",
         type=int,
         help=f"validation rows per source task for the validation loss (default {DEFAULTS['val_per_task']})",
@@ -946,6 +1101,10 @@ def parse(argv=None):
         args.eval_every = max(1, args.steps // 4) if args.lr_grid else 0  # 5 points: enough to tell a flat end
     if args.lr_grid and args.lr:
         parser.error("--lr sets one learning rate, --lr-grid a grid: give --prompt-lr-grid / --lora-lr-grid instead")
+    if args.target_lr_grid and not args.lr_grid:
+        parser.error("--target-lr-grid needs --lr-grid (its grids and seeds are the multi-task ones)")
+    if args.target_val_rows < 1:
+        parser.error("--target-val-rows must be >= 1")
     if args.lr_grid_seeds and not (args.lr_grid and set(args.lr_grid_seeds) <= set(args.seeds)):
         parser.error("--lr-grid-seeds needs --lr-grid and seeds that are among --seeds")
     if len(args.prompt_lr_grid) != len(args.lora_lr_grid):
@@ -1079,6 +1238,7 @@ def main(argv=None) -> dict:
         "ablation_shots": args.ablation_shots,
         "lr_grid": {k: lr_grid(args, k) for k in shown} if args.lr_grid else None,
         "lr_grid_seeds": args.lr_grid_seeds,
+        "target_lr_grid": args.target_lr_grid,
         "runs": plan(args, shown),
     }
     state.data["methods"] = {

@@ -421,6 +421,88 @@ def test_lr_grid_seeds_choose_once_and_a_shard_waits_for_the_grid_it_needs(grid,
     assert [key for seed, key in shares[0] if seed == 0] == ["ta-lora", "mpt", "lora"]
 
 
+def test_target_lr_grid_chooses_each_unseen_task_s_lr_on_its_own_validation_rows(tmp_path):
+    """``--target-lr-grid``: seed 0 trains the unseen task at every learning rate of the method's grid, keeps the
+    lowest validation loss (which equals the label-token loss computed here by hand from the cached weights), and
+    seed 1 trains at that choice; without the flag no fingerprint changes."""
+    import methods
+    import quality
+    import report as report_module
+    import run
+    import torch
+
+    from peft_talora.smollm2 import load_model
+
+    flags = ["--methods", "ta-lora", "lora", "--lr-grid", "--skip-speed", "--seeds", "0", "1", "--lr-grid-seeds", "0"]
+    out = tmp_path / "target_grid"
+    stdout = run_quick(out, *flags, "--target-lr-grid")
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]
+    args = run.parse(["--quick", *flags, "--target-lr-grid"])
+    base, tokenizer = load_model(tiny=True)
+    choices = {}
+    for key in ("ta-lora", "lora"):
+        grid = run.lr_grid(args, key)
+        losses = {lr: runs[f"{key}|seed0|pubmedqa|k=1|lr={lr:g}"]["validation_loss"] for lr in grid}
+        assert not any(k.startswith(f"{key}|seed1|pubmedqa|k=1|lr=") for k in runs)  # seed 1 trained no grid
+        chosen = choices[key] = min(losses, key=losses.get)
+        for seed in (0, 1):
+            record = runs[f"{key}|seed{seed}|pubmedqa|k=1"]
+            assert record["target_lr"] == chosen and record["target_lr_grid"] == {
+                f"{x:g}": v for x, v in losses.items()
+            }
+        # seed 0's scored model is the grid's training at the chosen learning rate, loaded, not trained again
+        assert (
+            runs[f"{key}|seed0|pubmedqa|k=1"]["train"]["train_loss"]
+            == (runs[f"{key}|seed0|pubmedqa|k=1|lr={chosen:g}"]["train"]["train_loss"])
+        )
+        assert f"[{key} seed 1] pubmedqa, k=1: learning rate {chosen:g} chosen on validation" in stdout
+
+        # the recorded validation loss, independently: mean cross-entropy of the label tokens of the target's
+        # validation rows under the cached weights (one forward per row, no padding)
+        multi = torch.load(_chosen_adapter(out, runs, key), weights_only=True)["state"]
+        model, task_list = methods.for_target(
+            key, multi, base, args.tasks, "pubmedqa", 0, methods.tokenizer_path(), tmp_path / "scratch"
+        )
+        fp = run.plan(args, [key])[f"{key}|seed0|pubmedqa|k=1|lr={chosen:g}"]
+        weights = out / ".cache" / "targets" / f"{key}-seed0-pubmedqa-k1-lr{chosen:g}-{fp}.pt"
+        methods.load_state(model, torch.load(weights, weights_only=True)["state"])
+        rows = quality.validation_data(["pubmedqa"], tokenizer, args.target_val_rows, 48, task_names=task_list)
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in rows:
+                ids = torch.tensor([row["input_ids"]])
+                labels = torch.tensor(row["labels"][1:])
+                routing = {"task_ids": torch.tensor([row["task_ids"]])} if key == "ta-lora" else {}
+                logits = model(input_ids=ids, **routing).logits[0, :-1]
+                keep = labels != -100
+                total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+                count += int(keep.sum())
+        assert total / count == pytest.approx(losses[chosen], rel=1e-4)
+
+    report = section((out / "RESULTS.md").read_text(), "## Learning rates chosen for the unseen tasks")
+    for key, chosen in choices.items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {data['methods'][key]['label']} |"))
+        assert f"**{report_module._lr_text(chosen)}**" in row
+    # without the flag the plan is the one before it existed, unseen data and multi-task grid included
+    plain = run.plan(run.parse(["--quick", *flags]), ["ta-lora", "lora"])
+    gridded = run.plan(args, ["ta-lora", "lora"])
+    assert all(gridded[k] == v for k, v in plain.items() if "|k=" not in k)
+    assert not any("|k=1|lr=" in k for k in plain)
+    with pytest.raises(SystemExit):
+        run.parse(["--quick", "--target-lr-grid"])  # needs --lr-grid
+
+
+def _chosen_adapter(out: Path, runs: dict, key: str) -> Path:
+    """The cached multi-task adapter of ``key``, seed 0, at the learning rate chosen on validation."""
+    import run
+
+    lr = runs[f"{key}|seed0|unseen_data"]["lr"]
+    args = run.parse(["--quick", "--methods", key, "--lr-grid", "--seeds", "0", "1", "--lr-grid-seeds", "0"])
+    return out / ".cache" / "adapters" / f"{key}-seed0-{run.source_fp(args, key, 0, lr)}.pt"
+
+
 def test_paper_warmup_trains_the_shared_prompt_per_task_then_multi_task(tmp_path):
     """``ta-lora/paper-warmup``: --warmup-steps steps on each source task alone (2 tasks: 2 steps of the budget),
     then multi-task training from the averaged prompt for the rest; its curve starts before any training and goes
