@@ -154,3 +154,24 @@ def test_accelerate_launch_two_processes_equal_one_process(workspace, single_pro
     result = run([*launcher, *train_args(workspace, out, 2)], cwd=workspace)
     assert "world size 2, global batch 4" in result.stdout
     assert_same_adapter(adapter(out), single_process)
+
+
+def test_uncertainty_sampling_updates_every_process_from_the_global_batch(tmp_path):
+    """``task_sampling="uncertainty"`` under torchrun: both processes hold the same uncertainties after every step
+    (the per-task sums are all-reduced), so they keep drawing one stream, and the run matches one process that
+    sees the same global batches. Without the all-reduce each process averaged its own half of the batch."""
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_uncertainty.py")
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, str(two), "2"], cwd=tmp_path)
+    run([sys.executable, worker, str(one), "4"], cwd=tmp_path)
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((one / "rank0.json").read_text())
+    assert all(0.5 < u < 1.0 for u in single["uncertainties"])  # every task was drawn and updated
+    assert len(set(single["uncertainties"])) == 3  # the tasks' estimates differ: a mix-up would show
+    torch.testing.assert_close(torch.tensor(ranks[0]["uncertainties"]), torch.tensor(ranks[1]["uncertainties"]))
+    torch.testing.assert_close(torch.tensor(ranks[0]["uncertainties"]), torch.tensor(single["uncertainties"]))
+    # the two processes' batches are the halves of the single process's batches, step by step
+    halves = [r0 + r1 for r0, r1 in zip(ranks[0]["drawn"], ranks[1]["drawn"])]
+    assert halves == single["drawn"]

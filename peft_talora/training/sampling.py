@@ -183,8 +183,25 @@ class MultiTaskSampler(Sampler[int]):
         entropies = torch.as_tensor(entropies, dtype=torch.float64).flatten().cpu()
         if entropies.shape != task_ids.shape:
             raise ValueError(f"Got {entropies.numel()} predictions for {task_ids.numel()} task ids.")
-        sums = torch.zeros(self.num_tasks, dtype=torch.float64).index_add_(0, task_ids, entropies)
-        counts = torch.bincount(task_ids, minlength=self.num_tasks)
+        sums, counts = self.task_totals(task_ids, entropies)
+        return self.update_from_totals(sums, counts)
+
+    def task_totals(self, task_ids: torch.Tensor, entropies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task sums of ``entropies`` and counts of predictions, ``(T,)`` each: what several processes
+        add up (all-reduce) so that every one of them applies the same update."""
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long).flatten()
+        entropies = torch.as_tensor(entropies, dtype=torch.float64).flatten().to(task_ids.device)
+        sums = torch.zeros(self.num_tasks, dtype=torch.float64, device=task_ids.device)
+        counts = torch.zeros(self.num_tasks, dtype=torch.float64, device=task_ids.device)
+        return sums.index_add_(0, task_ids, entropies), counts.index_add_(0, task_ids, torch.ones_like(entropies))
+
+    @torch.no_grad()
+    def update_from_totals(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Set each task with ``counts > 0`` to its mean entropy ``sums / counts`` (with the momentum), as
+        :meth:`update_uncertainties` does; returns the uncertainties."""
+        sums, counts = sums.detach().double().cpu(), counts.detach().double().cpu()
+        if sums.shape != (self.num_tasks,) or counts.shape != (self.num_tasks,):
+            raise ValueError(f"sums and counts must have shape ({self.num_tasks},), got {sums.shape}, {counts.shape}.")
         seen = counts > 0
         means = sums[seen] / counts[seen]
         m = self.uncertainty_momentum

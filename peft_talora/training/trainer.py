@@ -139,8 +139,9 @@ class MultiTaskTrainer(Trainer):
     the sampler is seeded with ``args.data_seed`` (else ``args.seed``). The training set needs a
     ``task_column`` column (int ids, or task names of the adapter). With ``"uncertainty"`` every
     training batch updates its tasks' uncertainties from the model's own predictions at the
-    target tokens (entropy normalised by the vocabulary size; on several processes each keeps
-    its own estimate); the probabilities are refreshed every ``uncertainty_refresh_every``
+    target tokens (entropy normalised by the vocabulary size; on several processes the per-task
+    sums are all-reduced, so every process holds the global batch's estimate and draws the same
+    stream); the probabilities are refreshed every ``uncertainty_refresh_every``
     examples drawn. The sampler in use is ``trainer.task_sampler``.
     """
 
@@ -198,6 +199,11 @@ class MultiTaskTrainer(Trainer):
         with torch.no_grad():
             entropies = _next_token_entropies(logits.detach(), labels)
             has_targets = (labels[:, 1:] != -100).any(-1)
-            if has_targets.any() and isinstance(task_ids, torch.Tensor):
-                sampler.update_uncertainties(task_ids[has_targets].cpu(), entropies=entropies[has_targets].cpu())
+            task_ids = torch.as_tensor(task_ids, device=entropies.device)
+            sums, counts = sampler.task_totals(task_ids[has_targets], entropies[has_targets])
+            if self.accelerator.num_processes > 1:
+                # every process draws from the same stream and takes its share of it, so every process must
+                # apply the same update: the whole global batch's, not its own share's
+                sums, counts = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+            sampler.update_from_totals(sums, counts)
         return (loss, outputs) if return_outputs else loss
