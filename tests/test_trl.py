@@ -275,12 +275,12 @@ def dpo_rows():
     return Dataset.from_list(rows)
 
 
-def train_dpo(tmp_path, gradient_checkpointing):
+def train_dpo(tmp_path, gradient_checkpointing, method="ta-lora"):
     args = cpu_training_args(
         DPOConfig,
         tmp_path,
         bf16=False,
-        learning_rate=0.2,
+        learning_rate=0.2 if method == "ta-lora" else 0.05,
         max_steps=12,
         beta=1.0,
         gradient_checkpointing=gradient_checkpointing,
@@ -290,7 +290,7 @@ def train_dpo(tmp_path, gradient_checkpointing):
         args=args,
         train_dataset=dpo_rows(),
         processing_class=tokenizer(),
-        peft_config=adapter_config("ta-lora"),
+        peft_config=adapter_config(method),
     )
     trainer.train()
     return trainer
@@ -317,8 +317,9 @@ def dpo_loss_by_hand(trainer, inputs):
     return -F.logsigmoid(margin).mean()
 
 
-def test_dpo_learns_opposite_preferences_against_the_disabled_adapter(tmp_path):
-    trainer = train_dpo(tmp_path, gradient_checkpointing=False)
+@pytest.mark.parametrize("method", ["ta-lora", "mtl-lora"])
+def test_dpo_learns_opposite_preferences_against_the_disabled_adapter(tmp_path, method):
+    trainer = train_dpo(tmp_path, gradient_checkpointing=False, method=method)
     logged = losses(trainer)
     assert len(logged) == 12 and logged[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at init
     assert logged[-1] < 0.7 * logged[0]
@@ -331,10 +332,12 @@ def test_dpo_learns_opposite_preferences_against_the_disabled_adapter(tmp_path):
     model = trainer.model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(inputs))
-        penalty = (
-            model.base_model.peft_config["default"].orthogonality_weight
-            * model.base_model.active_bank.orthogonality_penalty()
-        )
+        penalty = 0.0  # MTL-LoRA has none
+        if method == "ta-lora":
+            penalty = (
+                model.base_model.peft_config["default"].orthogonality_weight
+                * model.base_model.active_bank.orthogonality_penalty()
+            )
     torch.testing.assert_close(loss, dpo_loss_by_hand(trainer, inputs) + penalty)
 
 
