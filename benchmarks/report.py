@@ -1025,6 +1025,17 @@ def render(data: dict, plots: list[str]) -> str:
                     f"{gen['median_tokens_per_s']['mtl-lora']:.1f} tokens/s",
                 ]
             )
+        label_logits = "ta-lora label logits / ta-lora"
+        if label_logits in ts["ratios"]:  # measured since MultiTaskTrainer keeps the label positions' logits only
+            rows.insert(
+                2,
+                [
+                    "",
+                    "TA-LoRA, logits at label positions only / every position",
+                    f"{ts['ratios'][label_logits]:.3f}x",
+                    f"{ts['median_s']['ta-lora label logits']:.2f} s vs {ts['median_s']['ta-lora']:.2f} s",
+                ],
+            )
         many = next(iter(tb["ratios"]))
         rows.append(
             [
@@ -1057,6 +1068,18 @@ def render(data: dict, plots: list[str]) -> str:
                     ]
                 ]
                 if "mtl-lora / lora" in ts["memory_ratios"]
+                else []
+            ),
+            *(
+                [
+                    [
+                        "",
+                        "TA-LoRA, logits at label positions only / every position",
+                        f"{ts['memory_ratios'][label_logits]:.3f}x",
+                        " vs ".join(_gib(ts["memory"][k]["total_bytes"]) for k in ("ta-lora label logits", "ta-lora")),
+                    ]
+                ]
+                if label_logits in ts["memory_ratios"]
                 else []
             ),
             [

@@ -4,7 +4,9 @@ Each comparison runs its variants interleaved (A, B, C, A, B, C, ...) after one 
 and reports the median of the repeats, so slow phases of a shared machine hit every variant alike.
 
 - training step (forward + backward + AdamW step, one batch of real formatted examples):
-  TA-LoRA (mixed-task batch) vs LoRA (r=8, q/v) vs AdaptionPrompt;
+  TA-LoRA (mixed-task batch) vs LoRA (r=8, q/v) vs AdaptionPrompt, every position's logits; and
+  TA-LoRA's step with the logits at the label positions only (what ``MultiTaskTrainer`` trains with)
+  vs every position;
 - generation tokens/s (greedy, fixed number of new tokens): TA-LoRA (mixed-task batch) vs the
   base model (and AdaptionPrompt for context), with ``benchmarks/generation.py``'s measurement;
 - a TA-LoRA training step on a batch holding 64 distinct tasks vs the same batch all of one task;
@@ -27,6 +29,7 @@ from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
 
 import peft_talora  # noqa: F401
 from peft_talora import MTLLoraConfig, TALoraConfig, talora_optimizer
+from peft_talora.training.label_logits import label_positions
 
 NUM_TASKS_BIG = 64
 
@@ -137,8 +140,14 @@ def memory(model, batch, optimizer) -> dict:
 
 
 # ----------------------------------------------------------------------------- the measurements
+#: TA-LoRA's training step with the vocabulary logits at the label positions only (MultiTaskTrainer's default).
+LABEL_LOGITS = "ta-lora label logits"
+
+
 def training_steps(base, batch: dict, task_ids: torch.Tensor, num_tasks: int, repeats: int) -> dict:
-    """Step time and memory of TA-LoRA vs LoRA vs AdaptionPrompt on one batch (TA-LoRA: mixed tasks)."""
+    """Step time and memory of TA-LoRA vs LoRA vs AdaptionPrompt on one batch (TA-LoRA: mixed tasks), every
+    position's logits as ``model(**batch).loss`` computes them; and TA-LoRA's step with the logits at the label
+    positions only (``LABEL_LOGITS``), as :class:`MultiTaskTrainer` trains."""
     layers = base.config.num_hidden_layers
     torch.manual_seed(0)
     models = {
@@ -161,12 +170,18 @@ def training_steps(base, batch: dict, task_ids: torch.Tensor, num_tasks: int, re
     batches = {name: to(batch, device) for name in models}
     batches["ta-lora"]["task_ids"] = task_ids.to(device)
     batches["mtl-lora"]["task_ids"] = task_ids.to(device)
-    calls, mem = {}, {}
+    calls, mem, optimizers = {}, {}, {}
     for name, model in models.items():
         open_gates(model)
-        optimizer = adamw(model)
+        optimizers[name] = optimizer = adamw(model)
         calls[name] = train_step_call(model, batches[name], optimizer)
         mem[name] = memory(model, batches[name], optimizer)
+    kept = label_positions(batches["ta-lora"]["labels"])  # what MultiTaskTrainer does by default
+    if kept is not None:
+        positions, shift_labels = kept
+        label_batch = {**batches["ta-lora"], "logits_to_keep": positions, "shift_labels": shift_labels}
+        calls[LABEL_LOGITS] = train_step_call(models["ta-lora"], label_batch, optimizers["ta-lora"])
+        mem[LABEL_LOGITS] = memory(models["ta-lora"], label_batch, optimizers["ta-lora"])
     times = interleaved(calls, repeats)
     median = _median(times)
     result = {
@@ -177,12 +192,18 @@ def training_steps(base, batch: dict, task_ids: torch.Tensor, num_tasks: int, re
             "ta-lora / lora": median["ta-lora"] / median["lora"],
             "ta-lora / adaption-prompt": median["ta-lora"] / median["adaption-prompt"],
             "mtl-lora / lora": median["mtl-lora"] / median["lora"],
+            **({f"{LABEL_LOGITS} / ta-lora": median[LABEL_LOGITS] / median["ta-lora"]} if kept is not None else {}),
         },
         "memory": mem,
         "memory_ratios": {
             "ta-lora / lora": mem["ta-lora"]["total_bytes"] / mem["lora"]["total_bytes"],
             "ta-lora / adaption-prompt": mem["ta-lora"]["total_bytes"] / mem["adaption-prompt"]["total_bytes"],
             "mtl-lora / lora": mem["mtl-lora"]["total_bytes"] / mem["lora"]["total_bytes"],
+            **(
+                {f"{LABEL_LOGITS} / ta-lora": mem[LABEL_LOGITS]["total_bytes"] / mem["ta-lora"]["total_bytes"]}
+                if kept is not None
+                else {}
+            ),
         },
     }
     del models, calls

@@ -93,7 +93,13 @@ def test_report_structure(quick):
         assert name in row
         assert any(verdict in row for verdict in ("**met**", "**missed**", "not measured"))
     speed = section(report, "## Speed and memory")
-    for ratio in ("TA-LoRA / LoRA", "TA-LoRA / AdaptionPrompt", "TA-LoRA / base tokens/s", "64 tasks / 1 task"):
+    for ratio in (
+        "TA-LoRA / LoRA",
+        "TA-LoRA / AdaptionPrompt",
+        "TA-LoRA, logits at label positions only / every position",
+        "TA-LoRA / base tokens/s",
+        "64 tasks / 1 task",
+    ):
         assert ratio in speed
     assert "Targets:" in stdout and "expected time" in stdout
 
@@ -165,6 +171,10 @@ def test_json_and_plots(quick):
     assert data["parameters"]["ta-lora"]["per_task"] < data["parameters"]["lora"]["per_task"]
     for part in ("train_step", "generation", "task_batch"):
         assert data["speed"][part]["ratios"]
+    step = data["speed"]["train_step"]  # the label-logits step is measured beside the full one
+    assert step["ratios"]["ta-lora label logits / ta-lora"] == pytest.approx(
+        step["median_s"]["ta-lora label logits"] / step["median_s"]["ta-lora"]
+    )
     assert len(data["targets"]) == len(TARGETS)
     for name in ("quality.png", "ablations.png", "speed.png"):
         assert (out / name).stat().st_size > 1000, name

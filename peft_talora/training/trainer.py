@@ -22,6 +22,7 @@ from transformers import Trainer, TrainingArguments
 from ..talora.model import TALoraModel
 from .callbacks import OrthogonalityLogCallback
 from .collator import MultiTaskDataCollator
+from .label_logits import label_positions, supports_label_logits
 from .optim import DEFAULT_FAST_LR_RATIO, talora_optimizer
 from .sampling import STRATEGIES, MultiTaskSampler, normalized_entropy
 
@@ -121,10 +122,11 @@ def task_sampler(
     )
 
 
-def _next_token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example mean normalised entropy of a causal LM's predictions at its target tokens ``(B,)``."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
+def _next_token_entropies(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean normalised entropy of a causal LM's predictions at its target tokens ``(B,)``.
+
+    ``logits`` ``(B, K, V)`` and ``shift_labels`` ``(B, K)`` are aligned: position ``k``'s next-token label."""
+    mask = shift_labels != -100
     entropy = normalized_entropy(logits.float())  # (B, L-1), normalised by log(vocab)
     counts = mask.sum(-1)
     means = (entropy * mask).sum(-1) / counts.clamp(min=1)
@@ -143,6 +145,12 @@ class MultiTaskTrainer(Trainer):
     sums are all-reduced, so every process holds the global batch's estimate and draws the same
     stream); the probabilities are refreshed every ``uncertainty_refresh_every``
     examples drawn. The sampler in use is ``trainer.task_sampler``.
+
+    ``label_logits_only`` (default on): a training step computes the vocabulary logits only at the
+    positions whose next token is a label (:mod:`peft_talora.training.label_logits`); the loss is
+    the same, the LM head's work over the prompt is skipped. Off by itself where it cannot apply
+    (prompt-learning adapters, label smoothing, a custom ``compute_loss_func``, a model without
+    ``logits_to_keep``); evaluation always computes every position's logits.
     """
 
     def __init__(
@@ -153,6 +161,7 @@ class MultiTaskTrainer(Trainer):
         task_column: str = "task_ids",
         uncertainty_momentum: float = 0.0,
         uncertainty_refresh_every: Optional[int] = None,
+        label_logits_only: bool = True,
         **kwargs,
     ):
         if task_sampling is not None and task_sampling not in STRATEGIES:
@@ -163,7 +172,9 @@ class MultiTaskTrainer(Trainer):
         self.uncertainty_momentum = uncertainty_momentum
         self.uncertainty_refresh_every = uncertainty_refresh_every
         self.task_sampler: Optional[MultiTaskSampler] = None
+        self.label_logits_only = label_logits_only
         super().__init__(*args, **kwargs)
+        self._label_logits_model = self._label_logits_supported = None
 
     def _get_train_sampler(self, train_dataset=None):
         if self.task_sampling is None:
@@ -180,25 +191,42 @@ class MultiTaskTrainer(Trainer):
         )
         return self.task_sampler
 
+    def _keeps_label_logits_only(self, model, labels) -> bool:
+        """Whether this training step computes logits at the label positions only (see the class doc)."""
+        if not (self.label_logits_only and model.training and labels is not None):
+            return False
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return False  # they read every position's logits
+        if self._label_logits_model is not model:  # checked once per model (Trainer may wrap it later)
+            self._label_logits_model, self._label_logits_supported = model, supports_label_logits(model)
+        return self._label_logits_supported
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        shift_labels = None
+        if self._keeps_label_logits_only(model, labels) and (kept := label_positions(labels)) is not None:
+            positions, shift_labels = kept
+            inputs = {**inputs, "logits_to_keep": positions, "shift_labels": shift_labels}
         sampler = self.task_sampler
         track = (
             sampler is not None
             and sampler.strategy == "uncertainty"
             and model.training
-            and inputs.get("labels") is not None
+            and labels is not None
             and inputs.get(self.task_column) is not None
         )
         if not track:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        labels, task_ids = inputs["labels"], inputs[self.task_column]
+        task_ids = inputs[self.task_column]
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        if shift_labels is None:  # every position's logits: position i predicts token i + 1
+            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
         with torch.no_grad():
-            entropies = _next_token_entropies(logits.detach(), labels)
-            has_targets = (labels[:, 1:] != -100).any(-1)
+            entropies = _next_token_entropies(logits.detach(), shift_labels)
+            has_targets = (shift_labels != -100).any(-1)
             task_ids = torch.as_tensor(task_ids, device=entropies.device)
             sums, counts = sampler.task_totals(task_ids[has_targets], entropies[has_targets])
             if self.accelerator.num_processes > 1:
