@@ -105,3 +105,16 @@ def test_adapter_dtype_on_a_bf16_base(tmp_path, method, autocast):
     assert adapter_dtypes(loaded) == adapter_dtypes(model) and base_dtypes(loaded) == {torch.bfloat16}
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids, attention_mask=mask, task_ids=ROUTES).logits, out)
+
+
+def test_gpt2_upcast_attention_keeps_its_upcast_path_under_ta_lora():
+    """GPT-2 with ``reorder_and_upcast_attn`` computes eager attention scores in float32 (its own branch);
+    a TA-LoRA adapter at initialisation (gates closed) leaves a bf16 model's logits bit-identical."""
+    base = tiny_model("gpt2", attn="eager", reorder_and_upcast_attn=True).to(torch.bfloat16)
+    input_ids, mask = batch(left_pad=2)
+    with torch.no_grad():
+        expected = base(input_ids=input_ids, attention_mask=mask).logits
+    model = get_peft_model(base, adapter_config("ta-lora"))
+    with torch.no_grad():
+        got = model(input_ids=input_ids, attention_mask=mask, task_ids=ROUTES).logits
+    assert torch.equal(got, expected)

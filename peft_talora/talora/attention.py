@@ -254,8 +254,12 @@ def _make_routed_attention(base: str) -> Callable:
         if kwargs.pop(_CAPTURE_KWARG, False):
             raise _PrefixCaptured(key, value)
         routing = kwargs.pop(ROUTING_KWARG, None)
-        base_fn = _eager_attention_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-        out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if base == "eager" and getattr(module, "reorder_and_upcast_attn", False):
+            # GPT-2's own branch for eager attention, which the routed name would otherwise skip
+            out, weights = module._upcast_and_reordered_attn(query, key, value, attention_mask)
+        else:
+            base_fn = _eager_attention_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+            out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
         site: AttentionSite = module._talora_site
         if routing is None:
             raise RuntimeError(
