@@ -5,9 +5,10 @@
    ``Trainer`` (fast/slow learning rates, orthogonality penalty, periodic evaluation);
 3. unseen data: each source task's held-out test examples;
 4. unseen tasks: each target task is added to the trained adapter (``add_tasks``, freeze mode;
-   it starts exactly at the base model) and trained on k examples per label;
-5. a peer trained the same way on each target (``--peers pt``: PEFT prompt tuning, same shots,
-   steps, batch and learning rate as step 4, on the base model);
+   it starts exactly at the base model) and trained on k examples per label, ending at its lowest
+   loss on held-out validation rows among the start, the middle and the last step;
+5. a peer trained the same way on each target (``--peers pt``: PEFT prompt tuning on the base
+   model, same shots, steps, batch and early stopping as step 4, at its own learning rate);
 6. a table on stdout, ``results.json``, ``results.png`` and the adapter in ``--output-dir``.
 
 Macro-F1 leads and accuracy stands beside it: the test subsets are small and imbalanced while
@@ -43,7 +44,7 @@ from peft_talora import TALoraConfig
 from peft_talora.smollm2 import load_model
 from peft_talora.suite import SOURCE_TASKS, TARGET_TASKS, evaluate_task, format_split, load_task, subsample
 from peft_talora.suite.intervals import TaskRuns, bootstrap_interval, has_rows, paired_difference
-from peft_talora.training import build_trainer
+from peft_talora.training import KeepBestCallback, build_trainer
 from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 
 SYSTEM_PROMPT = "You are a precise text classifier."  # short: every token costs time on a CPU
@@ -89,11 +90,15 @@ def evaluate(model, tokenizer, tasks, per_task: int, seed: int, max_text_tokens:
 
 # ----------------------------------------------------------------------------- training
 def train_phase(
-    model, tokenizer, train_rows, folder: Path, steps: int, args, eval_rows=None, route=True, lr=None
-) -> None:
+    model, tokenizer, train_rows, folder: Path, steps: int, args, eval_rows=None, route=True, lr=None, keep_best=False
+):
     """One ``Trainer`` run that checkpoints into ``folder`` and resumes from its last checkpoint.
 
     ``route=False`` (a single-task peer such as prompt tuning): the rows' ``task_ids`` are dropped.
+    ``keep_best=True`` (a few-shot stage, minutes): the loss on ``eval_rows`` is measured at the start and
+    every ``steps // 2`` steps, and training ends at the best of those points (:class:`KeepBestCallback`),
+    so it never ends worse on the held-out rows than where it started; no checkpoints (an interrupted
+    stage is run again). Returns the callback (``best_step``, ``best_metric``) or ``None``.
     """
     names = model if route else sorted(set(train_rows["task_ids"]))
     train = tokenize_for_causal_lm(train_rows, tokenizer, task_names=names)
@@ -101,8 +106,10 @@ def train_phase(
     collator = None
     if not route:
         train = train.remove_columns("task_ids")
+        evaluation = evaluation.remove_columns("task_ids") if evaluation is not None else None
         collator = MultiTaskDataCollator(tokenizer=tokenizer)
     every = max(1, steps // 4)
+    keep = KeepBestCallback() if keep_best else None
     training_args = TrainingArguments(
         output_dir=str(folder),
         max_steps=steps,
@@ -111,11 +118,13 @@ def train_phase(
         learning_rate=args.lr if lr is None else lr,
         warmup_steps=min(5, steps // 10),
         logging_steps=max(1, every // 2),
+        save_strategy="no" if keep_best else "steps",
         save_steps=every,
         save_total_limit=1,
         seed=args.seed,
         eval_strategy="steps" if evaluation is not None else "no",
         eval_steps=max(1, steps // 2),
+        eval_on_start=keep_best,
         report_to=[],
         use_cpu=True,
         dataloader_num_workers=0,
@@ -128,9 +137,23 @@ def train_phase(
         processing_class=tokenizer,
         data_collator=collator,
         task_sampling=args.task_sampling if route else None,
+        callbacks=[keep] if keep else None,
     )
-    resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    resume = get_last_checkpoint(str(folder)) if folder.is_dir() and not keep_best else None
     trainer.train(resume_from_checkpoint=resume)
+    return keep
+
+
+def stopping_record(keep: KeepBestCallback, steps: int) -> dict:
+    """Where a few-shot stage ended: the chosen step (0: its start) and the held-out loss at every evaluated step."""
+    curve = {str(step): loss for step, loss in keep.history.items()}
+    return {"steps": steps, "chosen_step": keep.best_step, "validation_loss": curve}
+
+
+def validation_rows(name: str, tokenizer, args) -> datasets.Dataset:
+    """``--target-val-rows`` rows of a target's validation split: disjoint from its shots (train) and test rows."""
+    rows = subsample(load_task(name)["validation"], args.target_val_rows, seed=args.seed)
+    return format_split(rows, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
 
 
 def talora_config(tasks, args) -> TALoraConfig:
@@ -158,7 +181,7 @@ def peer_config(peer: str, tokenizer, args):
 
 
 def peer_lr(peer: str, args) -> float:
-    return args.lora_lr if peer == "lora" else args.lr
+    return args.lora_lr if peer == "lora" else args.pt_lr
 
 
 # ----------------------------------------------------------------------------- report
@@ -278,6 +301,19 @@ def report(results: dict, out: Path) -> None:
             )
         if any(e["macro_f1"].get("low") is None for e in averages.values()):
             print("  (no interval where cached results lack per-row predictions: rerun with --fresh)")
+    stops = {
+        m: {t: r["stopping"]["chosen_step"] for t, r in method_records(results, m, "unseen_tasks").items()}
+        for m in methods
+        if all("stopping" in r for r in method_records(results, m, "unseen_tasks").values())
+    }
+    if any(stops.values()):
+        steps = results["settings"]["target_steps"]
+        print(
+            f"\nstep each target stage ended at (lowest validation loss at 0, {steps // 2} and {steps}; 0 = its start):"
+        )
+        for method, chosen in stops.items():
+            if chosen:
+                print(f"  {METHODS[method]:<30} " + ", ".join(f"{t} {step}" for t, step in chosen.items()))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, methods, out / "results.png")
     print(f"wrote {out / 'results.json'}, {out / 'results.png'}; adapter in {out / 'adapter'}")
@@ -407,13 +443,20 @@ def run(args) -> dict:
         rows = format_split(
             shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
         )
-        train_phase(model, tokenizer, rows, out / f"checkpoints_{name}", args.target_steps, args)
+        val = validation_rows(name, tokenizer, args) if args.target_val_rows else None
+        folder = out / f"checkpoints_{name}"
+        keep = train_phase(
+            model, tokenizer, rows, folder, args.target_steps, args, val, lr=args.target_lr, keep_best=val is not None
+        )
         model.save_pretrained(out / f"adapter_{name}", tasks=[name])
         results["unseen_tasks"].update(evaluate(model, tokenizer, [name], args.eval_per_task, route=True, **mtl))
+        if keep is not None:
+            results["unseen_tasks"][name]["stopping"] = stopping_record(keep, args.target_steps)
+            print(f"  stopped at step {keep.best_step} of {args.target_steps} (validation loss {keep.best_metric:.4f})")
         base = model.base_model.unload()
         save()
 
-    for peer in args.peers:  # the same shots, steps, batch and learning rate as TA-LoRA's new task, on the base model
+    for peer in args.peers:  # the same shots, steps, batch and early stopping as TA-LoRA's new task, on the base model
         done = results.setdefault("peers", {}).setdefault(peer, {})
         for name in args.targets:
             if name in done:
@@ -428,8 +471,15 @@ def run(args) -> dict:
                 shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
             )
             folder = out / f"checkpoints_{peer}_{name}"
-            train_phase(model, tokenizer, rows, folder, args.target_steps, args, route=False, lr=peer_lr(peer, args))
+            val = validation_rows(name, tokenizer, args) if args.target_val_rows else None
+            lr = peer_lr(peer, args)
+            keep = train_phase(model, tokenizer, rows, folder, args.target_steps, args, val, False, lr, val is not None)
             done.update(evaluate(model, tokenizer, [name], args.eval_per_task, route=False, **mtl))
+            if keep is not None:
+                done[name]["stopping"] = stopping_record(keep, args.target_steps)
+                print(
+                    f"  stopped at step {keep.best_step} of {args.target_steps} (validation loss {keep.best_metric:.4f})"
+                )
             base = model.unload() if peer == "lora" else model.get_base_model()
             save()
 
@@ -455,11 +505,22 @@ def parse(argv=None):
     parser.add_argument("--eval-per-task", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--target-steps", type=int, default=10)
+    parser.add_argument("--target-steps", type=int, default=16, help="training steps per target task (and peer)")
+    parser.add_argument(
+        "--target-val-rows",
+        type=int,
+        default=24,
+        help="held-out rows of each target's validation split: every target stage (TA-LoRA and the peers) ends at "
+        "its lowest validation loss among its start, the middle and the last step (0: no early stopping)",
+    )
+    parser.add_argument(
+        "--target-lr", type=float, default=3e-2, help="learning rate of TA-LoRA's new tasks (they start at c = 0)"
+    )
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA peer's learning rate")
+    parser.add_argument("--pt-lr", type=float, default=1e-2, help="the prompt-tuning peer's learning rate")
+    parser.add_argument("--lora-lr", type=float, default=3e-3, help="the LoRA peer's learning rate")
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-text-tokens", type=int, default=64)
@@ -469,7 +530,16 @@ def parse(argv=None):
     parser.add_argument("--fresh", action="store_true", help="delete --output-dir first instead of resuming")
     args = parser.parse_args(argv)
     if args.tiny:
-        tiny = dict(train_per_task=4, eval_per_task=4, warmup_steps=1, steps=2, target_steps=1, shots=1, batch_size=4)
+        tiny = dict(
+            train_per_task=4,
+            eval_per_task=4,
+            warmup_steps=1,
+            steps=2,
+            target_steps=2,
+            shots=1,
+            batch_size=4,
+            target_val_rows=4,
+        )
         for key, value in tiny.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)

@@ -59,11 +59,16 @@ def test_main_job_tiny_reports_resumes_and_saves(tmp_path):
     paired = results["differences"]["unseen_tasks"]["ta-lora - pt"]["macro_f1"]
     ta, pt = results["unseen_tasks"]["pubmedqa"]["macro_f1"], results["peers"]["pt"]["pubmedqa"]["macro_f1"]
     assert paired["estimate"] == pytest.approx(ta - pt) and paired["low"] <= paired["estimate"] <= paired["high"]
+    for record in (results["unseen_tasks"]["pubmedqa"], results["peers"]["pt"]["pubmedqa"]):
+        stopping = record["stopping"]  # early stopping on held-out validation rows: start, middle, end
+        curve = {int(step): loss for step, loss in stopping["validation_loss"].items()}
+        assert sorted(curve) == [0, 1, 2] and stopping["chosen_step"] == min(curve, key=lambda s: (curve[s], s))
     assert (out / "results.png").stat().st_size > 1000
     assert (
         "base zero-shot" in stdout and "sms_spam" in stdout and "PEFT prompt tuning" in stdout and "PEFT LoRA" in stdout
     )
     assert "macro-F1" in stdout and "one row = 25.0 accuracy points" in stdout and "(paired)" in stdout
+    assert "step each target stage ended at (lowest validation loss at 0, 1 and 2; 0 = its start)" in stdout
     assert load_file(out / "adapter" / "adapter_model.safetensors")["base_model.talora_banks.task_u"].shape[1] == 2
     assert json.loads((out / "adapter_pubmedqa" / "adapter_config.json").read_text())["task_names"] == ["pubmedqa"]
 

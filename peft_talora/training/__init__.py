@@ -5,6 +5,7 @@
 - ``sampling``: multi-task samplers for imbalanced tasks;
 - ``trainer``: :class:`MultiTaskTrainer` and :func:`build_trainer`, the training helper;
 - ``optim``: TA-LoRA's fast/slow parameter groups; ``callbacks``: the orthogonality log entry;
+- ``keep_best``: early stopping that ends at the best evaluation, the start included (:class:`KeepBestCallback`);
 - ``transfer``: which existing task a new task should start from (``task_losses``, ``closest_task``);
 - ``trl_trainers``: TRL's SFT and DPO trainers with a task column (imports ``trl``);
 - ``cli``: the command line, ``python -m peft_talora.training`` (also under torchrun / accelerate launch).
@@ -12,12 +13,14 @@
 
 from .callbacks import OrthogonalityLogCallback
 from .collator import MultiTaskDataCollator, TALoraDataCollator, TaskIdEncoder, k_shot, tokenize_for_causal_lm
+from .keep_best import KeepBestCallback
 from .optim import talora_optimizer, talora_parameter_groups
 from .sampling import MultiTaskSampler, normalized_entropy, task_sampling_probabilities
 from .trainer import MultiTaskTrainer, build_trainer
 from .transfer import closest_task, task_losses
 
 __all__ = [
+    "KeepBestCallback",
     "MultiTaskDataCollator",
     "MultiTaskSampler",
     "MultiTaskTrainer",

@@ -1,0 +1,69 @@
+"""Early stopping without a checkpoint round trip: end training at the best evaluation, the start included.
+
+A task added from a few shots is trained for a handful of steps, and with few shots a step that
+lowers the training loss can raise the held-out loss. :class:`KeepBestCallback` keeps an
+in-memory copy of the trainable parameters (a new task's factors: kilobytes) at every evaluation
+that improves on the best so far, and copies the best one back when training ends. With
+``TrainingArguments(eval_on_start=True)`` the start is one of the candidates, so a new task that
+starts at the base model (TA-LoRA's gate scale ``c = 0``) never ends worse, on the held-out rows,
+than the base model.
+
+Why not ``load_best_model_at_end``: it needs a saved checkpoint per evaluation and cannot pick the
+start (no checkpoint exists at step 0).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+
+class KeepBestCallback(TrainerCallback):
+    """Restores, at the end of ``train()``, the trainable parameters of the best evaluation.
+
+    The metric is ``TrainingArguments.metric_for_best_model`` (default ``"loss"``, read as
+    ``eval_loss``) and its direction ``greater_is_better``. Ties keep the earlier (shorter-trained)
+    point. ``best_step`` and ``best_metric`` say what was chosen (``None`` before any evaluation),
+    ``history`` holds ``{step: metric}`` of every evaluation.
+    The copy lives in memory for one ``train()`` call (single process or DDP, where every rank holds
+    the same replica; not for FSDP-sharded parameters).
+    """
+
+    def __init__(self):
+        self.best_step: Optional[int] = None
+        self.best_metric: Optional[float] = None
+        self.history: dict[int, float] = {}
+        self._best: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.best_step, self.best_metric, self.history, self._best = None, None, {}, {}
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        name = args.metric_for_best_model or "loss"
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if not metrics or key not in metrics:
+            raise KeyError(
+                f"KeepBestCallback needs {key!r} in the evaluation metrics, which hold {sorted(metrics or {})}; "
+                "pass an eval_dataset with labels, or set metric_for_best_model to one of the metrics."
+            )
+        value = float(metrics[key])
+        self.history[state.global_step] = value
+        greater = args.greater_is_better if args.greater_is_better is not None else not key.endswith("loss")
+        improved = self.best_metric is None or (value > self.best_metric if greater else value < self.best_metric)
+        if improved:
+            self.best_step, self.best_metric = state.global_step, value
+            self._best = {n: p.detach().clone() for n, p in _trainable(model)}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self._best:
+            return
+        with torch.no_grad():
+            for name, param in _trainable(model):
+                param.copy_(self._best[name])
+
+
+def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    model = getattr(model, "module", model)  # DDP
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
