@@ -87,6 +87,7 @@ def test_finetune_with_trainer_tiny(tmp_path):
 def test_add_task_few_shot_tiny(tmp_path):
     stdout = run_example("add_task_few_shot.py", "--tiny", "--output-dir", str(tmp_path / "add"), cwd=tmp_path)
     assert "old tasks ['sms_spam', 'trec'] unchanged" in stdout
+    assert "pubmedqa (k=1): macro-F1" in stdout and "ended at step" in stdout and "held-out loss by step {0:" in stdout
     grown = json.loads((tmp_path / "add" / "adapter" / "adapter_config.json").read_text())
     assert grown["task_names"] == ["sms_spam", "trec", "pubmedqa"]
     alone = json.loads((tmp_path / "add" / "pubmedqa" / "adapter_config.json").read_text())
