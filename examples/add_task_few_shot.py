@@ -6,9 +6,9 @@
 ``add_tasks`` gives the new task its own factors and (freeze mode) trains only those, so every
 earlier task's outputs stay bit-identical. The new task starts at the base model (gate scale
 ``c = 0``) and training ends at its lowest loss on held-out validation rows among the start and
-every ``--steps // 2`` steps (``KeepBestCallback``), so it never ends worse there than the base model. The result is saved twice: the grown adapter and a
-standalone export of the new task alone (loads with plain ``PeftModel.from_pretrained`` and
-needs no ``task_ids``).
+every ``--steps // 2`` steps (``KeepBestCallback``), so it never ends worse there than the base
+model. The result is saved twice: the grown adapter and a standalone export of the new task
+alone (loads with plain ``PeftModel.from_pretrained`` and needs no ``task_ids``).
 """
 
 import argparse

@@ -32,6 +32,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import datasets
 import torch
@@ -144,16 +145,29 @@ def train_phase(
     return keep
 
 
-def stopping_record(keep: KeepBestCallback, steps: int) -> dict:
-    """Where a few-shot stage ended: the chosen step (0: its start) and the held-out loss at every evaluated step."""
+def train_target(model, tokenizer, name: str, folder: Path, args, lr: float, route: bool):
+    """A target stage (TA-LoRA's new task or a peer): ``--shots`` per label of the train split for
+    ``--target-steps``, ending at the best loss on ``--target-val-rows`` rows of the validation split
+    (disjoint from the shots and the test rows; 0 rows: no early stopping). Returns the callback or ``None``."""
+    fmt = dict(task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
+    rows = format_split(k_shot(load_task(name)["train"], args.shots, seed=args.seed), tokenizer, **fmt)
+    val = None
+    if args.target_val_rows:
+        val = format_split(
+            subsample(load_task(name)["validation"], args.target_val_rows, seed=args.seed), tokenizer, **fmt
+        )
+    return train_phase(
+        model, tokenizer, rows, folder, args.target_steps, args, val, route, lr, keep_best=val is not None
+    )
+
+
+def record_stopping(record: dict, keep: Optional[KeepBestCallback], steps: int) -> None:
+    """Store and print where a target stage ended: the chosen step (0: its start), the held-out loss per step."""
+    if keep is None:
+        return
     curve = {str(step): loss for step, loss in keep.history.items()}
-    return {"steps": steps, "chosen_step": keep.best_step, "validation_loss": curve}
-
-
-def validation_rows(name: str, tokenizer, args) -> datasets.Dataset:
-    """``--target-val-rows`` rows of a target's validation split: disjoint from its shots (train) and test rows."""
-    rows = subsample(load_task(name)["validation"], args.target_val_rows, seed=args.seed)
-    return format_split(rows, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT)
+    record["stopping"] = {"steps": steps, "chosen_step": keep.best_step, "validation_loss": curve}
+    print(f"  stopped at step {keep.best_step} of {steps} (validation loss {keep.best_metric:.4f})")
 
 
 def talora_config(tasks, args) -> TALoraConfig:
@@ -301,19 +315,18 @@ def report(results: dict, out: Path) -> None:
             )
         if any(e["macro_f1"].get("low") is None for e in averages.values()):
             print("  (no interval where cached results lack per-row predictions: rerun with --fresh)")
-    stops = {
-        m: {t: r["stopping"]["chosen_step"] for t, r in method_records(results, m, "unseen_tasks").items()}
-        for m in methods
-        if all("stopping" in r for r in method_records(results, m, "unseen_tasks").values())
-    }
-    if any(stops.values()):
+    stops = {}
+    for method in methods:
+        records = method_records(results, method, "unseen_tasks")
+        if records and all("stopping" in r for r in records.values()):
+            stops[method] = ", ".join(f"{t} {r['stopping']['chosen_step']}" for t, r in records.items())
+    if stops:
         steps = results["settings"]["target_steps"]
         print(
             f"\nstep each target stage ended at (lowest validation loss at 0, {steps // 2} and {steps}; 0 = its start):"
         )
         for method, chosen in stops.items():
-            if chosen:
-                print(f"  {METHODS[method]:<30} " + ", ".join(f"{t} {step}" for t, step in chosen.items()))
+            print(f"  {METHODS[method]:<30} {chosen}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, methods, out / "results.png")
     print(f"wrote {out / 'results.json'}, {out / 'results.png'}; adapter in {out / 'adapter'}")
@@ -439,20 +452,10 @@ def run(args) -> dict:
         model.add_tasks(
             [name]
         )  # freeze mode: shared parts and source tasks stay bit-identical; starts at the base model
-        shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
-        rows = format_split(
-            shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
-        )
-        val = validation_rows(name, tokenizer, args) if args.target_val_rows else None
-        folder = out / f"checkpoints_{name}"
-        keep = train_phase(
-            model, tokenizer, rows, folder, args.target_steps, args, val, lr=args.target_lr, keep_best=val is not None
-        )
+        keep = train_target(model, tokenizer, name, out / f"checkpoints_{name}", args, args.target_lr, route=True)
         model.save_pretrained(out / f"adapter_{name}", tasks=[name])
         results["unseen_tasks"].update(evaluate(model, tokenizer, [name], args.eval_per_task, route=True, **mtl))
-        if keep is not None:
-            results["unseen_tasks"][name]["stopping"] = stopping_record(keep, args.target_steps)
-            print(f"  stopped at step {keep.best_step} of {args.target_steps} (validation loss {keep.best_metric:.4f})")
+        record_stopping(results["unseen_tasks"][name], keep, args.target_steps)
         base = model.base_model.unload()
         save()
 
@@ -466,20 +469,10 @@ def run(args) -> dict:
             )
             torch.manual_seed(args.seed)
             model = get_peft_model(base, peer_config(peer, tokenizer, args))
-            shots = k_shot(load_task(name)["train"], args.shots, seed=args.seed)
-            rows = format_split(
-                shots, tokenizer, task=name, max_text_tokens=args.max_text_tokens, system_prompt=SYSTEM_PROMPT
-            )
             folder = out / f"checkpoints_{peer}_{name}"
-            val = validation_rows(name, tokenizer, args) if args.target_val_rows else None
-            lr = peer_lr(peer, args)
-            keep = train_phase(model, tokenizer, rows, folder, args.target_steps, args, val, False, lr, val is not None)
+            keep = train_target(model, tokenizer, name, folder, args, peer_lr(peer, args), route=False)
             done.update(evaluate(model, tokenizer, [name], args.eval_per_task, route=False, **mtl))
-            if keep is not None:
-                done[name]["stopping"] = stopping_record(keep, args.target_steps)
-                print(
-                    f"  stopped at step {keep.best_step} of {args.target_steps} (validation loss {keep.best_metric:.4f})"
-                )
+            record_stopping(done[name], keep, args.target_steps)
             base = model.unload() if peer == "lora" else model.get_base_model()
             save()
 
