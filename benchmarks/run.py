@@ -241,13 +241,21 @@ def learning_rate(args, key: str) -> float:
     return M.DEFAULT_LR[M.ALL[key].family]
 
 
+def is_variant(key: str) -> bool:
+    """Whether ``key`` is a TA-LoRA ablation or hyperparameter variant (``ta-lora/...``)."""
+    return key in M.ABLATIONS or key in M.HYPERPARAMETERS
+
+
 def lr_grid(args, key: str) -> list[float]:
     """The learning rates ``key`` trains at: its family's grid with ``--lr-grid`` (a learning-rate variant keeps
-    its one value), else the one of :func:`learning_rate`."""
+    its one value; with ``--ablation-lr`` every other variant trains at that one value: an ablation changes one
+    thing, and TA-LoRA's chosen learning rate is held), else the one of :func:`learning_rate`."""
     if not args.lr_grid:
         return [learning_rate(args, key)]
     if "lr" in M.ALL[key].ablation:
         return [M.ALL[key].ablation["lr"]]
+    if args.ablation_lr is not None and is_variant(key):
+        return [args.ablation_lr]
     return list(args.prompt_lr_grid if M.ALL[key].family == "prompt" else args.lora_lr_grid)
 
 
@@ -1032,6 +1040,13 @@ def parse(argv=None):
         help="the grid of LoRA, Poly, MTL-LoRA (default: 3e-4 1e-3 3e-3)",
     )
     add(
+        "--ablation-lr",
+        type=float,
+        metavar="LR",
+        help="with --lr-grid: the TA-LoRA ablations and variants train at this one learning rate (give TA-LoRA's "
+        "chosen one) instead of the whole grid, so each changes one thing and costs one training per seed",
+    )
+    add(
         "--target-lr-grid",
         action="store_true",
         help="with --lr-grid: also train every unseen task at each learning rate of its method's grid and keep the "
@@ -1101,6 +1116,8 @@ def parse(argv=None):
         args.eval_every = max(1, args.steps // 4) if args.lr_grid else 0  # 5 points: enough to tell a flat end
     if args.lr_grid and args.lr:
         parser.error("--lr sets one learning rate, --lr-grid a grid: give --prompt-lr-grid / --lora-lr-grid instead")
+    if args.ablation_lr is not None and not (args.lr_grid and args.ablation_lr > 0):
+        parser.error("--ablation-lr needs --lr-grid and a positive learning rate (TA-LoRA's chosen one)")
     if args.target_lr_grid and not args.lr_grid:
         parser.error("--target-lr-grid needs --lr-grid (its grids and seeds are the multi-task ones)")
     if args.target_val_rows < 1:

@@ -636,7 +636,21 @@ def test_flags_grid_shards_and_the_default_fingerprints():
     assert run.lr_grid(args, "ta-lora/equal-lr") == [1e-2, 2e-2] and run.lr_grid(args, "poly") == [1e-3, 2e-3]
     assert run.lr_grid(args, "ta-lora/lr-3e-3") == [3e-3]  # a learning-rate variant keeps its one value
     assert "ta-lora|seed0|lr=0.02" in run.plan(args, ["ta-lora"])
-    for bad in (["--lr-grid", "--lr", "1e-3"], ["--prompt-lr-grid", "1e-2"], ["--shard", "2/2"], ["--shard", "x"]):
+    # --ablation-lr: the variants hold TA-LoRA's chosen learning rate (one training per seed), the methods keep
+    # their grid, and a learning-rate variant keeps its own value
+    held = run.parse(["--quick", "--lr-grid", "--lr-grid-seeds", "0", "--seeds", "0", "1", "--ablation-lr", "3e-3"])
+    assert run.lr_grid(held, "ta-lora/no-warmup") == [3e-3] and run.lr_grid(held, "ta-lora/r-4") == [3e-3]
+    assert run.lr_grid(held, "ta-lora") == held.prompt_lr_grid and run.lr_grid(held, "ta-lora/lr-3e-2") == [3e-2]
+    planned = run.plan(held, ["ta-lora/no-warmup"])
+    assert sorted(k for k in planned if "|lr=" in k) == ["ta-lora/no-warmup|seed0|lr=0.003"]
+    for bad in (
+        ["--ablation-lr", "3e-3"],
+        ["--lr-grid", "--ablation-lr", "0"],
+        ["--lr-grid", "--lr", "1e-3"],
+        ["--prompt-lr-grid", "1e-2"],
+        ["--shard", "2/2"],
+        ["--shard", "x"],
+    ):
         with pytest.raises(SystemExit):
             run.parse(["--quick", *bad])
     with pytest.raises(SystemExit):
