@@ -103,14 +103,24 @@ def _no_interval(estimate: float) -> dict:
     return {"estimate": estimate, "low": None, "high": None, "resampled": None}
 
 
-def aggregate(per_seed: list[dict], wanted: list[str]) -> Optional[dict]:
+def _complete(per_seed: list[dict], wanted: list[str]) -> list[dict]:
+    """The seeds that have every wanted task, if any (else all of them): a partial run averages the tasks all its
+    seeds share, and a seed that lacks one task would silently drop that task from the average."""
+    complete = [r for r in per_seed if all(t in r for t in wanted)]
+    return complete or per_seed
+
+
+def aggregate(per_seed: list[dict], wanted: list[str], planned_seeds: Optional[int] = None) -> Optional[dict]:
     """One method in one setting: for each metric the task average per seed (mean, std, min, max, values over
-    seeds) and its interval: over test rows and seeds when every record has its rows, else over seeds only."""
+    seeds) and its interval: over test rows and seeds when every record has its rows, else over seeds only.
+    ``of_tasks`` / ``of_seeds`` record the coverage asked for, so a partial average is marked as one."""
+    per_seed = _complete(per_seed, wanted)
     tasks = _common_tasks(per_seed, wanted)
     if not tasks:
         return None
     rows = all(has_rows(r[t]) for r in per_seed for t in tasks)
-    out = {"n": len(per_seed), "tasks": tasks, "rows": rows}
+    out = {"n": len(per_seed), "tasks": tasks, "rows": rows, "of_tasks": len(wanted)}
+    out["of_seeds"] = planned_seeds or len(per_seed)
     for metric in METRICS:
         entry = stats([_task_mean(r, tasks, metric) for r in per_seed])
         if rows:
@@ -128,6 +138,8 @@ def compare(a: list[tuple[int, dict]], b: list[tuple[int, dict]], wanted: list[s
     over seeds only where rows are missing, no interval with one seed."""
     b_by_seed = dict(b)
     seeds = [s for s, _ in a if s in b_by_seed]
+    complete = [s for s in seeds if all(t in dict(a)[s] and t in b_by_seed[s] for t in wanted)]
+    seeds = complete or seeds  # as in aggregate: never drop a task because one seed lacks it
     left, right = [dict(a)[s] for s in seeds], [b_by_seed[s] for s in seeds]
     tasks = _common_tasks(left + right, wanted)
     if not seeds or not tasks:
@@ -152,16 +164,17 @@ def summarize(data: dict) -> dict:
     zero = zero_shot_records(data)
     quality = {"unseen_data": {}, "unseen_data_per_task": {}, "unseen_tasks": {}, "unseen_tasks_per_target": {}}
     runs = {}  # (key, shot) -> [(seed, records)]
+    n_seeds = len(plan["seeds"])
     for key in plan["methods"]:
         runs[key, None] = per_seed = seed_records(data, key)
-        quality["unseen_data"][key] = aggregate([r for _, r in per_seed], tasks)
-        quality["unseen_data_per_task"][key] = {t: aggregate([r for _, r in per_seed], [t]) for t in tasks}
+        quality["unseen_data"][key] = aggregate([r for _, r in per_seed], tasks, n_seeds)
+        quality["unseen_data_per_task"][key] = {t: aggregate([r for _, r in per_seed], [t], n_seeds) for t in tasks}
         quality["unseen_tasks"][key], quality["unseen_tasks_per_target"][key] = {}, {}
         for shot in _shots(data, key):
             runs[key, shot] = per_seed = seed_records(data, key, shot)
-            quality["unseen_tasks"][key][shot] = aggregate([r for _, r in per_seed], targets)
+            quality["unseen_tasks"][key][shot] = aggregate([r for _, r in per_seed], targets, n_seeds)
             quality["unseen_tasks_per_target"][key][shot] = {
-                t: aggregate([r for _, r in per_seed], [t]) for t in targets
+                t: aggregate([r for _, r in per_seed], [t], n_seeds) for t in targets
             }
     quality["zero_shot"] = {
         "unseen_data": aggregate([zero], tasks), "unseen_tasks": aggregate([zero], targets),
@@ -446,7 +459,20 @@ def fmt_metric(entry: Optional[dict], metric: str = LEAD) -> str:
     """A method's average: ``mean [interval]`` in points."""
     if entry is None:
         return "-"
-    return f"{100 * entry[metric]['mean']:.1f}{fmt_interval(entry[metric]['interval'])}"
+    return f"{100 * entry[metric]['mean']:.1f}{fmt_interval(entry[metric]['interval'])}{fmt_coverage(entry)}"
+
+
+def fmt_coverage(entry: dict) -> str:
+    """`` (2 of 3 seeds)`` / `` (3 of 4 tasks)`` where an average covers less than was asked for, else empty."""
+    parts = [
+        f"{have} of {asked} {what}"
+        for have, asked, what in (
+            (entry["n"], entry.get("of_seeds"), "seeds"),
+            (len(entry["tasks"]), entry.get("of_tasks"), "tasks"),
+        )
+        if asked and have < asked
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def fmt_cell(entry: Optional[dict]) -> str:

@@ -287,6 +287,20 @@ def test_aggregate_and_compare_pair_seeds_and_rows():
     legacy = [(s, {"x": {k: v for k, v in r["x"].items() if k not in ("predictions", "references")}}) for s, r in a]
     assert report.aggregate([r for _, r in legacy], ["x"])["accuracy"]["interval"]["resampled"] == "seeds"
 
+    # a partial run: seed 1 has not reached task "y" yet. The average keeps both tasks over the seed that has
+    # them (not task "x" alone over both seeds), and says what it covers
+    y = record([1, 1, 0, 0, 0], refs)
+    y["macro_f1"] = bootstrap_interval([TaskRuns(refs, y["predictions"], 2)]).estimate
+    partial = [{"x": a[0][1]["x"], "y": y}, {"x": a[1][1]["x"]}]
+    entry = report.aggregate(partial, ["x", "y"], planned_seeds=3)
+    assert entry["tasks"] == ["x", "y"] and entry["n"] == 1
+    assert entry["accuracy"]["mean"] == pytest.approx((0.8 + 0.4) / 2)
+    assert report.fmt_metric(entry).endswith(" (1 of 3 seeds)")
+    assert report.fmt_metric(report.aggregate(partial[1:], ["x", "y"])).endswith(" (1 of 2 tasks)")
+    assert report.compare([(0, partial[0]), (1, partial[1])], [(0, partial[0]), (1, partial[1])], ["x", "y"])[
+        "tasks"
+    ] == ["x", "y"]
+
 
 # ----------------------------------------------------------------------------- learning-rate grid, curves, shards
 GRID = ["--methods", "ta-lora", "lora", "pt", "--lr-grid", "--skip-speed"]
