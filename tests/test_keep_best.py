@@ -90,3 +90,25 @@ def test_greater_is_better_metrics_and_a_missing_metric(tmp_path):
     assert (callback.best_step, callback.best_metric) == (4, 0.7)
     with pytest.raises(KeyError, match="needs 'eval_accuracy' in the evaluation metrics, which hold \\['eval_loss'\\]"):
         callback.on_evaluate(args, State, None, metrics={"eval_loss": 1.0}, model=model)
+
+
+def test_a_margin_keeps_the_best_unless_a_later_point_beats_it_by_more(tmp_path):
+    """``min_improvement``: a lower loss replaces the best only when it is lower by more than the margin."""
+    args = cpu_training_args(TrainingArguments, tmp_path)
+    model = torch.nn.Linear(2, 1)
+    curve = {0: 1.0, 4: 0.8, 8: 0.75, 12: 0.9}
+
+    class State:
+        global_step = 0
+
+    def best(margin):
+        callback = KeepBestCallback(min_improvement=margin)
+        for State.global_step, loss in curve.items():
+            callback.on_evaluate(args, State, None, metrics={"eval_loss": loss}, model=model)
+        return callback.best_step, callback.best_metric
+
+    assert best(0.0) == (8, 0.75)
+    assert best(0.1) == (4, 0.8)  # 0.75 is within 0.1 of 0.8: the shorter-trained point stays
+    assert best(0.3) == (0, 1.0)  # nothing beats the start by more than 0.3: the start (the base model) is kept
+    with pytest.raises(ValueError, match="must be >= 0, got -0.1"):
+        KeepBestCallback(min_improvement=-0.1)

@@ -25,13 +25,19 @@ class KeepBestCallback(TrainerCallback):
 
     The metric is ``TrainingArguments.metric_for_best_model`` (default ``"loss"``, read as
     ``eval_loss``) and its direction ``greater_is_better``. Ties keep the earlier (shorter-trained)
-    point. ``best_step`` and ``best_metric`` say what was chosen (``None`` before any evaluation),
-    ``history`` holds ``{step: metric}`` of every evaluation.
+    point. ``min_improvement`` (in the metric's units, default 0) is the margin by which an evaluation
+    must beat the best so far to replace it: with few held-out rows a small gain is mostly noise, and a
+    margin keeps the start (the base model) unless a later point is clearly better. ``best_step`` and
+    ``best_metric`` say what was chosen (``None`` before any evaluation), ``history`` holds
+    ``{step: metric}`` of every evaluation.
     The copy lives in memory for one ``train()`` call (single process or DDP, where every rank holds
     the same replica; not for FSDP-sharded parameters).
     """
 
-    def __init__(self):
+    def __init__(self, min_improvement: float = 0.0):
+        if not min_improvement >= 0:
+            raise ValueError(f"KeepBestCallback(min_improvement=...) must be >= 0, got {min_improvement!r}.")
+        self.min_improvement = float(min_improvement)
         self.best_step: Optional[int] = None
         self.best_metric: Optional[float] = None
         self.history: dict[int, float] = {}
@@ -51,7 +57,10 @@ class KeepBestCallback(TrainerCallback):
         value = float(metrics[key])
         self.history[state.global_step] = value
         greater = args.greater_is_better if args.greater_is_better is not None else not key.endswith("loss")
-        improved = self.best_metric is None or (value > self.best_metric if greater else value < self.best_metric)
+        margin = self.min_improvement
+        improved = self.best_metric is None or (
+            value > self.best_metric + margin if greater else value < self.best_metric - margin
+        )
         if improved:
             self.best_step, self.best_metric = state.global_step, value
             self._best = {n: p.detach().clone() for n, p in _trainable(model)}
