@@ -118,3 +118,39 @@ def test_gpt2_upcast_attention_keeps_its_upcast_path_under_ta_lora():
     with torch.no_grad():
         got = model(input_ids=input_ids, attention_mask=mask, task_ids=ROUTES).logits
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["ta-lora", "mtl-lora"])
+def test_bf16_autocast_on_a_float32_model(method):
+    """Mixed precision the way ``Trainer(bf16=True)`` runs it: float32 weights, the forward under
+    ``torch.autocast`` (bf16 on CPU). A fresh adapter is the base model under the same autocast, bit for bit;
+    a moved one stays close to its float32 result; float32 gradients reach every adapter parameter."""
+    torch.manual_seed(0)
+    input_ids, mask = batch(left_pad=2)
+    model = get_peft_model(tiny_model(), adapter_config(method)).eval()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), autocast:
+        fresh = model(input_ids=input_ids, attention_mask=mask, task_ids=ROUTES).logits
+        with model.disable_adapter():
+            base = model(input_ids=input_ids, attention_mask=mask).logits
+    assert torch.equal(fresh, base)
+
+    model = moved(model, method)
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, attention_mask=mask, task_ids=ROUTES).logits  # float32
+        with autocast:
+            out = model(input_ids=input_ids, attention_mask=mask, task_ids=ROUTES).logits
+    real = mask.bool()
+    size = reference[real].norm()
+    assert (out.float() - reference)[real].norm() / size < 0.08  # bf16 rounding
+    assert (reference - base.float())[real].norm() / size > 0.5  # while the adapter moves the logits much more
+
+    model.train()
+    with autocast:
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids, task_ids=ROUTES).loss
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
