@@ -1,27 +1,29 @@
-"""mkdocs hook: publish the generated benchmark report as a page of the site.
+"""mkdocs hook: publish the generated benchmark reports as pages of the site.
 
-``benchmarks/run.py`` writes ``benchmarks/RESULTS.md`` and its plots outside ``docs/``; this hook
-adds them to the site under ``benchmark-results/`` (the page and the images it links), so the
-docs show the latest run without a copy that could go stale.
+``benchmarks/run.py`` writes ``RESULTS.md`` and its plots outside ``docs/`` (``benchmarks/`` for the
+default budget, ``benchmarks/decisive/`` for the decisive run); this hook adds each report and the
+images it links to the site, so the docs show the latest runs without a copy that could go stale.
 """
 
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-PUBLISHED = ("RESULTS.md", "quality.png", "ablations.png", "speed.png")
-OPTIONAL = ("curves.png",)  # only runs with validation-loss curves (--eval-every, --lr-grid) draw it
-SITE_FOLDER = "benchmark-results"
+#: (folder of a report, its folder on the site)
+REPORTS = ((BENCHMARKS, "benchmark-results"), (BENCHMARKS / "decisive", "decisive-results"))
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+\.png)\)")
 
 
 def on_files(files, config):
-    for name in PUBLISHED:
-        source = BENCHMARKS / name
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} is missing: run `python benchmarks/run.py` to generate the report.")
-        files.append(File.generated(config, f"{SITE_FOLDER}/{name}", abs_src_path=str(source)))
-    for name in OPTIONAL:
-        if (BENCHMARKS / name).is_file():
-            files.append(File.generated(config, f"{SITE_FOLDER}/{name}", abs_src_path=str(BENCHMARKS / name)))
+    for folder, site_folder in REPORTS:
+        report = folder / "RESULTS.md"
+        if not report.is_file():
+            raise FileNotFoundError(f"{report} is missing: run `python benchmarks/run.py` to generate the report.")
+        for name in ["RESULTS.md", *IMAGE.findall(report.read_text())]:
+            source = folder / name
+            if not source.is_file():
+                raise FileNotFoundError(f"{report} links {name}, which is missing: regenerate the report.")
+            files.append(File.generated(config, f"{site_folder}/{name}", abs_src_path=str(source)))
     return files

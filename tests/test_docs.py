@@ -23,3 +23,7 @@ def test_docs_build_strict(tmp_path):
     for plot in ("quality.png", "ablations.png", "speed.png"):
         assert (tmp_path / "site" / "benchmark-results" / plot).stat().st_size > 0
         assert f'src="../{plot}"' in results
+    decisive = (tmp_path / "site" / "decisive-results" / "RESULTS" / "index.html").read_text()
+    assert "Quality: unseen tasks" in decisive  # the decisive run's report too, with its plots
+    for plot in ("quality.png", "curves.png"):
+        assert (tmp_path / "site" / "decisive-results" / plot).stat().st_size > 0
