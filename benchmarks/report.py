@@ -571,14 +571,20 @@ def render_lr_choice(data: dict) -> list[str]:
     plan, choices = data["plan"], data.get("lr_choice") or {}
     if not plan.get("lr_grid"):
         return []
-    settings = data["meta"]["settings"]
-    grids = {tuple(grid) for grid in plan["lr_grid"].values()}
+    settings, held = data["meta"]["settings"], plan.get("ablation_lr")
+    grids = {tuple(grid) for key, grid in plan["lr_grid"].items() if not (held and "/" in key)}
+    variants = (
+        f" The TA-LoRA variants trained at TA-LoRA's chosen learning rate, {_lr_text(held)} (`--ablation-lr`), so "
+        "each changes one thing (a learning-rate variant at its own value)."
+        if held and any("/" in key for key in plan["methods"])
+        else ""
+    )
     out = [
         "## Learning rates chosen on validation",
         "",
         "Every method trained its multi-task adapter at each learning rate of its family's grid ("
         + "; ".join(" / ".join(_lr_text(lr) for lr in grid) for grid in sorted(grids))
-        + f"), the same number of values for every method. {_choice_rule(plan)} (Trainer's evaluation loss, "
+        + f"), the same number of values for every method.{variants} {_choice_rule(plan)} (Trainer's evaluation loss, "
         f"label tokens only, on {settings['val_per_task']} rows of each source task's validation split, the same "
         "rows for every method); unseen data and unseen tasks were evaluated with it only. Cells: **chosen** "
         "(validation loss of each learning rate). A choice at the edge of the grid (marked *edge*) may mean the "
@@ -942,13 +948,15 @@ def render(data: dict, plots: list[str]) -> str:
             )
         for key, entry in abl.items():
             delta = entry["delta_vs_ta_lora"] or {}
+            paired = delta.get("n", len(plan["seeds"]))  # a partial run pairs the seeds both have
+            on = f" (on {paired} of {len(plan['seeds'])} seeds)" if paired < len(plan["seeds"]) else ""
             rows.append(
                 [
                     label(data, key),
                     fmt_metric(entry["unseen_data"]),
                     fmt_metric(entry["unseen_data"], "accuracy"),
-                    fmt_diff(delta.get(LEAD)),
-                    fmt_diff(delta.get("accuracy")),
+                    fmt_diff(delta.get(LEAD)) + (on if delta else ""),
+                    fmt_diff(delta.get("accuracy")) + (on if delta else ""),
                     *[fmt_cell(entry["unseen_tasks"].get(s)) for s in ab_shots],
                 ]
             )

@@ -1255,6 +1255,7 @@ def main(argv=None) -> dict:
         "ablation_shots": args.ablation_shots,
         "lr_grid": {k: lr_grid(args, k) for k in shown} if args.lr_grid else None,
         "lr_grid_seeds": args.lr_grid_seeds,
+        "ablation_lr": args.ablation_lr,
         "target_lr_grid": args.target_lr_grid,
         "runs": plan(args, shown),
     }
