@@ -103,11 +103,14 @@ def _no_interval(estimate: float) -> dict:
     return {"estimate": estimate, "low": None, "high": None, "resampled": None}
 
 
+def _has_tasks(records: dict, wanted: list[str]) -> bool:
+    return all(t in records for t in wanted)
+
+
 def _complete(per_seed: list[dict], wanted: list[str]) -> list[dict]:
     """The seeds that have every wanted task, if any (else all of them): a partial run averages the tasks all its
     seeds share, and a seed that lacks one task would silently drop that task from the average."""
-    complete = [r for r in per_seed if all(t in r for t in wanted)]
-    return complete or per_seed
+    return [r for r in per_seed if _has_tasks(r, wanted)] or per_seed
 
 
 def aggregate(per_seed: list[dict], wanted: list[str], planned_seeds: Optional[int] = None) -> Optional[dict]:
@@ -119,8 +122,10 @@ def aggregate(per_seed: list[dict], wanted: list[str], planned_seeds: Optional[i
     if not tasks:
         return None
     rows = all(has_rows(r[t]) for r in per_seed for t in tasks)
-    out = {"n": len(per_seed), "tasks": tasks, "rows": rows, "of_tasks": len(wanted)}
-    out["of_seeds"] = planned_seeds or len(per_seed)
+    out = {
+        "n": len(per_seed), "tasks": tasks, "rows": rows,
+        "of_tasks": len(wanted), "of_seeds": planned_seeds or len(per_seed),
+    }  # fmt: skip
     for metric in METRICS:
         entry = stats([_task_mean(r, tasks, metric) for r in per_seed])
         if rows:
@@ -136,11 +141,11 @@ def aggregate(per_seed: list[dict], wanted: list[str], planned_seeds: Optional[i
 def compare(a: list[tuple[int, dict]], b: list[tuple[int, dict]], wanted: list[str]) -> Optional[dict]:
     """``a - b`` of the task averages, paired by seed and test row (same bootstrap draws for both);
     over seeds only where rows are missing, no interval with one seed."""
-    b_by_seed = dict(b)
+    a_by_seed, b_by_seed = dict(a), dict(b)
     seeds = [s for s, _ in a if s in b_by_seed]
-    complete = [s for s in seeds if all(t in dict(a)[s] and t in b_by_seed[s] for t in wanted)]
+    complete = [s for s in seeds if _has_tasks(a_by_seed[s], wanted) and _has_tasks(b_by_seed[s], wanted)]
     seeds = complete or seeds  # as in aggregate: never drop a task because one seed lacks it
-    left, right = [dict(a)[s] for s in seeds], [b_by_seed[s] for s in seeds]
+    left, right = [a_by_seed[s] for s in seeds], [b_by_seed[s] for s in seeds]
     tasks = _common_tasks(left + right, wanted)
     if not seeds or not tasks:
         return None
@@ -948,15 +953,15 @@ def render(data: dict, plots: list[str]) -> str:
             )
         for key, entry in abl.items():
             delta = entry["delta_vs_ta_lora"] or {}
-            paired = delta.get("n", len(plan["seeds"]))  # a partial run pairs the seeds both have
+            paired = delta.get("n", len(plan["seeds"]))  # a partial run pairs the seeds both have; none: no note
             on = f" (on {paired} of {len(plan['seeds'])} seeds)" if paired < len(plan["seeds"]) else ""
             rows.append(
                 [
                     label(data, key),
                     fmt_metric(entry["unseen_data"]),
                     fmt_metric(entry["unseen_data"], "accuracy"),
-                    fmt_diff(delta.get(LEAD)) + (on if delta else ""),
-                    fmt_diff(delta.get("accuracy")) + (on if delta else ""),
+                    fmt_diff(delta.get(LEAD)) + on,
+                    fmt_diff(delta.get("accuracy")) + on,
                     *[fmt_cell(entry["unseen_tasks"].get(s)) for s in ab_shots],
                 ]
             )

@@ -331,7 +331,7 @@ def target_lr_fp(args, key: str, seed: int, target: str, shot: str, lr: float) -
 
 
 def shots_for(args, key: str) -> list[str]:
-    return list(args.shots) if key in M.METHODS else list(args.ablation_shots)
+    return list(args.ablation_shots) if is_variant(key) else list(args.shots)
 
 
 def plan(args, keys: list[str]) -> dict:
