@@ -55,6 +55,12 @@ def stats(values: list[float]) -> Optional[dict]:
     }
 
 
+def is_variant(key: str) -> bool:
+    """Whether ``key`` names a TA-LoRA variant (``ta-lora/...``, as ``run.is_variant`` decides from
+    ``methods.py``). Read from the name: the report runs on ``results.json`` alone, without torch."""
+    return "/" in key
+
+
 def _run(data: dict, key: str) -> Optional[dict]:
     run = data["runs"].get(key)
     if run is None or run.get("fingerprint") != data["plan"]["runs"].get(key) or "average" not in run:
@@ -210,7 +216,7 @@ def summarize(data: dict) -> dict:
             "unseen_tasks": quality["unseen_tasks"][key],
         }
         for key in plan["methods"]
-        if "/" in key
+        if is_variant(key)
     }
     data["test_sets"] = describe_rows(data, zero)
     data["lr_choice"] = lr_choices(data)
@@ -577,11 +583,11 @@ def render_lr_choice(data: dict) -> list[str]:
     if not plan.get("lr_grid"):
         return []
     settings, held = data["meta"]["settings"], plan.get("ablation_lr")
-    grids = {tuple(grid) for key, grid in plan["lr_grid"].items() if not (held and "/" in key)}
+    grids = {tuple(grid) for key, grid in plan["lr_grid"].items() if not (held and is_variant(key))}
     variants = (
         f" The TA-LoRA variants trained at TA-LoRA's chosen learning rate, {_lr_text(held)} (`--ablation-lr`), so "
         "each changes one thing (a learning-rate variant at its own value)."
-        if held and any("/" in key for key in plan["methods"])
+        if held and any(is_variant(key) for key in plan["methods"])
         else ""
     )
     out = [
@@ -1349,7 +1355,7 @@ def plot_curves(data: dict, path: Path) -> Path:
                 steps,
                 losses,
                 marker=".",
-                linestyle="--" if "/" in key else "-",
+                linestyle="--" if is_variant(key) else "-",
                 color=colors[i % len(colors)],
                 label=f"{label(data, key)}{lr}{'' if entry['status'] == 'flattened' else ' (' + entry['status'] + ')'}",
             )

@@ -226,6 +226,9 @@ def test_flags_learning_rates_and_fingerprints():
     assert a["zero-shot|trec"] == b["zero-shot|trec"]  # ... but not what it does not affect
     with pytest.raises(SystemExit):
         run.parse(["--shots", "0"])
+    import report  # reads keys from results.json without importing methods.py (and torch)
+
+    assert {key: report.is_variant(key) for key in methods.ALL} == {key: run.is_variant(key) for key in methods.ALL}
 
 
 def test_report_regenerates_from_results_cached_without_rows():
