@@ -305,6 +305,40 @@ def test_aggregate_and_compare_pair_seeds_and_rows():
     ] == ["x", "y"]
 
 
+def test_lr_choice_report_says_what_is_chosen_and_what_is_not_yet():
+    """A grid's choice is made only once every learning rate of it is done; the summary line says whether a
+    choice sits at an edge, and says nothing about edges while no grid is finished (a partial run)."""
+    import report
+
+    grid = [1e-3, 3e-3, 1e-2]
+    runs = {
+        f"pt|seed0|lr={lr:g}": {"fingerprint": f"fp{lr:g}", "validation_loss": loss}
+        for lr, loss in zip(grid, [0.5, 0.4])
+    }
+    data = {
+        "runs": runs,
+        "plan": {
+            "methods": ["pt"],
+            "seeds": [0],
+            "lr_grid": {"pt": grid},
+            "runs": {k: v["fingerprint"] for k, v in runs.items()},
+        },
+        "meta": {"settings": {"val_per_task": 8}},
+        "methods": {},
+    }
+    data["plan"]["runs"]["pt|seed0|lr=0.01"] = "fp0.01"
+
+    def summary(data):
+        data["lr_choice"] = report.lr_choices(data)
+        return report.render_lr_choice(data)[-2], data["lr_choice"]["pt"]["0"]["chosen"]
+
+    assert summary(data) == ("No learning rate is chosen yet (the grids are unfinished).", None)
+    runs["pt|seed0|lr=0.01"] = {"fingerprint": "fp0.01", "validation_loss": 0.45}
+    assert summary(data) == ("No choice is at an edge.", "0.003")
+    runs["pt|seed0|lr=0.01"]["validation_loss"] = 0.3
+    assert summary(data) == ("Chosen at an edge of the grid: pt (seed 0: 1e-2).", "0.01")
+
+
 # ----------------------------------------------------------------------------- learning-rate grid, curves, shards
 GRID = ["--methods", "ta-lora", "lora", "pt", "--lr-grid", "--skip-speed"]
 GRID_METHODS = ("ta-lora", "lora", "pt")
