@@ -602,12 +602,13 @@ def render_lr_choice(data: dict) -> list[str]:
         "best value lies outside it.",
         "",
     ]
-    rows, edges, made = [], [], 0
+    rows, edges, made, pending = [], [], 0, 0
     for key in plan["methods"]:
         cells = []
         for seed in plan["seeds"]:
             choice = choices.get(key, {}).get(str(seed))
             made += bool(choice and choice["chosen"])
+            pending += bool(choice and choice["losses"] and not choice["chosen"])
             if choice and not choice["losses"] and choice["chosen"]:  # chosen on the grid seeds
                 cells.append(f"**{_lr_text(choice['chosen'])}** (chosen on seed {_seeds_text(choice['on_seeds'])})")
                 continue
@@ -623,10 +624,13 @@ def render_lr_choice(data: dict) -> list[str]:
                 edges.append(f"{label(data, key)} (seed {seed}: {_lr_text(choice['chosen'])})")
         rows.append([label(data, key), *cells])
     out += table(["method", *[f"seed {s}" for s in plan["seeds"]]], rows) + [""]
+    unfinished = f" ({pending} grid{'s' if pending > 1 else ''} not finished yet)" if pending else ""
     if edges:
-        edge_text = "Chosen at an edge of the grid: " + "; ".join(edges) + "."
+        edge_text = "Chosen at an edge of the grid: " + "; ".join(edges) + f"{unfinished}."
+    elif made:
+        edge_text = f"No choice is at an edge{unfinished}."
     else:
-        edge_text = "No choice is at an edge." if made else "No learning rate is chosen yet (the grids are unfinished)."
+        edge_text = "No learning rate is chosen yet (the grids are unfinished)."
     return out + [edge_text, ""]
 
 

@@ -333,10 +333,16 @@ def test_lr_choice_report_says_what_is_chosen_and_what_is_not_yet():
         return report.render_lr_choice(data)[-2], data["lr_choice"]["pt"]["0"]["chosen"]
 
     assert summary(data) == ("No learning rate is chosen yet (the grids are unfinished).", None)
+    data["plan"]["methods"].append("lora")  # a second method whose grid is half done
+    data["plan"]["lr_grid"]["lora"] = [1e-4, 3e-4]
+    data["plan"]["runs"].update({"lora|seed0|lr=0.0001": "l1", "lora|seed0|lr=0.0003": "l3"})
+    runs["lora|seed0|lr=0.0001"] = {"fingerprint": "l1", "validation_loss": 0.2}
     runs["pt|seed0|lr=0.01"] = {"fingerprint": "fp0.01", "validation_loss": 0.45}
-    assert summary(data) == ("No choice is at an edge.", "0.003")
+    assert summary(data) == ("No choice is at an edge (1 grid not finished yet).", "0.003")
     runs["pt|seed0|lr=0.01"]["validation_loss"] = 0.3
-    assert summary(data) == ("Chosen at an edge of the grid: pt (seed 0: 1e-2).", "0.01")
+    assert summary(data) == ("Chosen at an edge of the grid: pt (seed 0: 1e-2) (1 grid not finished yet).", "0.01")
+    runs["lora|seed0|lr=0.0003"] = {"fingerprint": "l3", "validation_loss": 0.1}
+    assert summary(data)[0] == "Chosen at an edge of the grid: pt (seed 0: 1e-2); lora (seed 0: 3e-4)."
 
 
 # ----------------------------------------------------------------------------- learning-rate grid, curves, shards
