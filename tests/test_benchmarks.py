@@ -668,6 +668,61 @@ def _put_many(folder: str, prefix: str) -> None:
         state.save()  # a whole-file save with a stale view of the file
 
 
+def test_reuse_carries_over_only_the_runs_a_wider_grid_would_compute_again(tmp_path):
+    """benchmarks/reuse.py: after a grid is widened, the evaluations whose choice did not change are copied under
+    the new fingerprints (they would train and score the same adapter again); the others are left to rerun."""
+    import reuse
+    import run
+
+    flags = ["--quick", "--methods", "pt", "--seeds", "0", "1", "--lr-grid", "--lr-grid-seeds", "0", "--target-lr-grid"]
+    old = run.parse([*flags, "--prompt-lr-grid", "3e-3", "1e-2", "--lora-lr-grid", "3e-4", "1e-3"])
+    new = run.parse([*flags, "--prompt-lr-grid", "1e-3", "3e-3", "1e-2", "--lora-lr-grid", "1e-4", "3e-4", "1e-3"])
+    old_plan = run.plan(old, ["pt"])
+    loss = {0.003: 0.5, 0.01: 0.4}  # the narrow grid chose 1e-2, for the multi-task adapter and for the target
+    old_runs = {}
+    for key, fp in old_plan.items():
+        record = {"fingerprint": fp, "average": {"macro_f1": 0.5}}
+        if "|lr=" in key:
+            record["validation_loss"] = loss[float(key.rsplit("lr=", 1)[1])]
+        elif "|pubmedqa|" in key:
+            record["target_lr"] = 0.01
+        old_runs[key] = record
+    old_runs["pt|seed0|pubmedqa|k=1|lr=0.003"]["validation_loss"] = 0.9
+    state = run.State(tmp_path)
+    new_plan = run.plan(new, ["pt"])
+
+    def put_grid(key: str, value: float) -> None:
+        state.put(key, {"fingerprint": new_plan[key], "validation_loss": value})
+
+    same = {k for k, fp in new_plan.items() if old_plan.get(k) == fp}  # zero-shot, grid runs at 3e-3 and 1e-2
+    assert same == {
+        "zero-shot|sms_spam",
+        "zero-shot|trec",
+        "zero-shot|pubmedqa",
+        "pt|seed0|lr=0.003",
+        "pt|seed0|lr=0.01",
+    }
+    assert set(reuse.reuse(old, new, old_runs, state, "old")) == same  # and nothing else: no choice is known yet
+    put_grid("pt|seed0|lr=0.001", 0.45)  # 1e-2 stays the choice
+    copied = reuse.reuse(old, new, old_runs, state, "old")
+    downstream = ["pt|seed0|unseen_data", "pt|seed0|pubmedqa|k=1|lr=0.003", "pt|seed0|pubmedqa|k=1|lr=0.01"]
+    assert copied == [*downstream, "pt|seed1|unseen_data"]  # the unseen task waits for its own wider grid
+    runs = state.data["runs"]
+    assert all(runs[k]["fingerprint"] == new_plan[k] and runs[k]["reused_from"] == "old" for k in copied)
+    assert runs["pt|seed0|unseen_data"]["lr_grid"] == {"0.001": 0.45, "0.003": 0.5, "0.01": 0.4}
+    assert "pt|seed0|pubmedqa|k=1|lr=0.001" not in runs  # a learning rate the narrow grid never trained
+    put_grid("pt|seed0|pubmedqa|k=1|lr=0.001", 0.95)  # the target's choice stays 1e-2 as well
+    assert reuse.reuse(old, new, old_runs, state, "old") == ["pt|seed0|pubmedqa|k=1", "pt|seed1|pubmedqa|k=1"]
+    assert reuse.reuse(old, new, old_runs, state, "old") == []  # nothing twice
+
+    (tmp_path / "other").mkdir()
+    other = run.State(tmp_path / "other")  # the wider grid chooses its new value: nothing downstream is the same
+    other.put("pt|seed0|lr=0.001", {"fingerprint": new_plan["pt|seed0|lr=0.001"], "validation_loss": 0.1})
+    assert set(reuse.reuse(old, new, old_runs, other, "old")) == same
+    with pytest.raises(SystemExit, match="--target-steps"):
+        reuse.reuse(old, run.parse([*flags, "--target-steps", "3"]), old_runs, other, "old")
+
+
 def test_state_keeps_every_writer_s_results(tmp_path):
     """Two processes putting runs into one results.json under the lock lose none; a whole-file save of one keeps
     the other's runs and speed results."""
