@@ -371,12 +371,19 @@ def check_targets(data: dict) -> list[dict]:
             }
         )
 
-    def measured(ta_value, other_value, other_name, diff):
+    planned_seeds = len(data["plan"]["seeds"])
+
+    def measured(ta_value, other_value, other_name, diff, asked):
+        """The difference, and on how much of the plan it rests when the run is partial (``asked``: its tasks)."""
         lead, acc = diff[LEAD], diff["accuracy"]
+        cover = fmt_coverage({**diff, "of_seeds": planned_seeds, "of_tasks": len(asked)})
         return (
-            f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}; "
+            f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}{cover}; "
             f"accuracy {fmt_diff(acc)}"
         )
+
+    def partial(*diffs) -> list[str]:
+        return ["partial run"] if any(d["n"] < planned_seeds for d in diffs) else []
 
     ta = _mean(data, "unseen_data", "ta-lora")
     baselines = {k: v for k in PROMPT_BASELINES if (v := _mean(data, "unseen_data", k)) is not None}
@@ -389,9 +396,12 @@ def check_targets(data: dict) -> list[dict]:
         add(
             name,
             100 * diff[LEAD]["estimate"],
-            measured(ta, baselines[best], best, diff),
+            measured(ta, baselines[best], best, diff, data["plan"]["tasks"]),
             diff[LEAD]["estimate"] >= 0.02,
-            "" if len(baselines) == len(PROMPT_BASELINES) else f"only {', '.join(baselines)} measured",
+            "; ".join(
+                ([] if len(baselines) == len(PROMPT_BASELINES) else [f"only {', '.join(baselines)} measured"])
+                + partial(diff)
+            ),
             diff[LEAD],
             0.02,
         )
@@ -404,8 +414,9 @@ def check_targets(data: dict) -> list[dict]:
         add(
             name,
             100 * diff[LEAD]["estimate"],
-            measured(ta, lora, "lora", diff),
+            measured(ta, lora, "lora", diff, data["plan"]["tasks"]),
             diff[LEAD]["estimate"] >= -0.01,
+            "; ".join(partial(diff)),
             interval=diff[LEAD],
             threshold=-0.01,
         )
@@ -429,13 +440,13 @@ def check_targets(data: dict) -> list[dict]:
         add(name, None, "not measured", None, f"needs k={TARGET_K} in --shots")
     else:
         best = min(diffs, key=lambda k: diffs[k][LEAD]["estimate"])  # the peer TA-LoRA leads least
-        text = "; ".join(measured(ta_k, others[k], k, diffs[k]) for k in diffs)
+        text = "; ".join(measured(ta_k, others[k], k, diffs[k], data["plan"]["targets"]) for k in diffs)
         add(
             name,
             100 * diffs[best][LEAD]["estimate"],
             text,
             diffs[best][LEAD]["estimate"] > 0,
-            "" if len(diffs) == 2 else f"only {', '.join(diffs)} measured",
+            "; ".join(([] if len(diffs) == 2 else [f"only {', '.join(diffs)} measured"]) + partial(*diffs.values())),
             diffs[best][LEAD],
             0.0,
         )
