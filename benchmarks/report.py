@@ -371,19 +371,19 @@ def check_targets(data: dict) -> list[dict]:
             }
         )
 
-    planned_seeds = len(data["plan"]["seeds"])
+    def coverage(diff, asked) -> str:
+        """On how much of the plan a difference rests, where the run is partial (``asked``: its tasks)."""
+        return fmt_coverage({**diff, "of_seeds": len(data["plan"]["seeds"]), "of_tasks": len(asked)})
 
     def measured(ta_value, other_value, other_name, diff, asked):
-        """The difference, and on how much of the plan it rests when the run is partial (``asked``: its tasks)."""
         lead, acc = diff[LEAD], diff["accuracy"]
-        cover = fmt_coverage({**diff, "of_seeds": planned_seeds, "of_tasks": len(asked)})
         return (
-            f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}{cover}; "
-            f"accuracy {fmt_diff(acc)}"
+            f"macro-F1 {100 * ta_value:.1f} vs {100 * other_value:.1f} ({other_name}): {fmt_diff(lead)}"
+            f"{coverage(diff, asked)}; accuracy {fmt_diff(acc)}"
         )
 
-    def partial(*diffs) -> list[str]:
-        return ["partial run"] if any(d["n"] < planned_seeds for d in diffs) else []
+    def partial(asked, *diffs) -> list[str]:
+        return ["partial run"] if any(coverage(d, asked) for d in diffs) else []
 
     ta = _mean(data, "unseen_data", "ta-lora")
     baselines = {k: v for k in PROMPT_BASELINES if (v := _mean(data, "unseen_data", k)) is not None}
@@ -400,7 +400,7 @@ def check_targets(data: dict) -> list[dict]:
             diff[LEAD]["estimate"] >= 0.02,
             "; ".join(
                 ([] if len(baselines) == len(PROMPT_BASELINES) else [f"only {', '.join(baselines)} measured"])
-                + partial(diff)
+                + partial(data["plan"]["tasks"], diff)
             ),
             diff[LEAD],
             0.02,
@@ -416,7 +416,7 @@ def check_targets(data: dict) -> list[dict]:
             100 * diff[LEAD]["estimate"],
             measured(ta, lora, "lora", diff, data["plan"]["tasks"]),
             diff[LEAD]["estimate"] >= -0.01,
-            "; ".join(partial(diff)),
+            "; ".join(partial(data["plan"]["tasks"], diff)),
             interval=diff[LEAD],
             threshold=-0.01,
         )
@@ -446,7 +446,10 @@ def check_targets(data: dict) -> list[dict]:
             100 * diffs[best][LEAD]["estimate"],
             text,
             diffs[best][LEAD]["estimate"] > 0,
-            "; ".join(([] if len(diffs) == 2 else [f"only {', '.join(diffs)} measured"]) + partial(*diffs.values())),
+            "; ".join(
+                ([] if len(diffs) == 2 else [f"only {', '.join(diffs)} measured"])
+                + partial(data["plan"]["targets"], *diffs.values())
+            ),
             diffs[best][LEAD],
             0.0,
         )

@@ -4,8 +4,8 @@
 grid reruns every evaluation, even where the wider grid chooses what the narrower one chose. There the rerun
 trains and scores the very same adapter, at the same learning rate, on the same rows, and gives the same
 numbers (rerun for TA-LoRA's seed 0 of the decisive run: the same prediction on every test row, validation
-losses equal to 1e-6). This copies such runs from the earlier folder into the new one, under the new plan's fingerprints and
-marked ``reused_from``:
+losses equal to 1e-6). This copies such runs from the earlier folder into the new one, under the new plan's
+fingerprints and marked ``reused_from``:
 
 - every run whose fingerprint is the same in both plans (the zero-shot runs, the grid runs at the learning
   rates both grids have);
@@ -66,8 +66,8 @@ def _done(runs: dict, plan: dict, key: str) -> Optional[dict]:
 
 
 def choice(runs: dict, plan: dict, keys_by_lr: dict) -> tuple[Optional[float], dict]:
-    """The learning rate ``run.py`` chooses from the grid runs ``{lr: [run keys]}`` (the lowest mean validation
-    loss, ties: the first; ``None`` while a run is unfinished or if all diverged) and the losses."""
+    """The learning rate ``run.py`` chooses from the grid runs ``{lr: [run keys]}`` (:func:`run.lowest_loss` of
+    their mean validation losses; ``None`` while a run is unfinished or if all diverged) and the losses."""
     losses = {}
     for lr, keys in keys_by_lr.items():
         records = [_done(runs, plan, key) for key in keys]
@@ -75,8 +75,7 @@ def choice(runs: dict, plan: dict, keys_by_lr: dict) -> tuple[Optional[float], d
             return None, {}
         values = [record.get("validation_loss") for record in records]
         losses[lr] = None if None in values else sum(values) / len(values)
-    finite = {lr: loss for lr, loss in losses.items() if loss is not None}
-    return (min(finite, key=finite.get) if finite else None), losses
+    return run.lowest_loss(losses), losses
 
 
 def _grid(args, key: str, seed: int) -> dict:

@@ -241,6 +241,13 @@ def learning_rate(args, key: str) -> float:
     return M.DEFAULT_LR[M.ALL[key].family]
 
 
+def lowest_loss(losses: dict) -> Optional[float]:
+    """The learning rate of ``{lr: validation loss, None if diverged}`` with the lowest loss (ties: the first in
+    the grid); ``None`` if every one diverged. How every grid of this benchmark chooses."""
+    finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+    return min(finite, key=finite.get) if finite else None
+
+
 def is_variant(key: str) -> bool:
     """Whether ``key`` is a TA-LoRA ablation or hyperparameter variant (``ta-lora/...``)."""
     return key in M.ABLATIONS or key in M.HYPERPARAMETERS
@@ -705,10 +712,9 @@ class Quality:
                 raise GridPending(pending)
             values = [self.state.data["runs"][k]["validation_loss"] for k in keys]
             losses[lr] = None if None in values else sum(values) / len(values)
-        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
-        if not finite:
+        chosen = lowest_loss(losses)
+        if chosen is None:
             raise RuntimeError(f"{key} seed {seed}: every learning rate of the grid diverged: {list(losses)}")
-        chosen = min(finite, key=finite.get)
         on = "" if seeds == [seed] else f" (mean over seeds {seeds})" if len(seeds) > 1 else f" (on seed {seeds[0]})"
         log(f"[{key} seed {seed}] learning rate {chosen:g} chosen on validation{on}: {fmt_losses(losses)}")
         return chosen, losses
@@ -896,10 +902,9 @@ class Quality:
                 raise GridPending(pending)
             values = [self.state.data["runs"][k]["validation_loss"] for k in keys]
             losses[lr] = None if None in values else sum(values) / len(values)
-        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
-        if not finite:
+        chosen = lowest_loss(losses)
+        if chosen is None:
             raise RuntimeError(f"{key} seed {seed} {target}: every learning rate of the target grid diverged")
-        chosen = min(finite, key=finite.get)
         log(
             f"[{key} seed {seed}] {target}, k={shot}: learning rate {chosen:g} chosen on validation: {fmt_losses(losses)}"
         )
