@@ -607,7 +607,7 @@ def render_lr_choice(data: dict) -> list[str]:
     out = [
         "## Learning rates chosen on validation",
         "",
-        "Every method trained its multi-task adapter at each learning rate of its family's grid ("
+        "Every method trained its multi-task adapter at each learning rate of its grid ("
         + "; ".join(" / ".join(_lr_text(lr) for lr in grid) for grid in sorted(grids))
         + f"), the same number of values for every method.{variants} {_choice_rule(plan)} (Trainer's evaluation loss, "
         f"label tokens only, on {settings['val_per_task']} rows of each source task's validation split, the same "

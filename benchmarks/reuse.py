@@ -43,6 +43,7 @@ MAY_DIFFER = {
     "seeds",
     "prompt_lr_grid",
     "lora_lr_grid",
+    "method_lr_grid",
     "ablation_lr",
     "shard",
     "threads",

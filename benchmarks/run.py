@@ -254,15 +254,18 @@ def is_variant(key: str) -> bool:
 
 
 def lr_grid(args, key: str) -> list[float]:
-    """The learning rates ``key`` trains at: its family's grid with ``--lr-grid`` (a learning-rate variant keeps
-    its one value; with ``--ablation-lr`` every other variant trains at that one value: an ablation changes one
-    thing, and TA-LoRA's chosen learning rate is held), else the one of :func:`learning_rate`."""
+    """The learning rates ``key`` trains at: with ``--lr-grid`` its family's grid, or its own of the same size from
+    ``--method-lr-grid`` (a learning-rate variant keeps its one value; with ``--ablation-lr`` every other variant
+    trains at that one value: an ablation changes one thing, and TA-LoRA's chosen learning rate is held), else
+    the one of :func:`learning_rate`."""
     if not args.lr_grid:
         return [learning_rate(args, key)]
     if "lr" in M.ALL[key].ablation:
         return [M.ALL[key].ablation["lr"]]
     if args.ablation_lr is not None and is_variant(key):
         return [args.ablation_lr]
+    if key in args.method_lr_grid:
+        return list(args.method_lr_grid[key])
     return list(args.prompt_lr_grid if M.ALL[key].family == "prompt" else args.lora_lr_grid)
 
 
@@ -1045,6 +1048,14 @@ def parse(argv=None):
         help="the grid of LoRA, Poly, MTL-LoRA (default: 3e-4 1e-3 3e-3)",
     )
     add(
+        "--method-lr-grid",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR,LR,...",
+        help="with --lr-grid: one method's own grid instead of its family's, with as many values (e.g. "
+        "pt=3e-3,1e-2,3e-2,1e-1,3e-1 for a method whose choice sat at the family grid's top edge)",
+    )
+    add(
         "--ablation-lr",
         type=float,
         metavar="LR",
@@ -1131,6 +1142,7 @@ def parse(argv=None):
         parser.error("--lr-grid-seeds needs --lr-grid and seeds that are among --seeds")
     if len(args.prompt_lr_grid) != len(args.lora_lr_grid):
         parser.error("--prompt-lr-grid and --lora-lr-grid must have the same size (a fair search for every method)")
+    args.method_lr_grid = parse_method_lr_grid(parser, args)
     if args.val_per_task < 1 or args.eval_every < 0:
         parser.error("--val-per-task must be >= 1 and --eval-every >= 0")
     try:
@@ -1153,6 +1165,31 @@ def parse(argv=None):
     if args.steps < 1 or args.target_steps < 1:
         parser.error("--steps and --target-steps must be >= 1")
     return args
+
+
+def parse_method_lr_grid(parser, args) -> dict:
+    """``--method-lr-grid pt=3e-3,1e-2,...``: ``{method: [lr, ...]}``, each grid as long as the family grids (a
+    fair search gives every method the same number of tries; only where they lie may differ)."""
+    grids = {}
+    for entry in args.method_lr_grid:
+        name, _, values = entry.partition("=")
+        if name not in M.ALL:
+            parser.error(f"--method-lr-grid {entry}: unknown method {name!r}; choose from {', '.join(M.ALL)}")
+        if name in grids:
+            parser.error(f"--method-lr-grid: {name} is given twice; give each method one grid")
+        try:
+            grid = [float(v) for v in values.split(",")]
+        except ValueError:
+            parser.error(f"--method-lr-grid {entry}: write METHOD=LR,LR,... with numbers (e.g. pt=1e-2,3e-2,1e-1)")
+        if len(grid) != len(args.prompt_lr_grid) or min(grid) <= 0 or len(set(grid)) != len(grid):
+            parser.error(
+                f"--method-lr-grid {entry}: give {len(args.prompt_lr_grid)} distinct positive learning rates, as "
+                "many as the family grids (a fair search gives every method the same number of tries)"
+            )
+        grids[name] = grid
+    if grids and not args.lr_grid:
+        parser.error("--method-lr-grid needs --lr-grid (it replaces one method's grid)")
+    return grids
 
 
 def quiet() -> None:

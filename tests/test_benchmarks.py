@@ -723,6 +723,41 @@ def test_reuse_carries_over_only_the_runs_a_wider_grid_would_compute_again(tmp_p
         reuse.reuse(old, run.parse([*flags, "--target-steps", "3"]), old_runs, other, "old")
 
 
+def test_method_lr_grid_shifts_one_method_s_grid_at_the_same_size(tmp_path, capsys):
+    """--method-lr-grid: one method trains at its own grid (as many values as the family's); the trainings it
+    shares with the family grid keep their fingerprints, so reuse.py carries them over and only the new value
+    trains; a grid of another size, an unknown method or a grid without --lr-grid is refused."""
+    import reuse
+    import run
+
+    flags = ["--quick", "--methods", "pt", "ta-lora", "--lr-grid", "--prompt-lr-grid", "1e-2", "3e-2"]
+    flags += ["--lora-lr-grid", "1e-3", "3e-3"]
+    family = run.parse(flags)
+    shifted = run.parse([*flags, "--method-lr-grid", "pt=3e-2,1e-1"])
+    assert run.lr_grid(shifted, "pt") == [3e-2, 1e-1] and run.lr_grid(shifted, "ta-lora") == [1e-2, 3e-2]
+    old_plan, new_plan = run.plan(family, ["pt", "ta-lora"]), run.plan(shifted, ["pt", "ta-lora"])
+    assert new_plan["pt|seed0|lr=0.03"] == old_plan["pt|seed0|lr=0.03"] and "pt|seed0|lr=0.1" in new_plan
+    assert "pt|seed0|lr=0.01" not in new_plan
+    assert new_plan["pt|seed0|unseen_data"] != old_plan["pt|seed0|unseen_data"]  # its choice may move
+    assert new_plan["ta-lora|seed0|unseen_data"] == old_plan["ta-lora|seed0|unseen_data"]  # the others' stay
+    old_runs = {k: {"fingerprint": fp, "validation_loss": 0.5} for k, fp in old_plan.items() if "|lr=" in k}
+    copied = reuse.reuse(family, shifted, old_runs, run.State(tmp_path), "old")
+    assert "pt|seed0|lr=0.03" in copied and "pt|seed0|lr=0.1" not in copied
+    for bad, message in (
+        (["--method-lr-grid", "pt=1e-2,3e-2,1e-1"], "give 2 distinct positive learning rates"),
+        (["--method-lr-grid", "pt=1e-2,1e-2"], "give 2 distinct positive"),
+        (["--method-lr-grid", "gpt=1e-2,3e-2"], "unknown method 'gpt'"),
+        (["--method-lr-grid", "pt=1e-2,x"], "METHOD=LR,LR"),
+        (["--method-lr-grid", "pt=1e-2,3e-2", "pt=3e-2,1e-1"], "given twice"),
+    ):
+        with pytest.raises(SystemExit):
+            run.parse([*flags, *bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse(["--quick", "--method-lr-grid", "pt=1e-2,3e-2,1e-1"])
+    assert "--method-lr-grid needs --lr-grid" in capsys.readouterr().err
+
+
 def test_state_keeps_every_writer_s_results(tmp_path):
     """Two processes putting runs into one results.json under the lock lose none; a whole-file save of one keeps
     the other's runs and speed results."""
