@@ -244,6 +244,14 @@ def _grid_losses(data: dict, key: str, grid: list, seeds: list) -> dict:
     return losses
 
 
+def lowest_loss(losses: dict) -> Optional[float]:
+    """The learning rate of ``{lr: validation loss, None if diverged}`` with the lowest loss (ties: the first in
+    the grid); ``None`` if every one diverged. How every grid of the benchmark chooses (``run.py`` and
+    ``reuse.py`` call this one; it lives here because the report must not import torch)."""
+    finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+    return min(finite, key=finite.get) if finite else None
+
+
 def lr_choices(data: dict) -> dict:
     """``--lr-grid``: ``{method: {seed: {"losses": {lr: validation loss, None if diverged}, "chosen": lr, "edge":
     ..., "on_seeds": [...]}}}`` from the grid's runs; ``losses`` are the seed's own (empty for a seed that did not
@@ -257,8 +265,7 @@ def lr_choices(data: dict) -> dict:
             on = list(pooled) if pooled else [seed]
             losses = _grid_losses(data, key, grid, [seed]) if seed in on or not pooled else {}
             choice = _grid_losses(data, key, grid, on)
-            finite = {lr: loss for lr, loss in choice.items() if loss is not None}
-            chosen = min(finite, key=finite.get) if finite and len(choice) == len(grid) else None
+            chosen = lowest_loss(choice) if len(choice) == len(grid) else None
             edge = chosen is not None and len(grid) > 1 and chosen in (f"{min(grid):g}", f"{max(grid):g}")
             out.setdefault(key, {})[str(seed)] = {"losses": losses, "chosen": chosen, "edge": edge, "on_seeds": on}
     return out

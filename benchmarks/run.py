@@ -241,11 +241,7 @@ def learning_rate(args, key: str) -> float:
     return M.DEFAULT_LR[M.ALL[key].family]
 
 
-def lowest_loss(losses: dict) -> Optional[float]:
-    """The learning rate of ``{lr: validation loss, None if diverged}`` with the lowest loss (ties: the first in
-    the grid); ``None`` if every one diverged. How every grid of this benchmark chooses."""
-    finite = {lr: loss for lr, loss in losses.items() if loss is not None}
-    return min(finite, key=finite.get) if finite else None
+lowest_loss = R.lowest_loss  # the one choice rule of every grid, shared with the report
 
 
 def is_variant(key: str) -> bool:
