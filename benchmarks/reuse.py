@@ -44,6 +44,7 @@ MAY_DIFFER = {
     "prompt_lr_grid",
     "lora_lr_grid",
     "method_lr_grid",
+    "method_target_lr_grid",
     "ablation_lr",
     "shard",
     "threads",
@@ -86,7 +87,7 @@ def _grid(args, key: str, seed: int) -> dict:
 def _target_grid(args, key: str, seed: int, target: str, shot: str) -> dict:
     return {
         lr: [run.target_lr_key(key, s, target, shot, lr) for s in run.choice_seeds(args, seed)]
-        for lr in run.lr_grid(args, key)
+        for lr in run.target_lr_grid(args, key)
     }
 
 
@@ -136,7 +137,7 @@ def reuse(old, new, old_runs: dict, state: run.State, source: str) -> list[str]:
             for target in new.targets:
                 for shot in run.shots_for(new, key):
                     if new.target_lr_grid and seed in run.grid_seeds(new):
-                        for lr in run.lr_grid(new, key):
+                        for lr in run.target_lr_grid(new, key):
                             grid_key = run.target_lr_key(key, seed, target, shot, lr)
                             if record := _done(old_runs, old_plan, grid_key):
                                 put(grid_key, record)

@@ -265,6 +265,13 @@ def lr_grid(args, key: str) -> list[float]:
     return list(args.prompt_lr_grid if M.ALL[key].family == "prompt" else args.lora_lr_grid)
 
 
+def target_lr_grid(args, key: str) -> list[float]:
+    """``--target-lr-grid``: the learning rates ``key``'s unseen tasks train at: its multi-task grid
+    (:func:`lr_grid`), or its own of the same size from ``--method-target-lr-grid`` (a new task may want other
+    rates than the multi-task stage: MPT chose the top of 1e-3..1e-1 for every target, PT the bottom for one)."""
+    return list(args.method_target_lr_grid.get(key) or lr_grid(args, key))
+
+
 def choice_seeds(args, seed: int) -> list[int]:
     """The seeds whose validation losses choose ``seed``'s learning rate: ``seed`` itself, or with
     ``--lr-grid-seeds`` those seeds (the mean loss over them; every seed then trains at that one choice)."""
@@ -361,14 +368,14 @@ def plan(args, keys: list[str]) -> dict:
                     target_grid = {}  # absent without --target-lr-grid: the fingerprints of earlier results stay valid
                     if args.target_lr_grid:
                         if seed in grid_seeds(args):
-                            for lr in lr_grid(args, key):
+                            for lr in target_lr_grid(args, key):
                                 runs[target_lr_key(key, seed, target, shot, lr)] = target_lr_fp(
                                     args, key, seed, target, shot, lr
                                 )
                         choice = [
                             target_lr_fp(args, key, s, target, shot, lr)
                             for s in choice_seeds(args, seed)
-                            for lr in lr_grid(args, key)
+                            for lr in target_lr_grid(args, key)
                         ]
                         target_grid = {"target_grid": fingerprint(grid=choice)}
                     runs[f"{key}|seed{seed}|{target}|k={shot}"] = fingerprint(
@@ -808,7 +815,7 @@ class Quality:
         """The ``--target-lr-grid`` runs ``seed`` trains for ``target`` (none on a seed outside the grid seeds)."""
         if not (self.args.target_lr_grid and seed in grid_seeds(self.args)):
             return []
-        return [target_lr_key(key, seed, target, shot, lr) for lr in lr_grid(self.args, key)]
+        return [target_lr_key(key, seed, target, shot, lr) for lr in target_lr_grid(self.args, key)]
 
     def tuned(self, key: str, seed: int, adapter: dict, target: str, shot: str, pool, lr: float, validate=False):
         """``(model, task_list, train info)``: ``key``'s model of ``seed`` trained on ``target``'s ``pool`` at
@@ -867,7 +874,7 @@ class Quality:
     def run_target_grid(self, key: str, seed: int, adapter: dict, target: str, shot: str, pool) -> None:
         """``--target-lr-grid``: train ``target`` at every learning rate of ``key``'s grid, each a resumable run
         that records the validation loss after the last step on the target's validation rows."""
-        for lr in lr_grid(self.args, key):
+        for lr in target_lr_grid(self.args, key):
             run_key = target_lr_key(key, seed, target, shot, lr)
             if not self.todo(run_key):
                 continue
@@ -894,7 +901,7 @@ class Quality:
         while another shard is still training a choice seed's target grid."""
         seeds = choice_seeds(self.args, seed)
         losses = {}
-        for lr in lr_grid(self.args, key):
+        for lr in target_lr_grid(self.args, key):
             keys = [target_lr_key(key, s, target, shot, lr) for s in seeds]
             pending = [k for k in keys if self.todo(k)]
             if pending:
@@ -1052,6 +1059,14 @@ def parse(argv=None):
         "pt=3e-3,1e-2,3e-2,1e-1,3e-1 for a method whose choice sat at the family grid's top edge)",
     )
     add(
+        "--method-target-lr-grid",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR,LR,...",
+        help="with --target-lr-grid: one method's own grid for its unseen tasks, with as many values (default: "
+        "the method's multi-task grid)",
+    )
+    add(
         "--ablation-lr",
         type=float,
         metavar="LR",
@@ -1138,7 +1153,12 @@ def parse(argv=None):
         parser.error("--lr-grid-seeds needs --lr-grid and seeds that are among --seeds")
     if len(args.prompt_lr_grid) != len(args.lora_lr_grid):
         parser.error("--prompt-lr-grid and --lora-lr-grid must have the same size (a fair search for every method)")
-    args.method_lr_grid = parse_method_lr_grid(parser, args)
+    args.method_lr_grid = parse_method_lr_grid(parser, args, "--method-lr-grid", args.method_lr_grid)
+    args.method_target_lr_grid = parse_method_lr_grid(
+        parser, args, "--method-target-lr-grid", args.method_target_lr_grid
+    )
+    if args.method_target_lr_grid and not args.target_lr_grid:
+        parser.error("--method-target-lr-grid needs --target-lr-grid (it replaces one method's unseen-task grid)")
     if args.val_per_task < 1 or args.eval_every < 0:
         parser.error("--val-per-task must be >= 1 and --eval-every >= 0")
     try:
@@ -1163,28 +1183,28 @@ def parse(argv=None):
     return args
 
 
-def parse_method_lr_grid(parser, args) -> dict:
-    """``--method-lr-grid pt=3e-3,1e-2,...``: ``{method: [lr, ...]}``, each grid as long as the family grids (a
-    fair search gives every method the same number of tries; only where they lie may differ)."""
+def parse_method_lr_grid(parser, args, flag: str, entries: list[str]) -> dict:
+    """``FLAG pt=3e-3,1e-2,...``: ``{method: [lr, ...]}``, each grid as long as the family grids (a fair search
+    gives every method the same number of tries; only where they lie may differ)."""
     grids = {}
-    for entry in args.method_lr_grid:
+    for entry in entries:
         name, _, values = entry.partition("=")
         if name not in M.ALL:
-            parser.error(f"--method-lr-grid {entry}: unknown method {name!r}; choose from {', '.join(M.ALL)}")
+            parser.error(f"{flag} {entry}: unknown method {name!r}; choose from {', '.join(M.ALL)}")
         if name in grids:
-            parser.error(f"--method-lr-grid: {name} is given twice; give each method one grid")
+            parser.error(f"{flag}: {name} is given twice; give each method one grid")
         try:
             grid = [float(v) for v in values.split(",")]
         except ValueError:
-            parser.error(f"--method-lr-grid {entry}: write METHOD=LR,LR,... with numbers (e.g. pt=1e-2,3e-2,1e-1)")
+            parser.error(f"{flag} {entry}: write METHOD=LR,LR,... with numbers (e.g. pt=1e-2,3e-2,1e-1)")
         if len(grid) != len(args.prompt_lr_grid) or min(grid) <= 0 or len(set(grid)) != len(grid):
             parser.error(
-                f"--method-lr-grid {entry}: give {len(args.prompt_lr_grid)} distinct positive learning rates, as "
-                "many as the family grids (a fair search gives every method the same number of tries)"
+                f"{flag} {entry}: give {len(args.prompt_lr_grid)} distinct positive learning rates, as many as "
+                "the family grids (a fair search gives every method the same number of tries)"
             )
         grids[name] = grid
     if grids and not args.lr_grid:
-        parser.error("--method-lr-grid needs --lr-grid (it replaces one method's grid)")
+        parser.error(f"{flag} needs --lr-grid (it replaces one method's grid)")
     return grids
 
 

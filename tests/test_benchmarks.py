@@ -758,6 +758,35 @@ def test_method_lr_grid_shifts_one_method_s_grid_at_the_same_size(tmp_path, caps
     assert "--method-lr-grid needs --lr-grid" in capsys.readouterr().err
 
 
+def test_method_target_lr_grid_gives_one_method_s_unseen_tasks_their_own_grid(tmp_path, capsys):
+    """--method-target-lr-grid: a method's unseen tasks train at their own grid (its multi-task grid stays); the
+    target trainings at shared values keep their fingerprints and are carried over; the unseen-task evaluation,
+    whose choice may move, gets a new one."""
+    import reuse
+    import run
+
+    flags = ["--quick", "--methods", "pt", "--lr-grid", "--target-lr-grid", "--prompt-lr-grid", "1e-2", "3e-2"]
+    flags += ["--lora-lr-grid", "1e-3", "3e-3"]
+    family = run.parse(flags)
+    own = run.parse([*flags, "--method-target-lr-grid", "pt=3e-3,1e-2"])
+    assert run.lr_grid(own, "pt") == [1e-2, 3e-2] and run.target_lr_grid(own, "pt") == [3e-3, 1e-2]
+    assert run.target_lr_grid(family, "pt") == [1e-2, 3e-2]
+    old_plan, new_plan = run.plan(family, ["pt"]), run.plan(own, ["pt"])
+    shared, added, dropped = (f"pt|seed0|pubmedqa|k=1|lr={lr}" for lr in ("0.01", "0.003", "0.03"))
+    assert new_plan[shared] == old_plan[shared] and added in new_plan and dropped not in new_plan
+    assert new_plan["pt|seed0|unseen_data"] == old_plan["pt|seed0|unseen_data"]  # the multi-task grid is the same
+    assert new_plan["pt|seed0|pubmedqa|k=1"] != old_plan["pt|seed0|pubmedqa|k=1"]
+    old_runs = {k: {"fingerprint": fp, "validation_loss": 0.5} for k, fp in old_plan.items() if "|lr=" in k}
+    copied = reuse.reuse(family, own, old_runs, run.State(tmp_path), "old")
+    assert shared in copied and added not in copied
+    with pytest.raises(SystemExit):
+        run.parse([f for f in flags if f != "--target-lr-grid"] + ["--method-target-lr-grid", "pt=3e-3,1e-2"])
+    assert "--method-target-lr-grid needs --target-lr-grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse([*flags, "--method-target-lr-grid", "pt=3e-3"])
+    assert "--method-target-lr-grid pt=3e-3: give 2 distinct positive" in capsys.readouterr().err
+
+
 def test_state_keeps_every_writer_s_results(tmp_path):
     """Two processes putting runs into one results.json under the lock lose none; a whole-file save of one keeps
     the other's runs and speed results."""
