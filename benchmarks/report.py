@@ -598,13 +598,28 @@ def _choice_rule(plan: dict) -> str:
     )
 
 
+def _grids_text(data: dict, grids: dict) -> str:
+    """``{method: [lr, ...]}`` as text: each distinct grid once, named by its methods unless the grids are simply
+    one per family (``--method-lr-grid`` gave a method its own)."""
+    by_grid, families = {}, {}
+    for key, grid in grids.items():
+        by_grid.setdefault(tuple(grid), []).append(key)
+        families.setdefault(data["methods"].get(key, {}).get("family", key), set()).add(tuple(grid))
+    per_family = all(len(g) == 1 for g in families.values()) and len(by_grid) == len(families)
+    parts = []
+    for grid, keys in sorted(by_grid.items()):
+        values = " / ".join(_lr_text(lr) for lr in grid)
+        parts.append(values if per_family else f"{', '.join(label(data, k) for k in keys)}: {values}")
+    return "; ".join(parts)
+
+
 def render_lr_choice(data: dict) -> list[str]:
     """``--lr-grid``: the learning rate chosen per method and seed, with every validation loss of the grid."""
     plan, choices = data["plan"], data.get("lr_choice") or {}
     if not plan.get("lr_grid"):
         return []
     settings, held = data["meta"]["settings"], plan.get("ablation_lr")
-    grids = {tuple(grid) for key, grid in plan["lr_grid"].items() if not (held and is_variant(key))}
+    grids = _grids_text(data, {k: g for k, g in plan["lr_grid"].items() if not (held and is_variant(k))})
     variants = (
         f" The TA-LoRA variants trained at TA-LoRA's chosen learning rate, {_lr_text(held)} (`--ablation-lr`), so "
         "each changes one thing (a learning-rate variant at its own value)."
@@ -614,9 +629,8 @@ def render_lr_choice(data: dict) -> list[str]:
     out = [
         "## Learning rates chosen on validation",
         "",
-        "Every method trained its multi-task adapter at each learning rate of its grid ("
-        + "; ".join(" / ".join(_lr_text(lr) for lr in grid) for grid in sorted(grids))
-        + f"), the same number of values for every method.{variants} {_choice_rule(plan)} (Trainer's evaluation loss, "
+        f"Every method trained its multi-task adapter at each learning rate of its grid ({grids}), the same "
+        f"number of values for every method.{variants} {_choice_rule(plan)} (Trainer's evaluation loss, "
         f"label tokens only, on {settings['val_per_task']} rows of each source task's validation split, the same "
         "rows for every method); unseen data and unseen tasks were evaluated with it only. Cells: **chosen** "
         "(validation loss of each learning rate). A choice at the edge of the grid (marked *edge*) may mean the "
@@ -666,8 +680,9 @@ def render_target_lr_choice(data: dict) -> list[str]:
     out = [
         "## Learning rates chosen for the unseen tasks",
         "",
-        "Every method also trained each unseen task at every learning rate of its grid, from its multi-task "
-        "adapter, and kept the one with the lowest validation loss after the last step on "
+        "Every method also trained each unseen task at every learning rate of its grid"
+        + (f" ({_grids_text(data, plan['target_lr_grid'])})" if isinstance(plan["target_lr_grid"], dict) else "")
+        + ", from its multi-task adapter, and kept the one with the lowest validation loss after the last step on "
         f"{settings['target_val_rows']} rows of the task's validation split (the same rows for every method). "
         f"{seeds} Cells: **chosen** (validation loss of each learning rate), *edge* where it is the grid's lowest "
         "or highest.",

@@ -1314,7 +1314,7 @@ def main(argv=None) -> dict:
         "lr_grid": {k: lr_grid(args, k) for k in shown} if args.lr_grid else None,
         "lr_grid_seeds": args.lr_grid_seeds,
         "ablation_lr": args.ablation_lr,
-        "target_lr_grid": args.target_lr_grid,
+        "target_lr_grid": {k: target_lr_grid(args, k) for k in shown} if args.target_lr_grid else False,
         "runs": plan(args, shown),
     }
     state.data["methods"] = {

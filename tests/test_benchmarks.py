@@ -345,6 +345,17 @@ def test_lr_choice_report_says_what_is_chosen_and_what_is_not_yet():
     assert summary(data)[0] == "Chosen at an edge of the grid: pt (seed 0: 1e-2); lora (seed 0: 3e-4)."
 
 
+def test_report_names_the_methods_of_a_grid_only_when_a_method_has_its_own():
+    import report
+
+    methods = {"pt": ("PT", "prompt"), "mpt": ("MPT", "prompt"), "lora": ("LoRA", "lora")}
+    data = {"methods": {k: {"label": name, "family": family} for k, (name, family) in methods.items()}}
+    family = {"pt": [1e-2, 3e-2], "mpt": [1e-2, 3e-2], "lora": [1e-3, 3e-3]}
+    assert report._grids_text(data, family) == "1e-3 / 3e-3; 1e-2 / 3e-2"
+    own = {**family, "mpt": [3e-2, 1e-1]}
+    assert report._grids_text(data, own) == "LoRA: 1e-3 / 3e-3; PT: 1e-2 / 3e-2; MPT: 3e-2 / 1e-1"
+
+
 # ----------------------------------------------------------------------------- learning-rate grid, curves, shards
 GRID = ["--methods", "ta-lora", "lora", "pt", "--lr-grid", "--skip-speed"]
 GRID_METHODS = ("ta-lora", "lora", "pt")
