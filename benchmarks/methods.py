@@ -80,7 +80,7 @@ METHODS = {
         "TA-LoRA",
         "prompt",
         "names",
-        "`add_tasks([name])`, freeze mode: only the new task's `u, v` train; shared parts and source tasks frozen",
+        "`add_tasks([name])`, freeze mode: only the new task's `u, v` and gate scale `c` train; shared parts and source tasks frozen",
     ),
     "pt": Method(
         "pt",
