@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import METHODS, batch, logits, make_adapted, tiny_model
+from conftest import METHODS, batch, logits, make_adapted, perturb_trainable, tiny_model
 from peft import get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -120,6 +120,37 @@ def test_generate_nested_in_a_logits_processor_keeps_the_outer_routing(method):
         **gen,
     )
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_set_adapter_during_generate_leaves_the_call_in_flight_alone(method):
+    """The adapter a call started with serves the whole call: a LogitsProcessor (or another thread) switching the
+    active adapter mid-generate changes the next call, not this one."""
+    model = make_adapted(method).eval()
+    config = type(model.peft_config["default"])
+    extra = dict(num_virtual_tokens=4, r=4) if method == "talora" else dict(r=4, target_modules="all-linear")
+    model.add_adapter("other", config(task_type="CAUSAL_LM", num_tasks=2, **extra))
+    perturb_trainable(model, seed=5)  # the other adapter differs from the base model too
+    model.set_adapter("default")
+    ids, mask = batch(batch_size=2)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    tasks = torch.tensor([2, 0])  # task 2 exists only in "default"
+    expected = model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, **gen)
+
+    class SwitchesTheAdapter(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            model.set_adapter("other")
+            return scores
+
+    switch = LogitsProcessorList([SwitchesTheAdapter()])
+    got = model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, logits_processor=switch, **gen)
+    assert torch.equal(got, expected)
+    assert model.active_adapter == "other"  # and the switch took effect for the calls after it
+    other = model.generate(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([1, 0]), **gen)
+    model.set_adapter("default")
+    assert not torch.equal(
+        other, model.generate(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([1, 0]), **gen)
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)

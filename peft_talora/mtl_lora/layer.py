@@ -242,7 +242,12 @@ class Linear(nn.Module, MTLLoraLayer):
         if self.merged:
             return result
         batch_size = x.shape[0]
-        for name in self.active_adapters:
+        routing = current_routing()
+        # the adapter the call started with (a set_adapter during a generate, from a LogitsProcessor or another
+        # thread, must not change the call in flight); the active ones where the routing names none
+        named = routing is not None and routing.enabled and routing.adapter is not None
+        names = [routing.adapter] if named else self.active_adapters
+        for name in names:
             if name not in self.mtllora_A:
                 continue
             down = self.mtllora_A[name]
