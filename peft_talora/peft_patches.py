@@ -52,6 +52,8 @@ import functools
 import inspect
 import json
 import os
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM
@@ -345,22 +347,62 @@ def complete_model_cards() -> None:
 OUR_PEFT_TYPES: set[str] = set()
 
 
-def _refuse_other_task_names(config, folder: str, source: str) -> None:
-    """Loading into an existing adapter (``Trainer`` resuming from a checkpoint): the file's tasks must be this
-    adapter's, in the same order. Tensor shapes catch another task count, not the same count under other names,
-    whose factors would silently answer for the wrong tasks."""
+def _layout_difference(name: str, saved, here) -> Optional[str]:
+    """How a layout field differs between the file (JSON) and the live config, or ``None``. A set on either side
+    (PEFT keeps ``target_modules`` as a set and saves it as a list, in no fixed order) compares as a set."""
+    if isinstance(saved, (set, frozenset)) or isinstance(here, (set, frozenset)):
+        if saved is None or here is None or isinstance(saved, str) or isinstance(here, str):
+            return None if saved == here else f"{name}: {saved!r} in the file, {here!r} here"
+        only_file, only_here = sorted(set(saved) - set(here)), sorted(set(here) - set(saved))
+        if not (only_file or only_here):
+            return None
+        return f"{name}: {only_file} only in the file, {only_here} only here"
+    here = list(here) if isinstance(here, tuple) else here
+    return None if saved == here else f"{name}: {saved!r} in the file, {here!r} here"
+
+
+def _refuse_another_adapter_file(config, model, folder: str, source: str) -> None:
+    """Loading into an existing adapter (``Trainer`` resuming a checkpoint, ``load_best_model_at_end``): the
+    file must have been saved from this base model, for this adapter's tasks in the same order, with the same
+    layout (``LAYOUT_FIELDS``: e.g. TA-LoRA's ``adapter_layers``). Tensor shapes catch another task count, not
+    the same count under other names, or factors of other layers, whose weights would silently answer wrongly."""
+    from .multitask import check_base_model_shape
+
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         return
     with open(path) as handle:
-        saved = json.load(handle).get("task_names")
-    here = list(config.task_names or [])
-    if saved and here and len(saved) == len(here) and list(saved) != here:
+        saved = json.load(handle)
+    names, here = saved.get("task_names"), list(config.task_names or [])
+    if names and here and len(names) == len(here) and list(names) != here:
         raise ValueError(
-            f"The adapter in {source} was saved for other tasks (task_names: {list(saved)} in the file, {here} here): "
+            f"The adapter in {source} was saved for other tasks (task_names: {list(names)} in the file, {here} here): "
             "its factors would answer for the wrong tasks. Nothing was loaded. Load or resume it into a model built "
             f"with the {type(config).__name__} it was saved with (its {CONFIG_NAME})."
         )
+    if saved.get("base_model_shape") and saved["base_model_shape"] != config.base_model_shape:
+        # (equal under from_pretrained, whose adapter is built from this file: the load's own checks explain more)
+        file_config = SimpleNamespace(
+            base_model_shape=saved["base_model_shape"], base_model_name_or_path=saved.get("base_model_name_or_path")
+        )
+        check_base_model_shape(file_config, model, source)
+    differences = [
+        text
+        for name in getattr(config, "LAYOUT_FIELDS", ())
+        if name in saved and (text := _layout_difference(name, saved[name], getattr(config, name)))
+    ]
+    if differences:
+        raise ValueError(
+            f"The adapter in {source} was saved with another layout ({'; '.join(differences)}): its weights would "
+            f"land in the wrong places. Nothing was loaded. Load or resume it into a model built with the "
+            f"{type(config).__name__} it was saved with (its {CONFIG_NAME})."
+        )
+
+
+def _adapter_tensors(peft_model, adapter_name: str) -> dict:
+    """The parameters and buffers of ``adapter_name`` (a path component of their name), by name."""
+    tensors = {**dict(peft_model.named_parameters()), **dict(peft_model.named_buffers())}
+    return {name: t for name, t in tensors.items() if adapter_name in name.split(".")}
 
 
 def explain_unreadable_adapter_files() -> None:
@@ -370,9 +412,10 @@ def explain_unreadable_adapter_files() -> None:
     of ours without a weights file (PEFT would then ask the Hub for the local path:
     ``HFValidationError``), an unreadable weights file (``SafetensorError``), tensors the model has no
     place for, a base model other than the one saved from (``base_model_shape``: family, width,
-    depth, heads, KV heads), loaded weights with NaN or inf, and a file saved for other task names
-    than the existing adapter it is loaded into (a resumed checkpoint) each raise a ``ValueError``,
-    and an adapter the failed call added is deleted again;
+    depth, heads, KV heads), loaded weights with NaN or inf, and a file saved for other task names,
+    another base or another layout than the existing adapter it is loaded into (a resumed
+    checkpoint) each raise a ``ValueError``; an adapter the failed call added is deleted again, and
+    an existing one gets its values back (PEFT copies the weights in before they can be checked);
     other methods' loads are untouched. The config checks are in :func:`explain_mislabelled_configs`.
     """
     explain_mislabelled_configs()
@@ -396,11 +439,23 @@ def explain_unreadable_adapter_files() -> None:
                 f"{CONFIG_NAME}."
             )
         new, source = adapter_name not in self.peft_config, repr(str(model_id))
-        if not new and _is_ours(self.peft_config[adapter_name]) and os.path.isdir(folder):
-            _refuse_other_task_names(self.peft_config[adapter_name], folder, source)
+        before = None  # an existing adapter's values, put back if the load fails after PEFT has copied weights in
+        if not new and _is_ours(self.peft_config[adapter_name]):
+            if os.path.isdir(folder):
+                _refuse_another_adapter_file(self.peft_config[adapter_name], self.get_base_model(), folder, source)
+            before = {name: t.detach().clone() for name, t in _adapter_tensors(self, adapter_name).items()}
+
+        def restore() -> None:
+            if before is not None:
+                with torch.no_grad():
+                    for name, t in _adapter_tensors(self, adapter_name).items():
+                        if name in before and before[name].shape == t.shape:
+                            t.copy_(before[name])
+
         try:
             result = load(self, model_id, adapter_name, *args, **kwargs)
         except Exception as error:
+            restore()
             config = self.peft_config.get(adapter_name)
             other_base = None
             if config is not None and _is_ours(config):
@@ -430,8 +485,13 @@ def explain_unreadable_adapter_files() -> None:
                         "It was saved from another model or method, or it is damaged; nothing was loaded."
                     )
                 tensors = get_peft_model_state_dict(self, adapter_name=adapter_name)
-                _refuse_non_finite(tensors, f"The adapter in {source}", "The load was stopped")
+                _refuse_non_finite(
+                    tensors,
+                    f"The adapter in {source}",
+                    "The load was stopped" + ("" if new else f" and adapter {adapter_name!r} keeps its values"),
+                )
             except ValueError:
+                restore()
                 if new:
                     _forget(self, adapter_name)
                 raise

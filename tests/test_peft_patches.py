@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import batch, perturb, tiny_model
+from conftest import batch, perturb, perturb_trainable, tiny_model
 from peft import (
     AutoPeftModelForCausalLM,
     LoraConfig,
@@ -729,6 +729,49 @@ def test_load_adapter_checks_loaded_weights_of_our_methods_only(tmp_path):
     next(iter(tensors.values())).fill_(float("nan"))
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     PeftModel.from_pretrained(tiny_model(), tmp_path)  # PEFT's own behaviour for other methods: no check
+
+
+@pytest.mark.parametrize("method", ["talora", "mtllora"])
+def test_a_failed_load_into_an_existing_adapter_leaves_its_values(tmp_path, method):
+    """PEFT copies the file's weights in before they can be checked: a file with a NaN loaded into the adapter in
+    use (Trainer resuming, load_best_model_at_end) raises and the adapter keeps the values it had."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_talora import MTLLoraConfig
+
+    def build():
+        if method == "talora":
+            return perturb(talora())
+        config = MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=3, r=4, target_modules=["q_proj"], lora_dropout=0.0)
+        return perturb_trainable(get_peft_model(tiny_model(), config))
+
+    build().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[sorted(tensors)[-1]].view(-1)[0] = float("nan")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = build().eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = logits(model, task_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"holds non-finite values.*The load was stopped and adapter 'default' keeps"):
+        model.load_adapter(tmp_path, adapter_name="default")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(logits(model, task_ids=[0, 1, 2]), expected)
+
+
+def test_loading_into_an_existing_adapter_checks_the_file_s_base_model_and_layout(tmp_path):
+    """The file's own base_model_shape and layout fields are compared with the existing adapter's before anything
+    is loaded: factors of layer 0 must not land in a layer-1 adapter of the same shapes."""
+    perturb(talora(adapter_layers=[0])).save_pretrained(tmp_path / "layer0")
+    model = talora(adapter_layers=[1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"another layout \(adapter_layers: \[0\] in the file, \[1\] here\)"):
+        model.load_adapter(tmp_path / "layer0", adapter_name="default")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    perturb(talora()).save_pretrained(tmp_path / "two-kv-heads")
+    other_base = talora(tiny_model(num_key_value_heads=4))
+    with pytest.raises(ValueError, match=r"another base model \(num_key_value_heads: 2 in the file, 4 here"):
+        other_base.load_adapter(tmp_path / "two-kv-heads", adapter_name="default")
+    talora(adapter_layers=[0]).load_adapter(tmp_path / "layer0", adapter_name="default")  # the same layout loads
 
 
 def test_save_records_the_base_model_shape_and_load_checks_it(tmp_path):

@@ -29,6 +29,17 @@ class MTLLoraConfig(MultiTaskConfig):
     script uses 0.1, which makes each task's mix of up-projections sharper).
     """
 
+    LAYOUT_FIELDS = (
+        "r",
+        "lora_alpha",
+        "num_up_projections",
+        "temperature",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+    )
+
     r: int = field(default=8, metadata={"help": "Rank r of the shared down-projection A (r x in)."})
     lora_alpha: float = field(
         default=16.0, metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r."}

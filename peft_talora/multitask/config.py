@@ -14,7 +14,7 @@ import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -105,6 +105,10 @@ def check_int_list(kind: str, name: str, value, *, minimum: Optional[int] = None
 @dataclass
 class MultiTaskConfig(PeftConfig):
     """A ``PeftConfig`` with a task list: ``num_tasks`` and optional unique ``task_names``."""
+
+    #: Fields the saved tensors' place and meaning depend on: a file saved with other values must not be loaded
+    #: into an existing adapter (tensor shapes alone miss e.g. other layers of the same count).
+    LAYOUT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     num_tasks: Optional[int] = field(
         default=None, metadata={"help": "Number of tasks; inferred from `task_names` when omitted."}

@@ -25,6 +25,8 @@ class TALoraConfig(PeftModelDispatch, MultiTaskConfig):
     and are accepted wherever task ids are.
     """
 
+    LAYOUT_FIELDS = ("num_virtual_tokens", "r", "alpha", "adapter_layers")
+
     num_virtual_tokens: int = field(default=10, metadata={"help": "Prefix length n (virtual tokens per layer)."})
     r: int = field(default=8, metadata={"help": "Rank of the shared basis B (n x r) of the task-specific part."})
     alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: the task part is scaled by alpha / r."})
