@@ -101,6 +101,20 @@ def test_collator_errors_on_unknown_names_and_names_without_task_names():
         MultiTaskDataCollator(pad_token_id=0)([{"text": "question"}])
 
 
+@pytest.mark.parametrize("value", [1.7, True, 1.0], ids=["float", "bool", "integral-float"])
+def test_collator_refuses_task_ids_that_are_not_ints(value):
+    """A float or bool task id is refused (as forward refuses it), not truncated to another task."""
+    features = [{"input_ids": [5, 6], "task_ids": 0}, {"input_ids": [7], "task_ids": value}]
+    with pytest.raises(ValueError, match=rf"task_ids must be int task ids .*got {value!r} \({type(value).__name__}\)"):
+        MultiTaskDataCollator(pad_token_id=0)(features)
+    assert MultiTaskDataCollator(pad_token_id=0)([features[0]])["task_ids"].tolist() == [0]
+
+
+def test_task_id_encoder_refuses_a_count_that_disagrees_with_the_names():
+    with pytest.raises(ValueError, match=r"num_tasks=5 and 3 task_names; give one of them"):
+        TaskIdEncoder(task_names=TASKS, num_tasks=5)
+
+
 # ----------------------------------------------------------------------------- tokenisation
 def raw_dataset():
     return Dataset.from_dict(

@@ -15,6 +15,7 @@ tokenise first (:func:`tokenize_for_causal_lm`); the collator's text path is for
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -57,6 +58,11 @@ class TaskIdEncoder:
         self.num_tasks = num_tasks if num_tasks is not None else len(self.task_names or [])
         if self.num_tasks < 1:
             raise ValueError("TaskIdEncoder needs task_names=[...] or num_tasks >= 1.")
+        if self.task_names is not None and self.num_tasks != len(self.task_names):
+            raise ValueError(
+                f"TaskIdEncoder got num_tasks={self.num_tasks} and {len(self.task_names)} task_names; give one of "
+                "them, or TaskIdEncoder.from_config(model) to take both from the adapter."
+            )
 
     @classmethod
     def from_config(cls, source) -> "TaskIdEncoder":
@@ -104,6 +110,12 @@ def _encode_task_column(values: Sequence, encoder: Optional[TaskIdEncoder]) -> l
         )
     if any(v is None for v in values):
         raise ValueError("Some examples have task_ids=None; every example needs a task.")
+    bad = [v for v in values if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral, np.integer))]
+    if bad:
+        raise ValueError(
+            f"task_ids must be int task ids (or task names, with task_names=); got {bad[0]!r} "
+            f"({type(bad[0]).__name__}). Cast the column to int ids, e.g. TaskIdEncoder(...).encode_dataset(ds)."
+        )
     return [int(v) for v in values]
 
 
