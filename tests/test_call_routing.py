@@ -154,6 +154,18 @@ def test_a_set_adapter_during_generate_leaves_the_call_in_flight_alone(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_generate_takes_its_inputs_under_any_of_its_names(method):
+    """``inputs=`` (the name of generate's first parameter), positional and ``input_ids=`` give the same tokens."""
+    model = make_adapted(method).eval()
+    ids, mask = batch(batch_size=2)
+    gen = dict(attention_mask=mask, task_ids=torch.tensor([0, 2]), max_new_tokens=4)
+    gen.update(do_sample=False, pad_token_id=0)
+    expected = model.generate(input_ids=ids, **gen)
+    assert torch.equal(model.generate(inputs=ids, **gen), expected)
+    assert torch.equal(model.generate(ids, **gen), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_the_wrapped_causal_lm_routes_and_an_inner_module_call_raises(method):
     model = make_adapted(method)
     ids, mask = batch()

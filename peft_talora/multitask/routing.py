@@ -149,9 +149,12 @@ def batch_inputs(args: tuple, kwargs: dict) -> torch.Tensor:
 
     An empty batch is refused here: transformers' attention cannot reshape a batch of 0 rows.
     """
-    inputs = kwargs.get("input_ids", args[0] if args else None)
-    if inputs is None:
-        inputs = kwargs.get("inputs_embeds")
+    inputs = kwargs.get("input_ids")
+    for name in ("inputs", "inputs_embeds"):  # ``inputs``: the name of generate's first parameter
+        if inputs is None:
+            inputs = kwargs.get(name)
+    if inputs is None and args:
+        inputs = args[0]
     if inputs is None:
         raise ValueError("Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples.")
     if inputs.shape[0] == 0:
