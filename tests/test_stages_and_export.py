@@ -132,6 +132,31 @@ def test_add_tasks_without_freeze_keeps_the_stage_and_trains_everything():
     assert "task_u_blocks.1" in trainable_names(model) and "shared_prompt" in trainable_names(model)
 
 
+@pytest.mark.parametrize("method", ["talora", "mtllora"])
+@pytest.mark.parametrize("freeze", [True, False], ids=["freeze", "no-freeze"])
+def test_add_tasks_or_a_stage_on_an_adapter_not_in_use_trains_nothing_of_it(method, freeze):
+    """Only the active adapter trains: add_tasks / set_training_stage on another one leave it frozen (the
+    optimizer would otherwise pick up its parameters) until it is made active."""
+    from conftest import make_adapted
+
+    from peft_talora import MTLLoraConfig
+
+    model = make_adapted(method)
+    other = (
+        TALoraConfig(task_type="CAUSAL_LM", task_names=["x"], num_virtual_tokens=4, r=4)
+        if method == "talora"
+        else MTLLoraConfig(task_type="CAUSAL_LM", task_names=["x"], r=4, target_modules=["q_proj"])
+    )
+    model.add_adapter("other", other)
+    active = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert active and not any(".other." in f".{n}." for n in active)
+    model.add_tasks(["y"], adapter_name="other", freeze=freeze)
+    model.set_training_stage("multi_task", "other")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == active
+    model.set_adapter("other")
+    assert any(".other." in f".{n}." for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_add_tasks_by_count_to_an_unnamed_adapter_and_names_to_it():
     config = TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4)
     model = perturb(get_peft_model(tiny_model(), config))

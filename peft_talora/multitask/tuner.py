@@ -121,6 +121,7 @@ class MultiTaskTunerMixin:
         self._stages[name] = stage
         self.peft_config[name].inference_mode = False
         self._apply_stage(name)
+        self._refresh_trainability(name)  # an adapter that is not the active one stays frozen
 
     def add_tasks(
         self,

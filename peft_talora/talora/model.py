@@ -167,6 +167,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     def _refresh_trainability(self, adapter_name: str) -> None:
         if not self.peft_config[adapter_name].inference_mode and adapter_name == self.active_adapter:
             self._apply_stage(adapter_name)
+        else:  # an adapter that is not in use trains nothing (add_tasks creates its new block trainable)
+            self.talora_banks[adapter_name].requires_grad_(False)
 
     def _apply_stage(self, adapter_name: str) -> None:
         """``shared_warmup``: only the shared prompt and the gates train (every example gets the shared
