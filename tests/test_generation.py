@@ -58,6 +58,27 @@ def test_prefixes_are_computed_once_per_generate_call(monkeypatch):
     assert calls == [1]
 
 
+def test_every_generate_entry_point_routes_a_list_of_tasks_through_beams_once_per_call(monkeypatch):
+    """A PEFT model without task_type (PEFT's PeftModel.generate) and the wrapped causal LM's own generate route
+    like the CAUSAL_LM model's: a list of tasks follows beams and return sequences (transformers expands only
+    tensors), and the prefix is computed once per call."""
+    causal = talora(adapter_layers=[1])
+    untyped = get_peft_model(
+        tiny_model("llama"), TALoraConfig(num_tasks=3, num_virtual_tokens=4, r=4, adapter_layers=[1])
+    )
+    untyped.load_state_dict(causal.state_dict())
+    input_ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    expected = causal.generate(input_ids=input_ids, task_ids=TASKS, **kwargs)
+    calls = []
+    original = AttentionSite.project_prefix
+    monkeypatch.setattr(AttentionSite, "project_prefix", lambda self, h: calls.append(self.layer) or original(self, h))
+    for generate in (causal.generate, untyped.generate, causal.get_base_model().generate):
+        calls.clear()
+        assert torch.equal(generate(input_ids=input_ids, task_ids=TASKS.tolist(), **kwargs), expected)
+        assert calls == [1]
+
+
 def test_generate_with_disabled_adapter_equals_base():
     model = talora()
     input_ids, mask = batch()

@@ -365,6 +365,7 @@ def test_unsupported_target_module_rolls_back():
     assert not any(isinstance(m, MTLLoraLayer) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert "task_ids" not in str(model.forward.__doc__ or "") and "forward" not in model.__dict__
+    assert "generate" not in model.__dict__
 
 
 # ------------------------------------------------------------------ Trainer

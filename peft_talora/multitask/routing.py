@@ -115,6 +115,7 @@ class TaskRouter:
         self.tuner = tuner
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         _declare_routing_parameters(model)
+        model.generate = _GenerateRoutingTaskIds(self, model.__dict__.get("generate"))
 
     def remove(self) -> None:
         """Take the hook and the declared parameters off the model."""
@@ -124,6 +125,11 @@ class TaskRouter:
             del self.model.forward
             if own is not None:
                 self.model.forward = own
+        generate = self.model.__dict__.get("generate")
+        if isinstance(generate, _GenerateRoutingTaskIds):
+            del self.model.generate
+            if generate.own_generate is not None:
+                self.model.generate = generate.own_generate
 
     def for_generation(self, task_ids, args: tuple, kwargs: dict) -> CallRouting:
         """The routing of one ``generate(*args, **kwargs)`` call, with a per-call cache."""
@@ -279,6 +285,32 @@ class _ForwardDeclaringTaskIds:
         if self.own_forward is not None:
             return self.own_forward(*args, **kwargs)
         return type(self.model).forward(self.model, *args, **kwargs)
+
+
+class _GenerateRoutingTaskIds:
+    """The wrapped model's own ``generate``, taking ``task_ids``: one routing per call (:meth:`TaskRouter.for_generation`).
+
+    Whoever calls it, the tuner's ``generate``, PEFT's ``PeftModel.generate`` (a PEFT model without
+    ``task_type``) or ``get_base_model().generate``, gets the same thing: ``task_ids`` as names or lists
+    follow beams and ``num_return_sequences`` (transformers expands tensors only), and what the layers
+    compute once per call is computed once. A callable object, so a deep copy of the model routes the copy.
+    """
+
+    def __init__(self, router: TaskRouter, own_generate=None):
+        self.router = router
+        self.own_generate = own_generate  # an instance-level generate someone set before us, kept as is
+        self.__name__ = "generate"
+
+    def __call__(self, *args, **kwargs):
+        task_ids = kwargs.pop("task_ids", None)
+        if kwargs.get(ROUTING_KWARG) is None:
+            kwargs[ROUTING_KWARG] = self.router.for_generation(task_ids, args, kwargs)
+        elif task_ids is not None:
+            raise ValueError("Got task_ids and a routing of the call at once; pass task_ids once, to generate.")
+        if self.own_generate is not None:
+            return self.own_generate(*args, **kwargs)
+        model = self.router.model
+        return type(model).generate(model, *args, **kwargs)
 
 
 def _declare_routing_parameters(model: nn.Module) -> None:

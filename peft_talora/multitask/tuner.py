@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from .config import MultiTaskConfig, TaskList
-from .routing import ROUTED_TASK_IDS_KWARG, ROUTING_KWARG
+from .routing import ROUTED_TASK_IDS_KWARG
 from .task_ids import TaskIds, resolve_task_ids
 
 
@@ -54,10 +54,10 @@ class MultiTaskTunerMixin:
         """``model.generate`` with per-example tasks; ``task_ids`` expand with beams and return sequences.
 
         One routing serves the whole call, so what the layers compute from it (TA-LoRA's prefixes)
-        is computed once per call, not at every decoding step.
+        is computed once per call, not at every decoding step (the wrapped model's ``generate`` builds it,
+        see :class:`~peft_talora.multitask.routing.TaskRouter`).
         """
-        kwargs[ROUTING_KWARG] = self._router.for_generation(task_ids, args, kwargs)
-        return self.model.generate(*args, **kwargs)
+        return self.model.generate(*args, task_ids=task_ids, **kwargs)
 
     def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device=None) -> torch.Tensor:
         """Validate ``task_ids`` against the active adapter's tasks; see :func:`~peft_talora.multitask.resolve_task_ids`."""
