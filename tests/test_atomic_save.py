@@ -224,6 +224,24 @@ def test_killed_save_keeps_the_old_adapter(old, method, stage, tmp_path):
     assert torch.equal(loaded_outputs(folder), outputs(new))
 
 
+def test_a_save_clears_only_this_machine_s_leftovers(old, method):
+    """On a filesystem shared by several nodes, a process id says nothing about another node's save: its
+    temporary folder may belong to a save still running there, so only this machine's are removed."""
+    from peft_talora.multitask.atomic_save import HOST_TAG
+
+    folder, _ = old
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    other_host = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    mine = folder.parent / f".{folder.name}.peft-tmp-{pid}-h{HOST_TAG}-0a1b2c3d"
+    untagged = folder.parent / f".{folder.name}.peft-tmp-{pid}-0a1b2c3e"  # written before host tags existed
+    theirs = folder.parent / f".{folder.name}.peft-tmp-{pid}-h{other_host}-0a1b2c3f"
+    for path in (mine, untagged, theirs):
+        path.mkdir()
+    trained(method, seed=1).save_pretrained(folder)
+    assert leftovers(folder) == [theirs.name]
+
+
 def test_next_save_puts_back_a_folder_moved_aside_by_a_killed_save(old, method):
     """Without an atomic exchange the swap is two renames; killed between them, the folder is back next time."""
     folder, expected = old

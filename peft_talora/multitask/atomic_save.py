@@ -5,8 +5,10 @@
 write does not replace into it (hard links, or copies where links are impossible), and only then
 swaps it with ``target`` in one step: Linux's ``renameat2(RENAME_EXCHANGE)``. At every instant
 ``target`` is either the whole old folder or the whole new one; a crash leaves a hidden
-``.<name>.peft-tmp-<pid>-<hex>`` folder beside it, removed by the next save into the same target
-once that process is gone.
+``.<name>.peft-tmp-<pid>-h<host>-<hex>`` folder beside it, removed by the next save into the same
+target once that process is gone. Only a save on the same machine (``<host>``: a hash of the host
+name) removes it: on a filesystem shared by several nodes a process id says nothing about another
+node's save, which may still be running.
 
 Two weaker cases, both documented in ``docs/faq.md``:
 
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import sys
 import warnings
@@ -34,6 +38,8 @@ from collections.abc import Callable
 
 #: Marks the temporary and old folders of a save beside (or, file by file, inside) the target.
 TMP_MARK, OLD_MARK = "peft-tmp", "peft-old"
+#: This machine in the names of those folders: another node's leftovers on a shared filesystem are not ours to judge.
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def write_folder_atomically(
@@ -145,7 +151,7 @@ def _carry_over(source: str, destination: str, replaces: Callable[[str], bool], 
 
 
 def _new_name(parent: str, prefix: str) -> str:
-    return os.path.join(parent, f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(parent, f"{prefix}-{os.getpid()}-h{HOST_TAG}-{secrets.token_hex(4)}")
 
 
 def _new_folder(parent: str, prefix: str) -> str:
@@ -160,10 +166,12 @@ def _clean_leftovers(parent: str, name: str, target: str) -> None:
     for location, prefix in ((parent, f".{name}."), (target, ".")):
         if not os.path.isdir(location):
             continue
-        pattern = re.compile(rf"{re.escape(prefix)}({TMP_MARK}|{OLD_MARK})-(\d+)-[0-9a-f]+")
+        pattern = re.compile(rf"{re.escape(prefix)}({TMP_MARK}|{OLD_MARK})-(\d+)(?:-h([0-9a-f]{{8}}))?-[0-9a-f]+")
         for entry in os.listdir(location):
             match = pattern.fullmatch(entry)
-            if match is None or not _process_is_gone(int(match.group(2))):
+            if match is None or match.group(3) not in (None, HOST_TAG):  # (no tag: written before tags existed)
+                continue
+            if not _process_is_gone(int(match.group(2))):
                 continue
             path = os.path.join(location, entry)
             if match.group(1) == OLD_MARK and location == parent and not os.path.exists(target):
