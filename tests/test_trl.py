@@ -341,6 +341,35 @@ def test_dpo_learns_opposite_preferences_against_the_disabled_adapter(tmp_path, 
     torch.testing.assert_close(loss, dpo_loss_by_hand(trainer, inputs) + penalty)
 
 
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed-reference"])
+@pytest.mark.parametrize("method", ["ta-lora", "mtl-lora"])
+def test_dpo_on_a_trained_peft_model_starts_with_the_reference_equal_to_the_policy(tmp_path, method, precompute):
+    """A PEFT model with a trained adapter: TRL adds a "ref" adapter that must be a copy of it (for MTL-LoRA, whose
+    parameter names end in ``.default``, TRL's own copy missed every tensor and the reference was the base model).
+    With precompute_ref_log_probs the reference runs inside TRL's __init__, with the task ids too."""
+    from conftest import perturb_trainable
+    from peft import get_peft_model
+
+    model = perturb_trainable(get_peft_model(tiny_model(), adapter_config(method)), seed=3)
+    args = cpu_training_args(
+        DPOConfig, tmp_path, bf16=False, max_steps=1, beta=1.0, precompute_ref_log_probs=precompute
+    )
+    trainer = MultiTaskDPOTrainer(model=model, args=args, train_dataset=dpo_rows(), processing_class=tokenizer())
+    params = dict(model.named_parameters())
+    copies = {n: n.replace(".default", ".ref") for n in params if ".default" in n}
+    assert copies and all(torch.equal(params[n], params[ref]) for n, ref in copies.items())
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        if method == "ta-lora":
+            loss = (
+                loss
+                - adapter_config(method).orthogonality_weight * model.base_model.active_bank.orthogonality_penalty()
+            )
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_dpo_with_gradient_checkpointing_trains_as_without(tmp_path):
     """The reference forward (adapter off) runs between the policy forward and the backward that recomputes it."""
     plain = train_dpo(tmp_path / "plain", gradient_checkpointing=False)

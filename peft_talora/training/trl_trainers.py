@@ -250,3 +250,49 @@ class MultiTaskDPOTrainer(_TaskColumnMixin, DPOTrainer):
     """
 
     _rows_per_example = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mirror_reference_adapter()
+
+    def _mirror_reference_adapter(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if "ref" in getattr(model, "peft_config", {}) and "default" in model.peft_config:
+            _copy_adapter(model, "default", "ref")
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        """``precompute_ref_log_probs=True``: TRL runs this inside ``__init__``, before the task column is wired
+        into the collator and the reference adapter mirrors the policy: do both first."""
+        self._mirror_reference_adapter()
+        if self._task_column is None or isinstance(self.data_collator, TaskIdsCollator):
+            return super()._precompute_ref_logps(*args, **kwargs)
+        collator = self.data_collator
+        self.data_collator = TaskIdsCollator(
+            collator, _task_encoder(self.model), self._task_column, rows_per_example=self._rows_per_example
+        )
+        try:
+            return super()._precompute_ref_logps(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+
+
+def _copy_adapter(model, source: str, target: str) -> None:
+    """Give adapter ``target`` the values of ``source`` (parameters whose name has the adapter name as a part).
+
+    TRL's DPO makes its reference adapter "ref" a copy of "default" by copying the parameters whose name
+    contains ``.default.``; MTL-LoRA's end in ``.default`` (``q_proj.mtllora_A.default``), so its reference
+    silently stayed at the initial values, i.e. the base model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            parts = name.split(".")
+            if source not in parts:
+                continue
+            counterpart = ".".join(target if part == source else part for part in parts)
+            if counterpart not in params or params[counterpart].shape != param.shape:
+                raise ValueError(
+                    f"The reference adapter {target!r} does not mirror {source!r} ({name} has no counterpart of the "
+                    "same shape; an adapter with added tasks is laid out in blocks). Pass ref_model= (a copy of the "
+                    "PEFT model) to the trainer instead."
+                )
+            params[counterpart].copy_(param)
