@@ -276,6 +276,53 @@ def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
     torch.testing.assert_close(trainer.task_sampler.probabilities, u / u.sum())
 
 
+def test_multitask_trainer_uncertainty_updates_with_a_task_column_of_another_name(tmp_path):
+    """The dataset's task column may have any name; the collator hands the model (and the sampler's update)
+    ``task_ids`` either way."""
+    data = imbalanced().rename_column("task_ids", "task")
+    trainer = MultiTaskTrainer(
+        model=three_task_model(),
+        args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8, remove_unused_columns=False),
+        train_dataset=data,
+        data_collator=MultiTaskDataCollator(pad_token_id=0, task_column="task"),
+        task_sampling="uncertainty",
+        task_column="task",
+        uncertainty_refresh_every=8,
+    )
+    trainer.train()
+    u = trainer.task_sampler.uncertainties
+    assert bool(((u > 0.8) & (u < 1.0)).all()), u  # updated from the batches: not the initial 1.0 of every task
+
+
+@pytest.mark.parametrize("custom", ["label_smoothing", "compute_loss_func"])
+def test_the_orthogonality_penalty_counts_with_label_smoothing_or_a_custom_loss(tmp_path, custom):
+    """Trainer takes the labels away from the model for these, so the model returns no loss to add the penalty
+    to; MultiTaskTrainer adds it to the loss Trainer computes, once per step."""
+    torch.manual_seed(0)
+    model = three_task_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # factors that are not orthogonal: a penalty well above 0
+    batch = MultiTaskDataCollator(pad_token_id=0)([imbalanced()[i] for i in (0, 45, 60)])
+    overrides = {"label_smoothing_factor": 1e-9} if custom == "label_smoothing" else {}
+
+    def cross_entropy(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].flatten(0, 1)
+        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+
+    extra = {"compute_loss_func": cross_entropy} if custom == "compute_loss_func" else {}
+    trainer = MultiTaskTrainer(model=model, args=arguments(tmp_path, **overrides), **extra)
+    plain = MultiTaskTrainer(model=model, args=arguments(tmp_path))
+    model.train()
+    with torch.no_grad():
+        got = trainer.compute_loss(model, dict(batch))
+        expected = plain.compute_loss(model, dict(batch))  # the model's own loss, its penalty included
+        penalty = model.base_model.orthogonality_term()
+    assert float(penalty) > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "other_config, meaning",
     [

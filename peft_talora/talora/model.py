@@ -271,20 +271,31 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
     # ----------------------------------------------------------------- calls
     def _after_forward(self, output, kwargs: dict):
         """In training, add the orthogonality penalty to the loss (once per optimizer step, see ``_share_of_items``)."""
+        if getattr(output, "loss", None) is not None:
+            term = self.orthogonality_term(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
+            if term is not None:
+                output.loss = output.loss + term
+        return output
+
+    def orthogonality_term(self, labels=None, num_items_in_batch=None) -> Optional[torch.Tensor]:
+        """``lambda * share * R`` of the active adapter in training, logged (``None`` when off or in eval).
+
+        Added to the model's own loss by ``forward``; a trainer that computes the loss itself from the
+        logits (label smoothing, ``compute_loss_func``) adds it with this. ``share``: see ``_share_of_items``.
+        """
         bank = self.active_bank
         weight = self.peft_config[self.active_adapter].orthogonality_weight if bank is not None else 0.0
-        if self.training and weight > 0 and getattr(output, "loss", None) is not None:
-            penalty = bank.orthogonality_penalty()
-            if not torch.isfinite(penalty):
-                raise FloatingPointError(
-                    f"The orthogonality penalty of adapter {self.active_adapter!r} is {float(penalty)}: some task "
-                    "factors (task_u/task_v) hold NaN or inf, which would spread to every task through the loss. "
-                    "Lower the learning rate or restore the adapter from a checkpoint."
-                )
-            share = _share_of_items(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
-            output.loss = output.loss + weight * share * penalty
-            self.orthogonality_log.add(penalty.detach())
-        return output
+        if not (self.training and weight > 0):
+            return None
+        penalty = bank.orthogonality_penalty()
+        if not torch.isfinite(penalty):
+            raise FloatingPointError(
+                f"The orthogonality penalty of adapter {self.active_adapter!r} is {float(penalty)}: some task "
+                "factors (task_u/task_v) hold NaN or inf, which would spread to every task through the loss. "
+                "Lower the learning rate or restore the adapter from a checkpoint."
+            )
+        self.orthogonality_log.add(penalty.detach())
+        return weight * _share_of_items(labels, num_items_in_batch) * penalty
 
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(_NO_MERGE)

@@ -201,6 +201,26 @@ class MultiTaskTrainer(Trainer):
             self._label_logits_model, self._label_logits_supported = model, supports_label_logits(model)
         return self._label_logits_supported
 
+    def _with_orthogonality_term(self, result, model, labels, num_items_in_batch, return_outputs: bool):
+        """Label smoothing or a ``compute_loss_func``: ``Trainer`` takes the labels away from the model, which then
+        returns no loss to add TA-LoRA's orthogonality penalty to; add it here, scaled as ``Trainer`` scales
+        that loss (the model's own loss path adds it itself)."""
+        if labels is None or (self.label_smoother is None and self.compute_loss_func is None):
+            return result
+        tuner = getattr(self.accelerator.unwrap_model(model), "base_model", None)
+        term = tuner.orthogonality_term(labels, num_items_in_batch) if hasattr(tuner, "orthogonality_term") else None
+        if term is None:
+            return result
+        accepts = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if self.args.average_tokens_across_devices and accepts and num_items_in_batch is not None:
+            term = term * (
+                self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            )
+        if return_outputs:
+            loss, outputs = result
+            return loss + term, outputs
+        return result + term
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         shift_labels = None
@@ -213,14 +233,16 @@ class MultiTaskTrainer(Trainer):
             and sampler.strategy == "uncertainty"
             and model.training
             and labels is not None
-            and inputs.get(self.task_column) is not None
+            and inputs.get("task_ids") is not None
         )
         if not track:
-            return super().compute_loss(
+            result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        task_ids = inputs[self.task_column]
+            return self._with_orthogonality_term(result, model, labels, num_items_in_batch, return_outputs)
+        task_ids = inputs["task_ids"]  # the collator's key, whatever the dataset column is called
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = self._with_orthogonality_term(loss, model, labels, num_items_in_batch, False)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         if shift_labels is None:  # every position's logits: position i predicts token i + 1
             shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
