@@ -92,6 +92,32 @@ def test_greater_is_better_metrics_and_a_missing_metric(tmp_path):
         callback.on_evaluate(args, State, None, metrics={"eval_loss": 1.0}, model=model)
 
 
+def test_evaluations_of_another_split_are_left_alone_and_a_second_restore_is_warned_about(tmp_path):
+    """A test set evaluated after training (prefix "test") and the other datasets of a dict eval_dataset do not
+    stop training; the evaluation under the metric's own prefix still must carry it. load_best_model_at_end=True
+    beside the callback is warned about (the callback's choice replaces Trainer's)."""
+    model, trainer, callback = trained(tmp_path, "A", "A")
+    history = dict(callback.history)
+    metrics = trainer.evaluate(trainer.eval_dataset, metric_key_prefix="test")  # not a KeyError
+    assert "test_loss" in metrics and callback.history == history == eval_losses(trainer)
+
+    callback = KeepBestCallback()
+    args = cpu_training_args(TrainingArguments, tmp_path, metric_for_best_model="eval_a_loss")
+    linear = torch.nn.Linear(2, 1)
+
+    class State:
+        global_step = 4
+
+    callback.on_evaluate(args, State, None, metrics={"eval_b_loss": 0.1, "eval_b_runtime": 1.0}, model=linear)
+    assert callback.history == {}  # dataset b: not the metric's
+    callback.on_evaluate(args, State, None, metrics={"eval_a_loss": 0.5, "eval_a_runtime": 1.0}, model=linear)
+    assert callback.history == {4: 0.5}
+    with pytest.raises(KeyError, match="needs 'eval_a_loss'"):
+        callback.on_evaluate(args, State, None, metrics={"eval_a_accuracy": 0.5, "eval_a_runtime": 1.0}, model=linear)
+    with pytest.warns(UserWarning, match="load_best_model_at_end=True both restore a best point"):
+        trained(tmp_path / "both", "A", "A", load_best_model_at_end=True, save_strategy="steps", save_steps=4)
+
+
 def test_a_margin_keeps_the_best_unless_a_later_point_beats_it_by_more(tmp_path):
     """``min_improvement``: a lower loss replaces the best only when it is lower by more than the margin."""
     args = cpu_training_args(TrainingArguments, tmp_path)

@@ -14,6 +14,7 @@ start (no checkpoint exists at step 0).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -31,7 +32,9 @@ class KeepBestCallback(TrainerCallback):
     ``best_metric`` say what was chosen (``None`` before any evaluation), ``history`` holds
     ``{step: metric}`` of every evaluation.
     The copy lives in memory for one ``train()`` call (single process or DDP, where every rank holds
-    the same replica; not for FSDP-sharded parameters).
+    the same replica; not for FSDP-sharded parameters). Evaluations under another prefix (a test set's
+    ``trainer.evaluate(ds, metric_key_prefix="test")``, the other datasets of a dict ``eval_dataset``)
+    are left alone; the evaluation that should carry the metric and does not raises a ``KeyError``.
     """
 
     def __init__(self, min_improvement: float = 0.0):
@@ -42,13 +45,27 @@ class KeepBestCallback(TrainerCallback):
         self.best_metric: Optional[float] = None
         self.history: dict[int, float] = {}
         self._best: dict[str, torch.Tensor] = {}
+        self._evaluations = 0  # in this train() call, under the metric's prefix
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.best_step, self.best_metric, self.history, self._best = None, None, {}, {}
+        self._evaluations = 0
+        if args.load_best_model_at_end:
+            warnings.warn(
+                "KeepBestCallback and load_best_model_at_end=True both restore a best point; the callback runs "
+                "last, so its choice (which may be the start, and honours min_improvement) replaces the checkpoint "
+                "Trainer loaded, and state.best_model_checkpoint no longer describes the model. Set "
+                "load_best_model_at_end=False.",
+                stacklevel=2,
+            )
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         name = args.metric_for_best_model or "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
+        prefix = next((m[: -len("_runtime")] for m in metrics or {} if m.endswith("_runtime")), None)
+        if prefix is not None and not key.startswith(f"{prefix}_"):
+            return  # another split (a test set, another dataset of a dict eval_dataset): not ours to judge
+        self._evaluations += 1
         if not metrics or key not in metrics:
             raise KeyError(
                 f"KeepBestCallback needs {key!r} in the evaluation metrics, which hold {sorted(metrics or {})}; "
@@ -67,6 +84,13 @@ class KeepBestCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._best:
+            if state.global_step > 0 and self._evaluations == 0 and args.eval_strategy != "no":
+                name = args.metric_for_best_model or "loss"
+                warnings.warn(
+                    f"KeepBestCallback saw no evaluation carrying {name!r} (with a dict eval_dataset, name the "
+                    "dataset: metric_for_best_model='eval_<name>_loss'); the model is left at the last step.",
+                    stacklevel=2,
+                )
             return
         with torch.no_grad():
             for name, param in _trainable(model):
