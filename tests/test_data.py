@@ -145,7 +145,10 @@ def test_tokenize_for_causal_lm_columns_labels_and_task_ids():
     assert {len(r) for r in padded["input_ids"]} == {5}
     assert padded["labels"][0] == [-100, -100] + ids("yes") + [EOS, -100]
     assert padded["attention_mask"][1] == [1, 1, 1, 1, 0]
-    kept = tokenize_for_causal_lm(raw_dataset(), tiny_tokenizer(), task_names=TASKS, remove_columns=False, max_length=3)
+    with pytest.warns(UserWarning, match=r"1 of 3 examples lost every target token to max_length=3"):
+        kept = tokenize_for_causal_lm(
+            raw_dataset(), tiny_tokenizer(), task_names=TASKS, remove_columns=False, max_length=3
+        )
     assert kept["extra"][:] == [1, 2, 3] and kept["task_ids"][:] == [1, 2, 0]
     assert kept["input_ids"][2] == ids("question", "blue", "green") and kept["labels"][2] == [-100] * 3
 

@@ -16,6 +16,7 @@ tokenise first (:func:`tokenize_for_causal_lm`); the collator's text path is for
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -135,7 +136,8 @@ def _encode_pairs(tokenizer, prompts, completions, add_eos: bool, max_length: Op
     """``input_ids`` and ``labels`` (prompt masked) for prompt/completion texts tokenised separately.
 
     The prompt gets the tokenizer's special tokens (e.g. BOS), the completion none; EOS is
-    appended to the completion when ``add_eos``. Truncation keeps the first ``max_length`` tokens.
+    appended to the completion when ``add_eos``. Truncation keeps the first ``max_length`` tokens;
+    examples it leaves without a target token are counted in a warning (they would train nothing).
     """
     if tokenizer is None:
         raise ValueError("Text features (prompt/completion) need a tokenizer: MultiTaskDataCollator(tokenizer=...).")
@@ -150,6 +152,16 @@ def _encode_pairs(tokenizer, prompts, completions, add_eos: bool, max_length: Op
             ids, labels = ids[:max_length], labels[:max_length]
         all_ids.append(ids)
         all_labels.append(labels)
+    emptied = sum(
+        1 for c, labels in zip(completion_ids, all_labels) if (c or eos) and labels.count(IGNORE_INDEX) == len(labels)
+    )
+    if emptied:
+        warnings.warn(
+            f"{emptied} of {len(all_labels)} examples lost every target token to max_length={max_length}: their "
+            "prompts fill it, so they train nothing (a batch of only such examples has a loss of 0/0). Raise "
+            "max_length or shorten the prompts.",
+            stacklevel=3,
+        )
     return all_ids, all_labels
 
 
