@@ -78,6 +78,10 @@ def test_metric_errors():
         load_metric("f1").compute(predictions=[0, 1, 2], references=[0, 1, 1])
     with pytest.raises(ValueError, match=r"average must be one of"):
         load_metric("f1").compute(predictions=[0], references=[0], average="samples")
+    with pytest.raises(ValueError, match=r"sample_weight has 2 values for 3 examples"):
+        load_metric("f1").compute(predictions=[0, 1, 1], references=[0, 1, 0], sample_weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"pos_label=1 is not one of the classes \[0, 2\]"):
+        load_metric("f1").compute(predictions=[0, 2], references=[2, 0])  # sklearn refuses it too
     with pytest.raises(ValueError, match=r"Unknown metric 'bleu'; the package ships \['accuracy', 'f1'\]"):
         load_metric("bleu")
 

@@ -47,12 +47,21 @@ class F1(evaluate.Metric):
         predictions = np.asarray(predictions)
         references = np.asarray(references)
         weights = np.ones(len(references)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        if weights.shape != references.shape:
+            raise ValueError(
+                f"sample_weight has {weights.size} values for {references.size} examples; give one weight per example."
+            )
         present = np.union1d(predictions, references)
         if average == "binary":
             if len(present) > 2:
                 raise ValueError(
                     f"average='binary' needs at most 2 classes, found {len(present)}: {present.tolist()}; "
                     "use average='macro', 'micro' or 'weighted'."
+                )
+            if len(present) == 2 and pos_label not in present:
+                raise ValueError(
+                    f"pos_label={pos_label!r} is not one of the classes {present.tolist()}; pass the positive class "
+                    "as pos_label=..."
                 )
             classes = np.asarray([pos_label])
         else:
