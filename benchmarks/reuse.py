@@ -80,17 +80,6 @@ def choice(runs: dict, plan: dict, keys_by_lr: dict) -> tuple[Optional[float], d
     return run.lowest_loss(losses), losses
 
 
-def _grid(args, key: str, seed: int) -> dict:
-    return {lr: [run.lr_key(key, s, lr) for s in run.choice_seeds(args, seed)] for lr in run.lr_grid(args, key)}
-
-
-def _target_grid(args, key: str, seed: int, target: str, shot: str) -> dict:
-    return {
-        lr: [run.target_lr_key(key, s, target, shot, lr) for s in run.choice_seeds(args, seed)]
-        for lr in run.target_lr_grid(args, key)
-    }
-
-
 def _losses_field(losses: dict) -> dict:
     return {f"{lr:g}": loss for lr, loss in losses.items()}
 
@@ -126,8 +115,8 @@ def reuse(old, new, old_runs: dict, state: run.State, source: str) -> list[str]:
             put(key, record)
     for key in keys:
         for seed in new.seeds:
-            before, _ = choice(old_runs, old_plan, _grid(old, key, seed))
-            now, losses = choice(state.data["runs"], new_plan, _grid(new, key, seed))
+            before, _ = choice(old_runs, old_plan, run.choice_keys(old, key, seed))
+            now, losses = choice(state.data["runs"], new_plan, run.choice_keys(new, key, seed))
             if before is None or before != now:
                 continue
             assert run.source_fp(old, key, seed, now) == run.source_fp(new, key, seed, now)  # the same adapter
@@ -149,7 +138,7 @@ def reuse(old, new, old_runs: dict, state: run.State, source: str) -> list[str]:
                         put(run_key, record)
                         continue
                     target_now, target_losses = choice(
-                        state.data["runs"], new_plan, _target_grid(new, key, seed, target, shot)
+                        state.data["runs"], new_plan, run.target_choice_keys(new, key, seed, target, shot)
                     )
                     if target_now is not None and target_now == record.get("target_lr"):
                         put(run_key, record, target_lr_grid=_losses_field(target_losses))

@@ -278,6 +278,20 @@ def choice_seeds(args, seed: int) -> list[int]:
     return list(args.lr_grid_seeds) if args.lr_grid_seeds else [seed]
 
 
+def choice_keys(args, key: str, seed: int) -> dict:
+    """``{lr: [run keys]}``: the multi-task grid runs whose validation losses choose ``seed``'s learning rate."""
+    return {lr: [lr_key(key, s, lr) for s in choice_seeds(args, seed)] for lr in lr_grid(args, key)}
+
+
+def target_choice_keys(args, key: str, seed: int, target: str, shot: str) -> dict:
+    """``{lr: [run keys]}``: the ``--target-lr-grid`` runs whose validation losses choose ``target``'s learning
+    rate for ``seed``."""
+    return {
+        lr: [target_lr_key(key, s, target, shot, lr) for s in choice_seeds(args, seed)]
+        for lr in target_lr_grid(args, key)
+    }
+
+
 def grid_seeds(args) -> list[int]:
     """The seeds that train the whole learning-rate grid (all of them unless ``--lr-grid-seeds``)."""
     return list(args.lr_grid_seeds) if args.lr_grid_seeds else list(args.seeds)
@@ -710,14 +724,7 @@ class Quality:
         if seed in grid_seeds(self.args):
             self.run_grid(key, seed)
         seeds = choice_seeds(self.args, seed)
-        losses = {}
-        for lr in lr_grid(self.args, key):
-            keys = [lr_key(key, s, lr) for s in seeds]
-            pending = [k for k in keys if self.todo(k)]
-            if pending:
-                raise GridPending(pending)
-            values = [self.state.data["runs"][k]["validation_loss"] for k in keys]
-            losses[lr] = None if None in values else sum(values) / len(values)
+        losses = self.mean_losses(choice_keys(self.args, key, seed))
         chosen = lowest_loss(losses)
         if chosen is None:
             raise RuntimeError(f"{key} seed {seed}: every learning rate of the grid diverged: {list(losses)}")
@@ -895,19 +902,23 @@ class Quality:
             self.state.put(run_key, record)
             gc.collect()
 
-    def choose_target_lr(self, key: str, seed: int, target: str, shot: str) -> tuple[float, dict]:
-        """``--target-lr-grid``: the learning rate ``target`` trains at for ``seed``, the lowest validation loss
-        (mean over :func:`choice_seeds`, ties: the first in the grid) and every loss. Raises :class:`GridPending`
-        while another shard is still training a choice seed's target grid."""
-        seeds = choice_seeds(self.args, seed)
+    def mean_losses(self, keys_by_lr: dict) -> dict:
+        """``{lr: mean validation loss of its runs}`` (``None`` where one diverged) of ``{lr: [run keys]}``.
+        Raises :class:`GridPending` while another shard is still training one of them."""
         losses = {}
-        for lr in target_lr_grid(self.args, key):
-            keys = [target_lr_key(key, s, target, shot, lr) for s in seeds]
+        for lr, keys in keys_by_lr.items():
             pending = [k for k in keys if self.todo(k)]
             if pending:
                 raise GridPending(pending)
             values = [self.state.data["runs"][k]["validation_loss"] for k in keys]
             losses[lr] = None if None in values else sum(values) / len(values)
+        return losses
+
+    def choose_target_lr(self, key: str, seed: int, target: str, shot: str) -> tuple[float, dict]:
+        """``--target-lr-grid``: the learning rate ``target`` trains at for ``seed``, the lowest validation loss
+        (mean over :func:`choice_seeds`, ties: the first in the grid) and every loss. Raises :class:`GridPending`
+        while another shard is still training a choice seed's target grid."""
+        losses = self.mean_losses(target_choice_keys(self.args, key, seed, target, shot))
         chosen = lowest_loss(losses)
         if chosen is None:
             raise RuntimeError(f"{key} seed {seed} {target}: every learning rate of the target grid diverged")
