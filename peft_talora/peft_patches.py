@@ -399,7 +399,7 @@ def _refuse_another_adapter_file(config, model, folder: str, source: str) -> Non
         )
 
 
-def _adapter_tensors(peft_model, adapter_name: str) -> dict:
+def adapter_tensors(peft_model, adapter_name: str) -> dict:
     """The parameters and buffers of ``adapter_name`` (a path component of their name), by name."""
     tensors = {**dict(peft_model.named_parameters()), **dict(peft_model.named_buffers())}
     return {name: t for name, t in tensors.items() if adapter_name in name.split(".")}
@@ -443,12 +443,12 @@ def explain_unreadable_adapter_files() -> None:
         if not new and _is_ours(self.peft_config[adapter_name]):
             if os.path.isdir(folder):
                 _refuse_another_adapter_file(self.peft_config[adapter_name], self.get_base_model(), folder, source)
-            before = {name: t.detach().clone() for name, t in _adapter_tensors(self, adapter_name).items()}
+            before = {name: t.detach().clone() for name, t in adapter_tensors(self, adapter_name).items()}
 
         def restore() -> None:
             if before is not None:
                 with torch.no_grad():
-                    for name, t in _adapter_tensors(self, adapter_name).items():
+                    for name, t in adapter_tensors(self, adapter_name).items():
                         if name in before and before[name].shape == t.shape:
                             t.copy_(before[name])
 

@@ -38,7 +38,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("peft_talora.training.trl_trainers needs TRL: `pip install trl`.") from error
 
 from ..multitask import MultiTaskConfig
-from ..talora.model import TALoraModel, _share_of_items
+from ..peft_patches import adapter_tensors
+from ..talora.model import TALoraModel
 from .callbacks import OrthogonalityLogCallback
 from .collator import TaskIdEncoder, _encode_task_column
 from .trainer import task_sampler
@@ -216,15 +217,12 @@ class _TaskColumnMixin:
     def _orthogonality_term(self, model, inputs, num_items_in_batch) -> Optional[torch.Tensor]:
         """``lambda * R`` weighted as ``TALoraModel.forward`` weights it under ``Trainer`` (None when off)."""
         tuner = self._tuner
-        if not (isinstance(tuner, TALoraModel) and model.training and tuner.active_bank is not None):
+        if not (isinstance(tuner, TALoraModel) and model.training):
             return None
-        weight = tuner.peft_config[tuner.active_adapter].orthogonality_weight
-        if weight <= 0:
-            return None
-        share = _share_of_items(inputs.get("labels"), num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            share = share * (self.accelerator.num_processes // self.get_tp_size())  # as TRL scales its loss
-        return weight * share * tuner.active_bank.orthogonality_penalty()
+        term = tuner.orthogonality_term(inputs.get("labels"), num_items_in_batch)
+        if term is not None and self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            term = term * (self.accelerator.num_processes // self.get_tp_size())  # as TRL scales its loss
+        return term
 
 
 class MultiTaskSFTTrainer(_TaskColumnMixin, SFTTrainer):
@@ -277,22 +275,19 @@ class MultiTaskDPOTrainer(_TaskColumnMixin, DPOTrainer):
 
 
 def _copy_adapter(model, source: str, target: str) -> None:
-    """Give adapter ``target`` the values of ``source`` (parameters whose name has the adapter name as a part).
+    """Give adapter ``target`` the values of ``source`` (:func:`~peft_talora.peft_patches.adapter_tensors`).
 
     TRL's DPO makes its reference adapter "ref" a copy of "default" by copying the parameters whose name
     contains ``.default.``; MTL-LoRA's end in ``.default`` (``q_proj.mtllora_A.default``), so its reference
     silently stayed at the initial values, i.e. the base model."""
-    params = dict(model.named_parameters())
+    targets = adapter_tensors(model, target)
     with torch.no_grad():
-        for name, param in params.items():
-            parts = name.split(".")
-            if source not in parts:
-                continue
-            counterpart = ".".join(target if part == source else part for part in parts)
-            if counterpart not in params or params[counterpart].shape != param.shape:
+        for name, param in adapter_tensors(model, source).items():
+            counterpart = ".".join(target if part == source else part for part in name.split("."))
+            if counterpart not in targets or targets[counterpart].shape != param.shape:
                 raise ValueError(
                     f"The reference adapter {target!r} does not mirror {source!r} ({name} has no counterpart of the "
                     "same shape; an adapter with added tasks is laid out in blocks). Pass ref_model= (a copy of the "
                     "PEFT model) to the trainer instead."
                 )
-            params[counterpart].copy_(param)
+            targets[counterpart].copy_(param)
