@@ -19,15 +19,19 @@ from its train split:
 Every method trains on the same shots in the same order for the same steps and batch size, and
 picks its learning rate from a grid of the same size *and* its stopping step (0, every
 ``--eval-every`` steps, the last) by macro-F1 on the task's validation rows: the same early
-stopping for everyone, where step 0 is each method's own start (LoRA's is the base model). The
-chosen (learning rate, step) is then scored once on the test rows (every row's prediction kept,
-so averages and differences get bootstrap intervals over the rows).
+stopping for everyone, where step 0 is each method's own start (LoRA's is the base model). Every
+point (the start, and each learning rate's steps) is scored on the validation *and* the test rows,
+every row's prediction kept: the kept point's test record is the headline (averages and
+differences get bootstrap intervals over the rows), and ``--report --rules`` replays other choice
+rules and fewer validation rows on the stored records (``benchmarks/choice_rules.py``); the test
+rows never choose.
 
     python benchmarks/new_tasks.py --adapter outputs/main_job/adapter            # all 6 tasks
     python benchmarks/new_tasks.py --adapter A --tasks pubmedqa --methods base ta-lora
+    python benchmarks/new_tasks.py --adapter B/.cache/adapters/ta-lora-seed0-<hash>.pt   # a benchmark's adapter
 
-Results go to ``--output-dir/<task>.json`` (every method's grid, validation curve, losses and
-test predictions, written as each method finishes: rerunning resumes; two processes on different
+Results go to ``--output-dir/<task>.json`` (every method's grid, scored points and losses,
+written as each learning rate finishes: rerunning resumes; two processes on different
 ``--tasks`` can share the folder, ``--threads 1`` each on 2 cores) and the summary table is
 printed; ``--report`` only prints it.
 """
@@ -41,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+import choice_rules as CR  # benchmarks/ (the script's folder): which trained point a method keeps
 import methods as M  # benchmarks/ (the script's folder): the benchmark's PEFT configs and adapter state
 import torch
 from peft import PeftModel, get_peft_model
@@ -61,13 +66,16 @@ NEW_TASK_START = {"ta-lora": "base", "ta-lora/shared": "shared_prompt", "ta-lora
 #: Tasks whose default split leaves under 100 test rows get a split with more test rows (train, validation, test):
 #: consumer_contracts has 396 rows, so 70/10/20 leaves 80 test rows; 40/10/50 leaves 198 and 158 to draw shots from.
 SPLIT_FRACTIONS = {"consumer_contracts": (0.4, 0.1, 0.5)}
+#: Every point (the start, then every ``--eval-every`` steps of every learning rate) is scored on the validation
+#: *and* test rows, so choice rules replay offline (``--rules``). Folders written before this say otherwise.
+PROTOCOL = "every point scored on validation and test"
 LR_GRIDS = {"ta-lora": (3e-3, 1e-2, 3e-2), "pt": (3e-3, 1e-2, 3e-2), "lora": (3e-4, 1e-3, 3e-3)}
 
 
 def grid_of(method: str, done: dict) -> tuple[float, ...]:
     """The learning rates ``method`` tries. ``ta-lora/closest`` is a change of ``ta-lora/shared``'s start
     only: it trains at the learning rate that one chose, when it has run (a third of the time)."""
-    if method == "ta-lora/closest" and "lr" in done.get("ta-lora/shared", {}):
+    if method == "ta-lora/closest" and done.get("ta-lora/shared", {}).get("lr") is not None:
         return (done["ta-lora/shared"]["lr"],)
     return LR_GRIDS[method.split("/")[0]]
 
@@ -93,7 +101,9 @@ class TaskData:
         return tokenize_for_causal_lm(self.rows, tokenizer=self.tokenizer, task_names=model)
 
 
-def evaluate(model, tokenizer, rows, task: str, args, route: bool) -> dict:
+def evaluate(model, tokenizer, rows, task: str, args, route: bool, scores: bool = False) -> dict:
+    """The metrics record of ``model`` on ``rows`` (per-row predictions kept); ``scores``: also each row's
+    label log-likelihoods ``(rows, labels)``, rounded, which a loss-based choice rule reads."""
     result = evaluate_task(
         model,
         tokenizer,
@@ -104,7 +114,18 @@ def evaluate(model, tokenizer, rows, task: str, args, route: bool) -> dict:
         max_text_tokens=args.max_text_tokens,
         system_prompt=SYSTEM_PROMPT,
     )
-    return result.metrics()
+    record = result.metrics()
+    if scores:
+        record["scores"] = [[round(float(x), 4) for x in row] for row in result.scores.tolist()]
+    return record
+
+
+def score_point(model, data: TaskData, tokenizer, args, route: bool) -> dict:
+    """One point of a run: the validation record (with label scores) and the test record."""
+    return {
+        "validation": evaluate(model, tokenizer, data.validation, data.name, args, route, scores=True),
+        "test": evaluate(model, tokenizer, data.test, data.name, args, route),
+    }
 
 
 # ----------------------------------------------------------------------------- models
@@ -118,7 +139,7 @@ def build(method: str, data: TaskData, tokenizer, args):
     torch.manual_seed(args.seed)
     family = method.split("/")[0]
     if family == "ta-lora":
-        model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
+        model = PeftModel.from_pretrained(base, args.adapter_folder, is_trainable=True)
         start = None
         if method == "ta-lora/closest":
             if data.source_losses is None:  # the same for every learning rate: measured once
@@ -135,29 +156,34 @@ def build(method: str, data: TaskData, tokenizer, args):
     return get_peft_model(base, config), {}
 
 
-class ValidationCheckpoints(TrainerCallback):
-    """Every ``every`` steps: macro-F1 on the validation rows and a copy of the trainable weights."""
+class ScorePoints(TrainerCallback):
+    """Every ``every`` steps and at the last: the model's validation and test records (:func:`score_point`).
+
+    Every point is scored on the test rows too, so any choice rule can be replayed on the stored records
+    (``--rules``) without retraining; which point a method *keeps* is decided on validation alone.
+    """
 
     def __init__(self, model, score, every: int):
         self.model, self.score, self.every = model, score, every
         self.points: dict[int, dict] = {}
-        self.states: dict[int, dict] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self.points[state.global_step] = self.score(self.model)
-            self.states[state.global_step] = M.trainable_state(self.model)
 
 
-def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: Path) -> tuple[dict, dict]:
-    """Train ``method`` at ``lr``; returns its record (validation curve, losses, init) and the weights per step."""
+def start_point(method: str, data: TaskData, tokenizer, args) -> dict:
+    """Step 0 of ``method``: its start, the same for every learning rate (the build is seeded), scored once."""
+    model, _ = build(method, data, tokenizer, args)
+    return score_point(model, data, tokenizer, args, method.startswith("ta-lora"))
+
+
+def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: Path) -> dict:
+    """Train ``method`` at ``lr``; returns its record: init, losses and the scored points after step 0."""
     model, info = build(method, data, tokenizer, args)
     route = method.startswith("ta-lora")
     train = data.routed_rows(model) if route else data.train_rows
-    score = lambda m: evaluate(m, tokenizer, data.validation, data.name, args, route)  # noqa: E731
-    checkpoints = ValidationCheckpoints(model, score, args.eval_every)
-    checkpoints.points[0] = score(model)
-    checkpoints.states[0] = M.trainable_state(model)
+    points = ScorePoints(model, lambda m: score_point(m, data, tokenizer, args, route), args.eval_every)
     training_args = TrainingArguments(
         output_dir=str(folder),
         max_steps=args.steps,
@@ -178,7 +204,7 @@ def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: P
         train_dataset=train,
         processing_class=tokenizer,
         data_collator=None if route else MultiTaskDataCollator(tokenizer=tokenizer),
-        callbacks=[checkpoints],
+        callbacks=[points],
     )
     started = time.time()
     trainer.train()
@@ -188,16 +214,26 @@ def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: P
         "lr": lr,
         "seconds": time.time() - started,
         "train_loss": losses,
-        "validation": {str(step): _light(point) for step, point in sorted(checkpoints.points.items())},
+        "points": {str(step): point for step, point in sorted(points.points.items())},
     }
-    return record, checkpoints.states
-
-
-def _light(record: dict) -> dict:
-    return {k: record[k] for k in ("macro_f1", "accuracy", "n")}
+    return record
 
 
 # ----------------------------------------------------------------------------- the study
+def adapter_folder(path: str, scratch: Path, tiny: bool) -> str:
+    """``path`` when it is a PEFT adapter folder. A TA-LoRA state saved by ``benchmarks/run.py``
+    (``<output-dir>/.cache/adapters/ta-lora-seed*.pt``) is rebuilt on the base model and saved as one, once."""
+    if not path.endswith(".pt"):
+        return path
+    folder = scratch / f"adapter_{Path(path).stem}"
+    if not (folder / "adapter_config.json").exists():
+        base, _ = load_model(tiny=tiny)
+        model = M.build("ta-lora", base, list(SOURCE_TASKS), seed=0, tok_path=M.tokenizer_path())
+        M.load_state(model, torch.load(path, weights_only=True)["state"])
+        model.save_pretrained(str(folder))
+    return str(folder)
+
+
 def run(args) -> dict:
     out = Path(args.output_dir)
     results = load_results(out)
@@ -216,6 +252,7 @@ def run(args) -> dict:
         tiny_base, _ = load_model(tiny=True)
         config = M.make_config("ta-lora", list(SOURCE_TASKS), tiny_base.config.num_hidden_layers)
         get_peft_model(tiny_base, config).save_pretrained(args.adapter)
+    args.adapter_folder = adapter_folder(args.adapter, Path(args.scratch), args.tiny)
     for name in args.tasks:
         data = TaskData(name, tokenizer, args)
         task = results.setdefault(name, {})
@@ -227,36 +264,27 @@ def run(args) -> dict:
             print(f"\n== {name} / {method}", flush=True)
             if method == "base":
                 base, _ = load_model(tiny=args.tiny)
-                task[method] = {
-                    "validation": {"0": _light(evaluate(base, tokenizer, data.validation, name, args, False))},
-                    "test": evaluate(base, tokenizer, data.test, name, args, False),
-                }
+                point = score_point(base, data, tokenizer, args, route=False)
+                task[method] = {"validation": {"0": point["validation"]}, "test": point["test"]}
                 save(name)
                 continue
             entry = task.setdefault(method, {"grid": {}})
-            best = None  # (validation macro-F1, -step, lr, step)
+            if "start" not in entry:
+                entry["start"] = start_point(method, data, tokenizer, args)
+                save(name)
             folder = Path(args.scratch) / name / method.replace("/", "_")
             for lr in grid_of(method, task):
-                weights_file = folder / f"lr{lr:g}.pt"  # the weights of every validation step of this lr
-                record = entry["grid"].get(str(lr))
-                if record is None or not weights_file.exists():  # each lr is a resumable unit
-                    record, states = train_one(method, lr, data, tokenizer, args, folder)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    torch.save(states, weights_file)
-                    entry["grid"][str(lr)] = record
+                if str(lr) not in entry["grid"]:  # each learning rate is a resumable unit
+                    entry["grid"][str(lr)] = train_one(method, lr, data, tokenizer, args, folder)
                     save(name)
-                curve = {int(s): v["macro_f1"] for s, v in record["validation"].items()}
+                record = entry["grid"][str(lr)]
+                curve = {0: entry["start"]["validation"]["macro_f1"]}
+                curve.update({int(s): p["validation"]["macro_f1"] for s, p in record["points"].items()})
                 print(f"  lr {lr:g}: validation macro-F1 by step {curve}, {record['seconds']:.0f} s", flush=True)
-                for step, f1 in curve.items():
-                    if best is None or (f1, -step) > best[:2]:
-                        best = (f1, -step, lr, step)
-            f1, _, lr, step = best
-            weights = torch.load(folder / f"lr{lr:g}.pt", weights_only=True)[step]
-            model, _ = build(method, data, tokenizer, args)
-            M.load_state(model, weights)
-            entry.update(lr=lr, step=step, validation_macro_f1=f1)
-            entry["test"] = evaluate(model, tokenizer, data.test, name, args, method.startswith("ta-lora"))
-            print(f"  chose lr {lr:g} step {step}: test macro-F1 {100 * entry['test']['macro_f1']:.1f}", flush=True)
+            chosen = CR.choose(CR.points(entry), "f1")
+            entry.update(lr=chosen.lr, step=chosen.step, validation_macro_f1=chosen.validation["macro_f1"])
+            entry["test"] = chosen.test
+            print(f"  chose {chosen.label}: test macro-F1 {100 * entry['test']['macro_f1']:.1f}", flush=True)
             save(name)
     return results
 
@@ -265,7 +293,7 @@ def run(args) -> dict:
 def settings(args) -> dict:
     """What a task's results depend on (a rerun with other values must not mix with them)."""
     keys = ("adapter", "shots", "steps", "eval_every", "batch_size", "val_rows", "test_rows", "max_text_tokens", "seed")
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, "protocol": PROTOCOL}
 
 
 def load_results(folder: Path) -> dict:
@@ -294,8 +322,8 @@ def report(results: dict, tasks, methods) -> str:
             test = entry["test"]
             low, high = test["macro_f1_interval"]
             cell = f"{100 * test['macro_f1']:.1f} [{100 * low:.0f}, {100 * high:.0f}] / {100 * test['accuracy']:.1f}"
-            if "lr" in entry:
-                cell += f" (lr {entry['lr']:g}, step {entry['step']})"
+            if "step" in entry:
+                cell += f" ({CR.point_label(entry['lr'], entry['step'])})"
             cells.append(cell)
         n = next((results[name][m]["test"]["n"] for m in methods if "test" in results[name].get(m, {})), "-")
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
@@ -316,7 +344,7 @@ def report(results: dict, tasks, methods) -> str:
                 continue
             score = {m: entries[m]["test"]["macro_f1"] for m in (ours, *peers)}
             below = [m for m in peers if score[ours] <= score[m]]
-            start = next(iter(entries[ours]["grid"].values()))["validation"]["0"]["macro_f1"]
+            start = CR.start_f1(entries[ours])
             base_val = entries["base"]["validation"]["0"]["macro_f1"] if "base" in entries else float("nan")
             lines.append(
                 f"| {name} | {'yes' if not below else 'no'} | {', '.join(below) or '-'} | {100 * base_val:.1f} | "
@@ -368,7 +396,11 @@ def pooled_report(folders, tasks, methods) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", default="outputs/main_job/adapter", help="a trained TA-LoRA adapter folder")
+    parser.add_argument(
+        "--adapter",
+        default="outputs/main_job/adapter",
+        help="a trained TA-LoRA adapter folder, or benchmarks/run.py's saved ta-lora-seed*.pt state",
+    )
     parser.add_argument("--tasks", nargs="+", default=[*TARGET_TASKS, *EXTRA_TASKS])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--shots", type=int, default=16)
@@ -391,6 +423,11 @@ def main(argv=None):
         metavar="DIR",
         help="with --report: also average over these output dirs' seeds",
     )
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="with --report: replay the choice rules (benchmarks/choice_rules.py) on --output-dir's records",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random model and an untrained adapter (smoke test)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -407,6 +444,9 @@ def main(argv=None):
     text = report(results, args.tasks, args.methods)
     if args.report and args.pool:
         text += "\n\n" + pooled_report(args.pool, args.tasks, args.methods)
+    if args.report and args.rules:
+        trained = [m for m in args.methods if m != "base"]
+        text += "\n\n" + CR.rules_report({t: results[t] for t in args.tasks if t in results}, trained)
     print("\n" + text)
     if results:
         command = "python benchmarks/new_tasks.py " + " ".join(sys.argv[1:])

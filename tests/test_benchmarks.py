@@ -888,19 +888,24 @@ def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path
     for method in ("ta-lora", "ta-lora/closest", "lora"):
         entry = record[method]
         assert len(entry["grid"]) == 3  # the same grid size for every method
-        # the chosen (lr, step) is the best validation macro-F1 over the whole grid, earliest step on ties
-        points = [
-            (point["macro_f1"], -int(step), float(lr), int(step))
-            for lr, run in entry["grid"].items()
-            for step, point in run["validation"].items()
+        # every point (the start, then steps 1 and 2 of every lr) is scored on validation and test
+        assert all(sorted(run["points"]) == ["1", "2"] for run in entry["grid"].values())
+        points = [(entry["start"], 0, None)] + [
+            (point, int(step), float(lr)) for lr, run in entry["grid"].items() for step, point in run["points"].items()
         ]
-        best = max(points)
-        assert entry["validation_macro_f1"] == best[0] and entry["step"] == best[3]
-        assert len(entry["test"]["predictions"]) == 8
+        assert all(len(p["test"]["predictions"]) == 8 and len(p["validation"]["scores"]) == 6 for p, _, _ in points)
+        # the chosen point is the best validation macro-F1 over the whole grid, earliest step on ties,
+        # and its test record is the one stored for that point
+        best = max(p["validation"]["macro_f1"] for p, _, _ in points)
+        earliest = min((step, i) for i, (p, step, _) in enumerate(points) if p["validation"]["macro_f1"] == best)
+        kept, step, lr = points[earliest[1]]
+        assert entry["validation_macro_f1"] == best and (entry["step"], entry["lr"]) == (step, lr)
+        assert entry["test"] == kept["test"]
         assert all(len(run["train_loss"]) == 2 for run in entry["grid"].values())
     # the default start (c = 0) is the base model: its step-0 predictions are the base model's
-    for run in record["ta-lora"]["grid"].values():
-        assert run["new_task_start"] == "base" and run["validation"]["0"] == record["base"]["validation"]["0"]
+    assert all(run["new_task_start"] == "base" for run in record["ta-lora"]["grid"].values())
+    assert record["ta-lora"]["start"]["validation"] == record["base"]["validation"]["0"]
+    assert record["ta-lora"]["start"]["test"] == record["base"]["test"]
     assert record["ta-lora/closest"]["grid"]["0.01"]["init_from"] in (
         "movie_sentiment tweet_sentiment amazon_sentiment nyt_sentiment sms_spam trec bbc_topic boolq".split()
     )
@@ -908,10 +913,128 @@ def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path
 
     again = run_new_tasks(out, *methods)  # everything is done: nothing trains again
     assert again.returncode == 0 and "== pubmedqa" not in again.stdout
-    pooled = run_new_tasks(out, *methods, "--report", "--pool", str(out))
+    pooled = run_new_tasks(out, *methods, "--report", "--pool", str(out), "--rules")
     assert "Pooled over 1 (task, seed) pairs (pubmedqa (seed 0))" in pooled.stdout
+    assert "Choice rules replayed on 1 tasks (pubmedqa); validation rows per task: pubmedqa 6." in pooled.stdout
     assert "- ta-lora - ta-lora/closest (paired): " in pooled.stdout  # the default start against the other
     empty = run_new_tasks(tmp_path / "nothing", *methods, "--report")
     assert empty.returncode != 0 and "No results for pubmedqa in " in empty.stderr
     other = run_new_tasks(out, *methods, "--seed", "1")
     assert other.returncode != 0 and "made with other settings" in other.stdout + other.stderr
+
+
+# ----------------------------------------------------------------------------- benchmarks/choice_rules.py
+def _point(predictions, references, test_f1, nll=None, num_labels=2):
+    """A scored point: validation predictions, label scores whose gold entry is ``-nll``, and a test macro-F1."""
+    nll = [1.0] * len(references) if nll is None else nll
+    scores = [[-n if label == ref else -5.0 for label in range(num_labels)] for n, ref in zip(nll, references)]
+    validation = {"predictions": predictions, "references": references, "num_labels": num_labels, "scores": scores}
+    from peft_talora.suite.intervals import metric_values
+
+    validation["macro_f1"] = float(metric_values(predictions, references, num_labels, "macro_f1"))
+    return {
+        "validation": validation,
+        "test": {"macro_f1": test_f1, "predictions": [0], "references": [0], "num_labels": 2},
+    }
+
+
+def _entry(start, grid):
+    return {"start": start, "grid": {lr: {"points": points} for lr, points in grid.items()}}
+
+
+def test_choice_rules_keep_the_point_each_rule_names():
+    import choice_rules as CR
+
+    refs = [0, 1] * 20  # 40 balanced rows
+    start = _point([0] * 40, refs, 0.30, nll=[2.0] * 40)  # majority class: macro-F1 1/3
+    small_gain = [0] * 38 + [0, 1]  # one more row right than the start: not a resolved gain on 40 rows
+    entry = _entry(
+        start,
+        {
+            "0.01": {"8": _point(small_gain, refs, 0.35, nll=[1.5] * 40), "16": _point(small_gain, refs, 0.36)},
+            "0.03": {"8": _point(refs, refs, 0.60, nll=[0.5] * 40), "16": _point(refs, refs, 0.10, nll=[0.2] * 40)},
+        },
+    )
+    points = CR.points(entry)
+    assert [(p.lr, p.step) for p in points] == [(None, 0), (0.01, 8), (0.01, 16), (0.03, 8), (0.03, 16)]
+    # f1: perfect at lr 0.03 on steps 8 and 16; the tie goes to the earlier step
+    assert (CR.choose(points, "f1").lr, CR.choose(points, "f1").step) == (0.03, 8)
+    # loss: the lowest mean gold-label negative log-likelihood is lr 0.03, step 16 (0.2)
+    assert (CR.choose(points, "loss").lr, CR.choose(points, "loss").step) == (0.03, 16)
+    assert CR.choose(points, "start").lr is None
+    # f1-resolved keeps a gain of 40 of 40 rows over 20 of 40, and refuses one of a single row
+    assert CR.choose(points, "f1-resolved").step == 8
+    weak = CR.points(_entry(start, {"0.01": {"8": _point(small_gain, refs, 0.35)}}))
+    assert CR.choose(weak, "f1").step == 8 and CR.choose(weak, "f1-resolved").step == 0
+    with pytest.raises(ValueError, match="Unknown choice rule 'best'"):
+        CR.choose(points, "best")
+
+
+def test_choice_rule_replay_on_row_subsets_matches_a_direct_computation():
+    import choice_rules as CR
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    refs = rng.integers(0, 3, size=30).tolist()
+    preds = [rng.integers(0, 3, size=30).tolist() for _ in range(4)]
+    entry = _entry(
+        _point(preds[0], refs, 0.2, num_labels=3),
+        {"0.1": {str(s): _point(p, refs, 0.1 * s, num_labels=3) for s, p in zip((1, 2, 3), preds[1:])}},
+    )
+    replay = CR.Replay(CR.points(entry))
+    rows = CR.subsets(30, 12, draws=25, seed=1)
+    assert rows.shape == (25, 12) and all(len(set(r)) == 12 for r in rows.tolist())
+    assert CR.subsets(30, 40, draws=25).tolist() == [list(range(30))]  # more than there are: all rows, once
+    chosen = replay.choose("f1", rows)
+    from peft_talora.suite import classification_metrics  # evaluate's f1, not the replay's numpy macro-F1
+
+    for subset, kept in zip(rows, chosen):
+        f1 = [classification_metrics([p[i] for i in subset], [refs[i] for i in subset], 3)["macro_f1"] for p in preds]
+        expected = min(range(4), key=lambda i: (-round(f1[i], 12), i))  # steps increase with the index here
+        assert kept == expected
+
+
+def test_choice_rules_report_counts_points_below_the_base_model():
+    import choice_rules as CR
+
+    refs = [0, 1] * 20
+    start = _point([0] * 40, refs, 0.30)
+    results = {
+        "task_a": {
+            "base": {"test": {"macro_f1": 0.30, "predictions": [0, 1], "references": [0, 1], "num_labels": 2}},
+            "ours": {**_entry(start, {"0.1": {"8": _point(refs, refs, 0.20)}}), "test": {}},
+            "peer": {**_entry(start, {"0.1": {"8": _point([0] * 40, refs, 0.25)}}), "test": {}},
+        }
+    }
+    for method in ("ours", "peer"):  # the test records the report pairs (two rows)
+        for point in [results["task_a"][method]["start"], results["task_a"][method]["grid"]["0.1"]["points"]["8"]]:
+            point["test"].update(predictions=[0, 1] if point["test"]["macro_f1"] >= 0.3 else [0, 0], references=[0, 1])
+    text = CR.rules_report(results, ["ours", "peer"], sizes=(16,), draws=20)
+    kept_table = text.split("**Kept on all validation rows**")[1].split("Per task")[0]
+    rows = {line.split(" | ")[0]: line for line in kept_table.splitlines() if line.startswith("| ")}
+    # f1 keeps our trained point (perfect on validation, 20.0 on test: below the base model's 30.0); start keeps 30.0
+    assert rows["| f1"].endswith("| ours 1, peer 0 |") and rows["| start"].endswith("| ours 0, peer 0 |")
+    assert "| task_a | f1 | 20.0 (lr 0.1, step 8) | 30.0 (start (step 0)) |" in text
+    assert "| f1 | 16 | 20.0 (100%) | 30.0 (0%) |" in text
+    assert CR.rules_report({"task_b": {"base": {}}}, ["ours"]).startswith("No task has every method finished")
+
+
+def test_new_task_benchmark_turns_a_saved_benchmark_state_into_an_adapter_folder(tmp_path):
+    import methods as M
+    import new_tasks
+    import torch
+    from peft import PeftModel
+
+    from peft_talora.smollm2 import load_model
+    from peft_talora.suite import SOURCE_TASKS
+
+    base, _ = load_model(tiny=True)
+    trained = M.build("ta-lora", base, list(SOURCE_TASKS), seed=0, tok_path=None)
+    state = {name: torch.randn_like(value) for name, value in M.trainable_state(trained).items()}
+    torch.save({"state": state, "train": {}}, tmp_path / "ta-lora-seed0-abc.pt")
+    folder = new_tasks.adapter_folder(str(tmp_path / "ta-lora-seed0-abc.pt"), tmp_path / "scratch", tiny=True)
+    assert folder == str(tmp_path / "scratch" / "adapter_ta-lora-seed0-abc")
+    loaded = PeftModel.from_pretrained(load_model(tiny=True)[0], folder, is_trainable=True)
+    params = dict(loaded.named_parameters())
+    assert all(torch.equal(params[name], value) for name, value in state.items())
+    assert new_tasks.adapter_folder("some/adapter", tmp_path, tiny=True) == "some/adapter"  # a folder as it is
