@@ -4,23 +4,28 @@ A method trained on a new task's shots at a few learning rates, scored every few
 *point* (learning rate, step; step 0 is the method's start), and it has a few dozen labelled
 validation rows to decide with. One of 40 rows moves macro-F1 by several points, so a rule can keep
 noise. ``benchmarks/new_tasks.py`` scores every point on the validation *and* the test rows; this
-module (numpy only) states the rules and replays them on random subsets of the validation rows. The
-test score of the kept point is read, never used to choose.
+module (numpy and the package's interval helpers, no model) states the rules and replays them on
+random subsets of the validation rows. The test score of the kept point is read, never used to choose.
 
 Rules (each sees only the points' validation predictions and label scores on the rows it is given):
 
-- ``f1``: the highest validation macro-F1; ties go to the earlier step, then the earlier learning
-  rate. The benchmark's rule.
-- ``loss``: the lowest mean negative log-likelihood of the gold label word (the rank scores): the
-  decisive run's unseen-task rule ("lowest validation loss") on these records.
+- ``f1``: the highest validation macro-F1 (equal to 12 decimals counts as a tie); ties go to the
+  earlier step, then the earlier learning rate. The benchmark's rule.
+- ``loss``: the lowest mean negative log-likelihood of the gold label word (summed over its tokens,
+  from the rank scores): an analogue of the decisive run's unseen-task rule, which keeps the
+  learning rate of lowest Trainer validation loss (a per-token mean) at the last step.
 - ``f1-resolved``: ``f1``'s point only where its gain over the start is resolved on those rows, i.e.
   the lower end of a two-sided 90% paired row-bootstrap interval (one-sided 95%) is above 0;
   otherwise the start. A method that starts at the base model then leaves it only on evidence.
 - ``start``: step 0, never trained (for TA-LoRA's default start and for LoRA, the base model).
+
+``ta-lora/closest`` trains at the learning rate ``ta-lora/shared`` kept on all the validation rows,
+so its replays on fewer rows inherit that choice: leave it out of the replay's methods.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -54,10 +59,15 @@ def point_label(lr: Optional[float], step: int) -> str:
 
 
 def points(entry: Mapping) -> list[Point]:
-    """A method's points in preference order for ties: the start, then each learning rate's steps in grid order."""
+    """A method's points: the start, then each learning rate's steps, learning rates in grid order.
+
+    Only the learning rates of the grid the run used (``entry["lrs"]``, where recorded) count: a
+    record resumed under another grid keeps its other runs but does not choose among them.
+    """
     start = entry["start"]
     out = [Point(None, 0, start["validation"], start["test"])]
-    for lr, run in entry["grid"].items():
+    for lr in entry.get("lrs", list(entry["grid"])):
+        run = entry["grid"][lr]
         for step, point in sorted(run["points"].items(), key=lambda item: int(item[0])):
             out.append(Point(float(lr), int(step), point["validation"], point["test"]))
     return out
@@ -107,6 +117,7 @@ class Replay:
             values = -self.nll[:, rows].mean(axis=2)  # (points, subsets): higher is better
         else:
             values = metric_values(self.predictions[:, rows], self.references[rows], self.num_labels, "macro_f1")
+            values = np.round(values, 12)  # equal macro-F1 summed in another class order is a tie, not a win
         best = self._preference[np.argmax(values[self._preference], axis=0)]  # argmax keeps the first maximum
         if rule == "f1-resolved":
             for i, subset in enumerate(rows):
@@ -124,6 +135,11 @@ class Replay:
             confidence=RESOLVED_CONFIDENCE,
         )
         return gain.low > 0
+
+
+def task_seed(task: str) -> int:
+    """A task's subset seed: stable across runs, task orders and partial reports."""
+    return zlib.crc32(task.encode())
 
 
 def subsets(rows: int, size: int, draws: int, seed: int = 0) -> np.ndarray:
@@ -152,12 +168,18 @@ def rules_report(
     ``results`` maps task names to ``benchmarks/new_tasks.py`` records (every point scored on test);
     ``methods`` are the trained methods compared (the ``base`` entry is the reference). Tasks where a
     method has not finished are left out. Subsets are drawn once per task and shared by every method
-    and rule (paired); a size at or above a task's validation rows uses all of them, once.
+    and rule (paired); a size at or above a task's validation rows uses all of them, once. Shares and
+    means are taken per task first, then averaged over the tasks with equal weight.
     """
+    if not methods:
+        return "The choice-rule study needs at least one trained method (--methods)."
     tasks = [name for name, task in results.items() if _finished(task, methods)]
     if not tasks:
         return "No task has every method finished with every point scored on test (the choice-rule study needs both)."
     replays = {(t, m): Replay(points(results[t][m])) for t in tasks for m in methods}
+    for t in tasks:
+        if any(not np.array_equal(replays[(t, m)].references, replays[(t, methods[0])].references) for m in methods):
+            raise ValueError(f"{t}: the methods were scored on different validation rows; they cannot be paired.")
     base_f1 = {t: results[t]["base"]["test"]["macro_f1"] for t in tasks}
     ours, peers = methods[0], list(methods[1:])
     lines = [
@@ -193,9 +215,9 @@ def rules_report(
     lines += detail
     lines += [
         "",
-        f"**Fewer validation rows**: {draws} random subsets per task and size; the kept point's test macro-F1, "
-        "averaged over subsets then tasks, and (in brackets) the share of (task, subset) pairs whose kept point "
-        "is below the base model on test.",
+        f"**Fewer validation rows**: {draws} random subsets per task and size (a task with no more rows than "
+        "that uses all of them, once); the kept point's test macro-F1, averaged over subsets then tasks, and (in "
+        "brackets) the share of subsets whose kept point is below the base model on test, averaged over tasks.",
         "",
         "| rule | rows | " + " | ".join(methods) + " |",
         "|---|---|" + "---|" * len(methods),
@@ -205,12 +227,12 @@ def rules_report(
             cells = []
             for m in methods:
                 scores, below = [], []
-                for t_index, t in enumerate(tasks):
+                for t in tasks:
                     replay = replays[(t, m)]
-                    rows = subsets(replay.rows, size or replay.rows, draws, seed=t_index)
+                    rows = subsets(replay.rows, size or replay.rows, draws, seed=task_seed(t))
                     test = replay.test_f1[replay.choose(rule, rows)]
                     scores.append(test.mean())
-                    below.extend(test < base_f1[t])
+                    below.append(np.mean(test < base_f1[t]))
                 cells.append(f"{100 * np.mean(scores):.1f} ({100 * np.mean(below):.0f}%)")
             lines.append(f"| {rule} | {size or 'all'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,8 +11,8 @@ from its train split:
   starts at the trained shared prompt: the paper's start, and the only one before gate scales existed);
 - ``ta-lora/closest``: started as a copy (``u, v, c``) of the source task whose routing gives the
   shots the lowest loss (``closest_task`` then ``add_tasks(..., init_from=...)``), at the learning
-  rate ``ta-lora/shared`` chose (both start on the trained prompt: a change of the start only; its
-  own grid when ``ta-lora/shared`` has not run);
+  rate ``ta-lora/shared`` kept (both start on the trained prompt: a change of the start only; its
+  own grid when ``ta-lora/shared`` has not run or kept its start);
 - ``pt``: PEFT prompt tuning (10 virtual tokens, TEXT init) on the base model;
 - ``lora``: PEFT LoRA (r=8 on q/v) on the base model.
 
@@ -41,8 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import choice_rules as CR  # benchmarks/ (the script's folder): which trained point a method keeps
@@ -74,7 +76,8 @@ LR_GRIDS = {"ta-lora": (3e-3, 1e-2, 3e-2), "pt": (3e-3, 1e-2, 3e-2), "lora": (3e
 
 def grid_of(method: str, done: dict) -> tuple[float, ...]:
     """The learning rates ``method`` tries. ``ta-lora/closest`` is a change of ``ta-lora/shared``'s start
-    only: it trains at the learning rate that one chose, when it has run (a third of the time)."""
+    only: it trains at the learning rate that one kept, when it has run and kept a trained point (a
+    third of the time); otherwise (not run yet, or it kept its start) at its own grid."""
     if method == "ta-lora/closest" and done.get("ta-lora/shared", {}).get("lr") is not None:
         return (done["ta-lora/shared"]["lr"],)
     return LR_GRIDS[method.split("/")[0]]
@@ -222,15 +225,34 @@ def train_one(method: str, lr: float, data: TaskData, tokenizer, args, folder: P
 # ----------------------------------------------------------------------------- the study
 def adapter_folder(path: str, scratch: Path, tiny: bool) -> str:
     """``path`` when it is a PEFT adapter folder. A TA-LoRA state saved by ``benchmarks/run.py``
-    (``<output-dir>/.cache/adapters/ta-lora-seed*.pt``) is rebuilt on the base model and saved as one, once."""
+    (``<output-dir>/.cache/adapters/<method>-seed*.pt``, trained on the 8 source tasks) is rebuilt on
+    the base model with its method's config and saved as one, once (a folder per state path, moved
+    into place whole, so processes sharing ``--scratch`` never read a half-written one)."""
     if not path.endswith(".pt"):
         return path
-    folder = scratch / f"adapter_{Path(path).stem}"
-    if not (folder / "adapter_config.json").exists():
-        base, _ = load_model(tiny=tiny)
-        model = M.build("ta-lora", base, list(SOURCE_TASKS), seed=0, tok_path=M.tokenizer_path())
-        M.load_state(model, torch.load(path, weights_only=True)["state"])
-        model.save_pretrained(str(folder))
+    stem = Path(path).stem
+    folder = scratch / f"adapter_{stem}_{zlib.crc32(str(Path(path).resolve()).encode()):08x}"
+    if (folder / "adapter_config.json").exists():
+        return str(folder)
+    key = next((k for k in M.ALL if stem.startswith(k.replace("/", "_") + "-seed")), None)
+    if key is None or not M.ALL[key].is_talora:
+        raise SystemExit(f"{path} is not a TA-LoRA state of benchmarks/run.py (<method>-seed<N>-<hash>.pt).")
+    base, _ = load_model(tiny=tiny)
+    model = M.build(key, base, list(SOURCE_TASKS), seed=0, tok_path=M.tokenizer_path())
+    state = torch.load(path, weights_only=True)["state"]
+    expected = {name: tuple(p.shape) for name, p in M.trainable_state(model).items()}
+    if {name: tuple(v.shape) for name, v in state.items()} != expected:
+        raise SystemExit(
+            f"{path} does not fit {key} on the {len(SOURCE_TASKS)} source tasks ({', '.join(SOURCE_TASKS)}): "
+            "pass a state from a benchmarks/run.py run on those tasks, or a PEFT adapter folder."
+        )
+    M.load_state(model, state)
+    partial = scratch / f".{folder.name}.{os.getpid()}"
+    model.save_pretrained(str(partial))
+    try:
+        os.rename(partial, folder)
+    except OSError:  # another process got there first: its folder is the same conversion
+        shutil.rmtree(partial, ignore_errors=True)
     return str(folder)
 
 
@@ -273,7 +295,9 @@ def run(args) -> dict:
                 entry["start"] = start_point(method, data, tokenizer, args)
                 save(name)
             folder = Path(args.scratch) / name / method.replace("/", "_")
-            for lr in grid_of(method, task):
+            grid = grid_of(method, task)
+            entry["lrs"] = [str(lr) for lr in grid]  # the choice is among these (a resumed record may hold others)
+            for lr in grid:
                 if str(lr) not in entry["grid"]:  # each learning rate is a resumable unit
                     entry["grid"][str(lr)] = train_one(method, lr, data, tokenizer, args, folder)
                     save(name)
@@ -281,9 +305,7 @@ def run(args) -> dict:
                 curve = {0: entry["start"]["validation"]["macro_f1"]}
                 curve.update({int(s): p["validation"]["macro_f1"] for s, p in record["points"].items()})
                 print(f"  lr {lr:g}: validation macro-F1 by step {curve}, {record['seconds']:.0f} s", flush=True)
-            chosen = CR.choose(CR.points(entry), "f1")
-            entry.update(lr=chosen.lr, step=chosen.step, validation_macro_f1=chosen.validation["macro_f1"])
-            entry["test"] = chosen.test
+            chosen = keep(entry)
             print(f"  chose {chosen.label}: test macro-F1 {100 * entry['test']['macro_f1']:.1f}", flush=True)
             save(name)
     return results
@@ -297,7 +319,21 @@ def settings(args) -> dict:
 
 
 def load_results(folder: Path) -> dict:
-    return {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    """Every ``<task>.json`` of ``folder``. A method whose every point is stored gets its kept point derived
+    again (:func:`keep`), so the report follows the rule's current code, not the copy the run had."""
+    results = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    for task in results.values():
+        for entry in task.values():
+            if isinstance(entry, dict) and "start" in entry and "test" in entry:
+                keep(entry)
+    return results
+
+
+def keep(entry: dict) -> CR.Point:
+    """Record in ``entry`` the point the ``f1`` rule keeps on all the validation rows: its lr, step and test record."""
+    chosen = CR.choose(CR.points(entry), "f1")
+    entry.update(lr=chosen.lr, step=chosen.step, validation_macro_f1=chosen.validation["macro_f1"], test=chosen.test)
+    return chosen
 
 
 def runs(record: dict) -> TaskRuns:

@@ -1033,8 +1033,71 @@ def test_new_task_benchmark_turns_a_saved_benchmark_state_into_an_adapter_folder
     state = {name: torch.randn_like(value) for name, value in M.trainable_state(trained).items()}
     torch.save({"state": state, "train": {}}, tmp_path / "ta-lora-seed0-abc.pt")
     folder = new_tasks.adapter_folder(str(tmp_path / "ta-lora-seed0-abc.pt"), tmp_path / "scratch", tiny=True)
-    assert folder == str(tmp_path / "scratch" / "adapter_ta-lora-seed0-abc")
+    assert Path(folder).parent == tmp_path / "scratch" and Path(folder).name.startswith("adapter_ta-lora-seed0-abc_")
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == [Path(folder).name]  # moved into place whole
     loaded = PeftModel.from_pretrained(load_model(tiny=True)[0], folder, is_trainable=True)
     params = dict(loaded.named_parameters())
     assert all(torch.equal(params[name], value) for name, value in state.items())
     assert new_tasks.adapter_folder("some/adapter", tmp_path, tiny=True) == "some/adapter"  # a folder as it is
+
+
+def test_choice_rules_treat_equal_macro_f1_as_a_tie_and_choose_within_the_run_grid():
+    import choice_rules as CR
+
+    from peft_talora.suite.intervals import metric_values
+
+    # two prediction vectors with the same macro-F1 that floats sum to different last bits
+    refs = [0] * 10 + [1] * 10 + [2] * 10
+    start_preds = [0, 2, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0, 2, 0, 1, 1, 2, 2, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 2, 0]
+    trained_preds = [2, 2, 2, 1, 2, 0, 1, 2, 2, 1, 1, 0, 1, 1, 2, 2, 0, 2, 1, 1, 2, 1, 0, 0, 2, 1, 1, 1, 2, 1]
+    f1_start, f1_trained = (float(metric_values(p, refs, 3, "macro_f1")) for p in (start_preds, trained_preds))
+    assert f1_start < f1_trained and round(f1_start, 12) == round(f1_trained, 12)  # higher by float noise only
+    entry = _entry(
+        _point(start_preds, refs, 0.3, num_labels=3), {"0.01": {"8": _point(trained_preds, refs, 0.5, num_labels=3)}}
+    )
+    assert CR.choose(CR.points(entry), "f1").step == 0  # a tie: the earlier step
+    # a learning rate the run's grid no longer holds (a resumed record) is not chosen
+    stale = _entry(_point([0] * 40, [0, 1] * 20, 0.3), {"0.003": {"8": _point([0, 1] * 20, [0, 1] * 20, 0.9)}})
+    assert CR.choose(CR.points(stale), "f1").lr == 0.003
+    stale["lrs"] = []
+    assert CR.choose(CR.points(stale), "f1").lr is None
+
+
+def test_choice_rules_report_weights_every_task_equally_whatever_its_validation_rows():
+    import choice_rules as CR
+
+    def task(rows, below):
+        refs = [0, 1] * (rows // 2)
+        start = _point([0] * rows, refs, 0.30)
+        trained = _point(refs, refs, 0.20 if below else 0.40)  # perfect on validation
+        base = {"test": {"macro_f1": 0.30, "predictions": [0, 1], "references": [0, 1], "num_labels": 2}}
+        entry = {**_entry(start, {"0.1": {"8": trained}}), "test": {}}
+        for point in (start, trained):
+            point["test"].update(predictions=[0, 1], references=[0, 1])
+        return {"base": base, "ours": entry}
+
+    # a 96-row task whose f1 choice is below the base model, a 40-row one above it: half the tasks at every size
+    text = CR.rules_report({"big": task(96, True), "small": task(40, False)}, ["ours"], sizes=(16, 40), draws=30)
+    assert (
+        "| f1 | 16 | 30.0 (50%) |" in text
+        and "| f1 | 40 | 30.0 (50%) |" in text
+        and "| f1 | all | 30.0 (50%) |" in text
+    )
+    assert CR.rules_report({}, []).startswith("The choice-rule study needs at least one trained method")
+
+
+def test_new_task_benchmark_refuses_a_state_of_other_tasks(tmp_path):
+    import methods as M
+    import new_tasks
+    import torch
+
+    from peft_talora.smollm2 import load_model
+
+    base, _ = load_model(tiny=True)
+    four = M.build("ta-lora", base, ["movie_sentiment", "sms_spam", "trec", "boolq"], seed=0, tok_path=None)
+    torch.save({"state": M.trainable_state(four), "train": {}}, tmp_path / "ta-lora-seed0-abc.pt")
+    with pytest.raises(SystemExit, match="does not fit ta-lora on the 8 source tasks"):
+        new_tasks.adapter_folder(str(tmp_path / "ta-lora-seed0-abc.pt"), tmp_path / "scratch", tiny=True)
+    torch.save({"state": {}, "train": {}}, tmp_path / "lora-seed0-abc.pt")
+    with pytest.raises(SystemExit, match="is not a TA-LoRA state of benchmarks/run.py"):
+        new_tasks.adapter_folder(str(tmp_path / "lora-seed0-abc.pt"), tmp_path / "scratch", tiny=True)
