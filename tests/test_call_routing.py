@@ -335,10 +335,6 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
         "none",
         "--save_strategy",
         "no",
-        "--num_virtual_tokens",
-        "4",
-        "--rank",
-        "4",
         "--learning_rate",
         "0.05",
         "--per_device_train_batch_size",
@@ -358,8 +354,17 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-4000:]
 
-    train("--train_file", str(tmp_path / "source.jsonl"), "--output_dir", str(tmp_path / "source"))
     train(
+        "--train_file",
+        str(tmp_path / "source.jsonl"),
+        "--output_dir",
+        str(tmp_path / "source"),
+        "--num_virtual_tokens",
+        "4",
+        "--rank",
+        "4",
+    )
+    train(  # the layout (4 virtual tokens, rank 4) comes from the saved adapter
         "--train_file",
         str(tmp_path / "target.jsonl"),
         "--output_dir",
@@ -381,6 +386,57 @@ def test_new_tasks_stage_from_the_command_line(tmp_path):
         assert not torch.equal(after[name][:, 2], before[name][:, 0]), "the new task trained"
     for key in ("shared_prompt", "shared_basis", "gate"):
         assert torch.equal(after[f"base_model.talora_banks.{key}"], before[f"base_model.talora_banks.{key}"])
+
+
+@pytest.fixture
+def cli_workspace(tmp_path):
+    """A tiny model folder and a two-task data file for in-process ``peft_talora.training.cli.main`` runs."""
+    from talora_text import tiny_tokenizer
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for prompt, completion, task in [("question w1", "A", "first"), ("question w2", "B", "second")] * 2:
+            f.write(json.dumps({"prompt": prompt, "completion": completion, "task": task}) + "\n")
+
+    def args(output_dir, *extra):
+        common = ["--model_name_or_path", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.jsonl")]
+        common += ["--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
+        return [*common, "--output_dir", str(tmp_path / output_dir), "--learning_rate", "0.05", *extra]
+
+    return tmp_path, args
+
+
+def test_the_command_line_refuses_flags_it_would_ignore(cli_workspace):
+    from peft_talora.training.cli import main
+
+    folder, args = cli_workspace
+    main(args("source", "--max_steps", "1", "--save_strategy", "no", "--rank", "4"))
+    with pytest.raises(ValueError, match=r"--rank, --alpha set the layout of a new adapter, but --adapter_path"):
+        main(args("next", "--max_steps", "1", "--adapter_path", str(folder / "source"), "--rank", "4", "--alpha", "2"))
+    with pytest.raises(ValueError, match=r"--new_tasks adds tasks in the new_tasks stage: pass --training_stage"):
+        main(args("next", "--max_steps", "1", "--adapter_path", str(folder / "source"), "--new_tasks", "third"))
+    # a training hyperparameter is not layout: it overrides the saved one
+    main(args("next", "--max_steps", "1", "--save_strategy", "no", "--adapter_path", str(folder / "source"),
+              "--orthogonality_weight", "0.5"))  # fmt: skip
+    saved = json.loads((folder / "next" / "adapter_config.json").read_text())
+    assert saved["orthogonality_weight"] == 0.5 and saved["r"] == 4
+
+
+def test_the_command_line_resumes_from_the_checkpoint_it_is_given(cli_workspace):
+    from safetensors.torch import load_file
+
+    from peft_talora.training.cli import main
+
+    folder, args = cli_workspace
+    main(args("first", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    checkpoint = folder / "first" / "checkpoint-2"
+    # a new output_dir: only --resume_from_checkpoint can point at the finished run, which then trains no more
+    # steps (a fresh run at this learning rate would end elsewhere)
+    resume = ["--resume_from_checkpoint", str(checkpoint), "--learning_rate", "0.5"]
+    main(args("second", "--max_steps", "2", "--save_strategy", "no", *resume))
+    resumed, done = (load_file(f / "adapter_model.safetensors") for f in (folder / "second", checkpoint))
+    assert resumed.keys() == done.keys() and all(torch.equal(resumed[k], done[k]) for k in done)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -362,6 +362,15 @@ def test_batched_rank_scores_match_one_forward_per_pair():
     assert torch.allclose(score_choices(tuned, tokenizer, PROMPTS, CHOICES, batch_size=2), expected, atol=1e-4)
 
 
+def test_a_choice_that_extends_another_is_refused_where_it_could_never_win():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    choices = [" red", " red blue"]
+    with pytest.raises(ValueError, match=r"Choice ' red blue' starts with the tokens of choice ' red'"):
+        score_choices(model, tokenizer, PROMPTS, choices)
+    scores = score_choices(model, tokenizer, PROMPTS, choices, length_normalize=True)  # a mean can be higher
+    assert scores.shape == (4, 2)
+
+
 def _trained_like(model, seed: int = 0):
     """Every trainable tensor drawn at random (zero-initialised gates and LoRA ``B`` open), as after training."""
     g = torch.Generator().manual_seed(seed)
@@ -486,6 +495,9 @@ def test_match_label_reads_the_answer_word():
     assert match_label("The sentiment of this review is negative.", names) == 0
     assert match_label("I cannot tell", names) == -1
     assert match_label("yes, it is", ["no", "yes"]) == 1 and match_label("nonsense", ["no", "yes"]) == -1
+    # two label words found at the same place inside the answer: the longer one is what it says
+    assert match_label("It is world news", ["world", "world news"]) == 1
+    assert match_label("It is world, news", ["world", "world news"]) == 0
 
 
 def test_task_id_routes_a_talora_model_and_is_left_out_otherwise():
@@ -496,12 +508,18 @@ def test_task_id_routes_a_talora_model_and_is_left_out_otherwise():
     peft_model = perturb(
         get_peft_model(tiny_model(), TALoraConfig(task_type="CAUSAL_LM", num_tasks=2, num_virtual_tokens=4, r=4))
     )
-    with pytest.raises(ValueError, match="every call needs `task_ids`"):
+    with pytest.raises(ValueError, match=r"routes each example to one of its 2 tasks: pass task_id= .* e.g. task_id=0"):
         evaluate_task(peft_model, tokenizer, data)
+    with pytest.raises(ValueError, match=r"task_id=1 was given, but LlamaForCausalLM does not route by task"):
+        evaluate_task(base, tokenizer, data, task_id=1)  # it would be ignored
+    with peft_model.disable_adapter():  # the base model runs: no task needed
+        disabled = evaluate_task(peft_model, tokenizer, data).scores
+    assert torch.allclose(disabled, evaluate_task(base, tokenizer, data).scores, atol=1e-6)
+    numpy_id = evaluate_task(peft_model, tokenizer, data, task_id=np.int64(1)).scores
     first = evaluate_task(peft_model, tokenizer, data, task_id=0).scores
     second = evaluate_task(peft_model, tokenizer, data, task_id=1).scores
     per_row = evaluate_task(peft_model, tokenizer, data, task_id=[0, 1, 0]).scores
-    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, second) and torch.equal(numpy_id, second)
     assert torch.allclose(per_row[[0, 2]], first[[0, 2]], atol=1e-5) and torch.allclose(
         per_row[1], second[1], atol=1e-5
     )

@@ -1,9 +1,11 @@
 """Evaluating a causal LM on a task: rank classification by label log-likelihood, or greedy generation.
 
-Both work on any causal LM or ``PeftModel``. ``task_id`` routes multi-task adapters (TA-LoRA):
-an int (every row), a task name (TA-LoRA's ``task_names``), or one per row; ``None`` passes no
-``task_ids`` at all, as the base model, LoRA or prompt tuning need. The model runs under
-``torch.no_grad()`` in eval mode and every module's training flag is restored afterwards.
+Both work on any causal LM or ``PeftModel``. ``task_id`` routes multi-task adapters (TA-LoRA,
+MTL-LoRA, PEFT's multitask prompt tuning and Poly): an int (every row), a task name (the adapter's
+``task_names``), or one per row; ``None`` passes no ``task_ids`` at all, as the base model, LoRA or
+prompt tuning need. A ``task_id`` for a model that does not route by task, and none for an adapter
+of several tasks, are refused (either would be silently ignored or fail deep in the forward). The
+model runs under ``torch.no_grad()`` in eval mode and every module's training flag is restored afterwards.
 Forward passes are batched (right-padded, sorted by length, only the needed logits computed);
 rank classification reads every one-token label word from one pass over the prompt, and the
 other tokens of longer label words from one short pass that continues that prompt's key/value
@@ -24,7 +26,10 @@ from typing import Optional, Union
 import datasets
 import numpy as np
 import torch
+from peft import PeftType
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..multitask import MultiTaskConfig
 from ..training.collator import TaskIdEncoder
 from .intervals import Interval, TaskRuns, bootstrap_interval
 from .prompts import DEFAULT_MAX_TEXT_TOKENS, PromptFormatter, resolve_spec
@@ -120,13 +125,45 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def _task_config(model):
+    """The active adapter's config when ``model`` routes examples by ``task_ids``, else ``None``."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return None
+    config = configs.get(getattr(model, "active_adapter", None))
+    routes = isinstance(config, MultiTaskConfig)
+    routes = routes or getattr(config, "peft_type", None) in (PeftType.MULTITASK_PROMPT_TUNING, PeftType.POLY)
+    return config if routes else None
+
+
+def _adapters_disabled(model) -> bool:
+    """Inside ``with peft_model.disable_adapter():`` (the base model runs; no task is needed)."""
+    if getattr(getattr(model, "base_model", None), "_enabled", True) is False:  # TA-LoRA's tuner
+        return True
+    return any(module.disable_adapters for module in model.modules() if isinstance(module, BaseTunerLayer))
+
+
 def _row_task_ids(model, task_id: TaskId, rows: int) -> Optional[torch.Tensor]:
     """``task_id`` as a ``LongTensor`` of one id per row, or ``None`` (pass no ``task_ids``)."""
+    config = _task_config(model)
     if task_id is None:
+        if isinstance(config, MultiTaskConfig) and config.num_tasks > 1 and not _adapters_disabled(model):
+            names = config.task_names or list(range(config.num_tasks))
+            raise ValueError(
+                f"This adapter routes each example to one of its {config.num_tasks} tasks: pass task_id= (a task "
+                f"name or id for every row, or one per row), e.g. task_id={names[0]!r}."
+            )
         return None
+    if config is None:
+        raise ValueError(
+            f"task_id={task_id!r} was given, but {type(model).__name__} does not route by task (no TA-LoRA, MTL-LoRA, "
+            "multitask prompt tuning or Poly adapter is active), so it would be ignored: drop task_id."
+        )
     if isinstance(task_id, torch.Tensor):
         values = task_id.reshape(-1).tolist()
-    elif isinstance(task_id, (int, str)):
+    elif isinstance(task_id, np.ndarray):
+        values = task_id.reshape(-1).tolist()
+    elif isinstance(task_id, (int, np.integer, str)):
         values = [task_id]
     else:
         values = list(task_id)
@@ -166,8 +203,6 @@ def _prompt_continuation(model) -> Optional[str]:
     config = getattr(model, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):
         return "model"
-    from peft import PeftType
-
     if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.MULTITASK_PROMPT_TUNING):
         return "base"
     return None
@@ -303,6 +338,15 @@ def score_choices(
     empty = [c for c, ids in zip(choices, choice_ids) if not ids]
     if empty:
         raise ValueError(f"Choices {empty} tokenise to no tokens.")
+    if not length_normalize:  # a longer choice adds log-probabilities <= 0 to a shorter one's: it could never win
+        for short, short_ids in zip(choices, choice_ids):
+            for long, long_ids in zip(choices, choice_ids):
+                if len(long_ids) > len(short_ids) and long_ids[: len(short_ids)] == short_ids:
+                    raise ValueError(
+                        f"Choice {long!r} starts with the tokens of choice {short!r}, so its summed log-likelihood can "
+                        f"never beat {short!r}'s: use label words that differ in their first tokens, "
+                        "length_normalize=True, or method='generate'."
+                    )
     n_examples, n_choices = len(prompt_ids), len(choice_ids)
     row_tasks = _row_task_ids(model, task_id, n_examples)
     pad, keep_logits = _pad_id(tokenizer), _keeps_last_logits(model)
@@ -428,8 +472,10 @@ def match_label(answer: str, label_names: Sequence[str]) -> int:
         w = words[i]
         if text.startswith(w) and (len(text) == len(w) or not text[len(w)].isalnum()):
             return i
-    found = [(m.start(), i) for i, w in enumerate(words) if (m := re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text))]
-    return min(found)[1] if found else -1
+    found = [
+        (m.start(), -len(w), i) for i, w in enumerate(words) if (m := re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text))
+    ]
+    return min(found)[2] if found else -1  # the first found; at one position the longest word ("world news")
 
 
 # ----------------------------------------------------------------------------- metrics and the task loop

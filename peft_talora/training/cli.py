@@ -6,9 +6,11 @@
 
 The data file (JSON lines or CSV, read with ``datasets``) has ``prompt``, ``completion`` and a task
 column (names or ids). Every ``transformers.TrainingArguments`` flag works (``--max_steps``,
-``--per_device_train_batch_size``, ``--learning_rate``, ``--save_steps`` ...). A run pointed at an
-``output_dir`` that holds checkpoints resumes from the last one. The adapter is saved to
-``output_dir`` in the standard PEFT format.
+``--per_device_train_batch_size``, ``--learning_rate``, ``--save_steps`` ...). A run resumes from
+``--resume_from_checkpoint`` when given, else from the last checkpoint in ``output_dir`` (use a new
+``output_dir`` to start over). The adapter is saved to ``output_dir`` in the standard PEFT format.
+With ``--adapter_path`` the adapter's layout (tasks, virtual tokens, rank, alpha) is the saved one:
+those flags are refused beside it; ``--orthogonality_weight`` overrides the saved weight.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ class TALoraArguments:
     new_tasks: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated names of the tasks to add in the new_tasks stage."}
     )
-    num_virtual_tokens: int = 10
-    rank: int = field(default=8, metadata={"help": "TALoraConfig.r, the rank of the shared basis."})
-    alpha: float = 8.0
-    orthogonality_weight: float = 1e-3
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Default: TALoraConfig's (10)."})
+    rank: Optional[int] = field(default=None, metadata={"help": "TALoraConfig.r, the shared basis' rank (default 8)."})
+    alpha: Optional[float] = field(default=None, metadata={"help": "Default: TALoraConfig's (8.0)."})
+    orthogonality_weight: Optional[float] = field(
+        default=None, metadata={"help": "Default: TALoraConfig's (1e-3), or the saved adapter's with --adapter_path."}
+    )
     fast_lr_ratio: float = 4.0
     task_sampling: Optional[str] = field(
         default=None, metadata={"help": "proportional, temperature or uncertainty; default: Trainer's own sampler."}
@@ -87,8 +91,20 @@ def main(argv: Optional[list[str]] = None) -> str:
     train = train.rename_column(talora_args.task_column, "task_ids") if talora_args.task_column != "task_ids" else train
     tokenizer = AutoTokenizer.from_pretrained(talora_args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(talora_args.model_name_or_path)
+    layout = {"task_names": talora_args.task_names, "num_virtual_tokens": talora_args.num_virtual_tokens}
+    layout.update(rank=talora_args.rank, alpha=talora_args.alpha)
+    if talora_args.new_tasks and talora_args.training_stage != "new_tasks":
+        raise ValueError("--new_tasks adds tasks in the new_tasks stage: pass --training_stage new_tasks with it.")
     if talora_args.adapter_path:
+        given = [f"--{name}" for name, value in layout.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} set the layout of a new adapter, but --adapter_path continues a saved one whose "
+                "layout is fixed: drop them (or train a new adapter without --adapter_path)."
+            )
         model = PeftModel.from_pretrained(model, talora_args.adapter_path, is_trainable=True)
+        if talora_args.orthogonality_weight is not None:
+            model.peft_config[model.active_adapter].orthogonality_weight = talora_args.orthogonality_weight
     else:
         values = train.unique("task_ids")
         if talora_args.task_names:
@@ -97,14 +113,13 @@ def main(argv: Optional[list[str]] = None) -> str:
             tasks = {"task_names": sorted(values)}
         else:
             tasks = {"num_tasks": int(max(values)) + 1}
-        config = TALoraConfig(
-            task_type="CAUSAL_LM",
-            **tasks,
-            num_virtual_tokens=talora_args.num_virtual_tokens,
-            r=talora_args.rank,
-            alpha=talora_args.alpha,
-            orthogonality_weight=talora_args.orthogonality_weight,
-        )
+        fields = {
+            "num_virtual_tokens": talora_args.num_virtual_tokens,
+            "r": talora_args.rank,
+            "alpha": talora_args.alpha,
+            "orthogonality_weight": talora_args.orthogonality_weight,
+        }
+        config = TALoraConfig(task_type="CAUSAL_LM", **tasks, **{k: v for k, v in fields.items() if v is not None})
         model = get_peft_model(model, config)
     if talora_args.training_stage == "new_tasks":
         _add_new_tasks(model, talora_args, train)
@@ -129,7 +144,9 @@ def main(argv: Optional[list[str]] = None) -> str:
         task_sampling=talora_args.task_sampling,
         task_sampling_temperature=talora_args.task_sampling_temperature,
     )
-    resume = get_last_checkpoint(args.output_dir) if args.output_dir and os.path.isdir(args.output_dir) else None
+    resume = args.resume_from_checkpoint
+    if resume is None and args.output_dir and os.path.isdir(args.output_dir):
+        resume = get_last_checkpoint(args.output_dir)
     if trainer.is_world_process_zero():
         global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
         print(f"peft_talora.training: world size {args.world_size}, global batch {global_batch}", flush=True)
