@@ -32,7 +32,7 @@ rows never choose.
 
 Results go to ``--output-dir/<task>.json`` (every method's grid, scored points and losses,
 written as each learning rate finishes: rerunning resumes; two processes on different
-``--tasks`` can share the folder, ``--threads 1`` each on 2 cores) and the summary table is
+``--tasks`` or ``--methods`` can share the folder, ``--threads 1`` each on 2 cores) and the summary table is
 printed; ``--report`` only prints it.
 """
 
@@ -261,12 +261,20 @@ def run(args) -> dict:
     results = load_results(out)
 
     def save(name: str):
-        """One file per task, so processes working on different tasks never write the same file."""
+        """One file per task; this process's methods are merged into it under a lock, so processes on other
+        tasks or other ``--methods`` of the same task can share the folder."""
+        import fcntl
+
         out.mkdir(parents=True, exist_ok=True)
-        record = {"settings": settings(args), **results[name]}
-        tmp = out / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out / f"{name}.json")
+        with open(out / f".{name}.json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            path = out / f"{name}.json"
+            record = json.loads(path.read_text()) if path.exists() else {}
+            record.update({"settings": settings(args)})
+            record.update({m: results[name][m] for m in args.methods if m in results[name]})
+            tmp = out / f".{name}.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, path)
 
     _, tokenizer = load_model(tiny=args.tiny)
     if args.tiny:  # an untrained adapter on the tiny model stands in for a trained one

@@ -1101,3 +1101,25 @@ def test_new_task_benchmark_refuses_a_state_of_other_tasks(tmp_path):
     torch.save({"state": {}, "train": {}}, tmp_path / "lora-seed0-abc.pt")
     with pytest.raises(SystemExit, match="is not a TA-LoRA state of benchmarks/run.py"):
         new_tasks.adapter_folder(str(tmp_path / "lora-seed0-abc.pt"), tmp_path / "scratch", tiny=True)
+
+
+def test_new_task_benchmark_processes_on_other_methods_of_one_task_share_its_file(tmp_path):
+    out = tmp_path / "new_tasks"
+    small = ["--shots", "1", "--steps", "1", "--eval-every", "1", "--val-rows", "4", "--test-rows", "4"]
+    common = [sys.executable, str(ROOT / "benchmarks" / "new_tasks.py"), "--tiny", "--output-dir", str(out), *small]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    jobs = [
+        subprocess.Popen(
+            [*common, "--scratch", str(tmp_path / f"scratch{i}"), "--tasks", "pubmedqa", "--methods", *methods],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, methods in enumerate([["base", "lora"], ["pt"]])
+    ]
+    for job in jobs:
+        output, _ = job.communicate(timeout=900)
+        assert job.returncode == 0, output[-3000:]
+    record = json.loads((out / "pubmedqa.json").read_text())
+    assert {"base", "lora", "pt"} <= record.keys() and all("test" in record[m] for m in ("base", "lora", "pt"))
