@@ -52,6 +52,7 @@ import methods as M  # benchmarks/ (the script's folder): the benchmark's PEFT c
 import torch
 from peft import PeftModel, get_peft_model
 from quality import SYSTEM_PROMPT
+from run import update_json_locked
 from transformers import TrainerCallback, TrainingArguments
 
 import peft_talora  # noqa: F401  (registers TA-LoRA with PEFT)
@@ -261,20 +262,11 @@ def run(args) -> dict:
     results = load_results(out)
 
     def save(name: str):
-        """One file per task; this process's methods are merged into it under a lock, so processes on other
-        tasks or other ``--methods`` of the same task can share the folder."""
-        import fcntl
-
+        """One file per task; this process's methods are merged into it (``run.update_json_locked``), so
+        processes on other tasks or other ``--methods`` of the same task can share the folder."""
+        mine = {"settings": settings(args), **{m: results[name][m] for m in args.methods if m in results[name]}}
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / f".{name}.json.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            path = out / f"{name}.json"
-            record = json.loads(path.read_text()) if path.exists() else {}
-            record.update({"settings": settings(args)})
-            record.update({m: results[name][m] for m in args.methods if m in results[name]})
-            tmp = out / f".{name}.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, path)
+        update_json_locked(out / f"{name}.json", lambda record: record.update(mine))
 
     _, tokenizer = load_model(tiny=args.tiny)
     if args.tiny:  # an untrained adapter on the tiny model stands in for a trained one

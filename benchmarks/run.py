@@ -162,13 +162,8 @@ class State:
 
     def __init__(self, out: Path):
         self.path = out / "results.json"
-        self.lock_path = out / "results.json.lock"
-        self.data = self._read()
-
-    def _read(self) -> dict:
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        data.setdefault("runs", {})
-        return data
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data.setdefault("runs", {})
 
     def done(self, key: str, fp: str) -> bool:
         run = self.data["runs"].get(key)
@@ -192,21 +187,36 @@ class State:
         self._write(lambda disk: disk.update({k: v for k, v in self.data.items() if k not in self.SHARED}))
 
     def _write(self, change, write: bool = True) -> None:
-        import fcntl
-
-        with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            disk = self._read()
+        def with_runs(disk: dict) -> None:
+            disk.setdefault("runs", {})
             change(disk)
-            if write:
-                tmp = self.path.with_suffix(f".json.tmp{os.getpid()}")
-                tmp.write_text(compact_json(disk))
-                os.replace(tmp, self.path)
+
+        disk = update_json_locked(self.path, with_runs, write)
         for name in self.SHARED:
             if name in disk:
                 self.data[name] = disk[name]
             else:
                 self.data.pop(name, None)
+
+
+def update_json_locked(path: Path, change, write: bool = True) -> dict:
+    """``change`` the JSON file ``path`` in place, safe between processes; returns the content it saw (and changed).
+
+    Under an exclusive ``fcntl.flock`` on ``<path>.lock`` the file is re-read (``{}`` if absent), ``change(disk)``
+    edits it, and (``write``) it is replaced atomically (:func:`compact_json`): processes that share a file each
+    merge their keys into what is on disk, so none loses another's.
+    """
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        disk = json.loads(path.read_text()) if path.exists() else {}
+        change(disk)
+        if write:
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp.write_text(compact_json(disk))
+            os.replace(tmp, path)
+    return disk
 
 
 _NUMBER_LIST = re.compile(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]")

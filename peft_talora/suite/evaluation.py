@@ -159,9 +159,7 @@ def _row_task_ids(model, task_id: TaskId, rows: int) -> Optional[torch.Tensor]:
             f"task_id={task_id!r} was given, but {type(model).__name__} does not route by task (no TA-LoRA, MTL-LoRA, "
             "multitask prompt tuning or Poly adapter is active), so it would be ignored: drop task_id."
         )
-    if isinstance(task_id, torch.Tensor):
-        values = task_id.reshape(-1).tolist()
-    elif isinstance(task_id, np.ndarray):
+    if isinstance(task_id, (torch.Tensor, np.ndarray)):
         values = task_id.reshape(-1).tolist()
     elif isinstance(task_id, (int, np.integer, str)):
         values = [task_id]
