@@ -9,7 +9,7 @@ import torch
 from conftest import perturb, tiny_model
 from datasets import Dataset, DatasetDict
 from peft import PromptTuningConfig, get_peft_model
-from talora_text import ids, tiny_tokenizer
+from talora_text import BOS_CHAT_TEMPLATE, ids, tiny_tokenizer
 
 from peft_talora import TALoraConfig
 from peft_talora.suite import (
@@ -360,6 +360,35 @@ def test_batched_rank_scores_match_one_forward_per_pair():
     tuned = get_peft_model(tiny_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     expected = reference_scores(tuned, tokenizer, PROMPTS, CHOICES, offset=3)
     assert torch.allclose(score_choices(tuned, tokenizer, PROMPTS, CHOICES, batch_size=2), expected, atol=1e-4)
+
+
+def test_prompts_start_with_one_bos_whether_or_not_the_chat_template_writes_it():
+    """Llama-3 and Gemma: the tokenizer adds BOS and the chat template writes it too. Training rows and scoring
+    must see the one BOS that ``apply_chat_template(tokenize=True)`` gives, not two."""
+    model, tokenizer = tiny_model(), tiny_tokenizer(add_bos=True)
+    bos = tokenizer.bos_token_id
+    data = Dataset.from_dict({"text": ["red", "blue"], "label": [1, 0], "task": ["boolq", "boolq"]})
+    plain = format_split(data, tokenizer)  # no template: the tokenizer's BOS is the only one
+    tokenizer.chat_template = BOS_CHAT_TEMPLATE
+    chat = format_split(data, tokenizer)
+    assert chat["prompt"][0].startswith("[BOS]<user>")
+    expected = {
+        "chat": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chat["prompt"]],
+        "plain": [[bos, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in plain["prompt"]],
+    }
+    for kind, rows in (("chat", chat), ("plain", plain)):
+        tokens = tokenize_for_causal_lm(rows, tokenizer, task_column=None)
+        for row, prompt_ids in zip(tokens, expected[kind]):
+            assert row["input_ids"][: len(prompt_ids)] == prompt_ids
+            assert row["input_ids"].count(bos) == 1, kind
+    # scoring reads the same ids: one forward on them gives the same label log-probabilities
+    choices = [" no", " yes"]
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
+    scores = score_choices(model, tokenizer, chat["prompt"], choices)
+    with torch.no_grad():
+        for i, prompt_ids in enumerate(expected["chat"]):
+            log_probs = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].log_softmax(-1)
+            assert torch.allclose(scores[i], log_probs[choice_ids], atol=1e-4)
 
 
 def test_a_choice_that_extends_another_is_refused_where_it_could_never_win():

@@ -30,7 +30,7 @@ from peft import PeftType
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..multitask import MultiTaskConfig
-from ..training.collator import TaskIdEncoder
+from ..training.collator import TaskIdEncoder, encode_prompts
 from .intervals import Interval, TaskRuns, bootstrap_interval
 from .prompts import DEFAULT_MAX_TEXT_TOKENS, PromptFormatter, resolve_spec
 from .tasks import TaskSpec, column_values
@@ -320,7 +320,8 @@ def score_choices(
 ) -> torch.Tensor:
     """Log-likelihood of each choice after each prompt, shape ``(len(prompts), len(choices))``.
 
-    Prompts are tokenised with the tokenizer's special tokens and choices without, exactly as
+    Prompts are tokenised with the tokenizer's special tokens (one BOS, also after a chat template that
+    writes it: :func:`~peft_talora.training.collator.encode_prompts`) and choices without, exactly as
     :func:`peft_talora.training.collator.tokenize_for_causal_lm` tokenises prompt and completion. A choice of
     several tokens scores the sum of their log-probabilities (the mean with ``length_normalize``).
     Choices of one token are all read from a single forward pass of the prompt. With ``share_prompt``, the
@@ -329,7 +330,7 @@ def score_choices(
     continued (prompt-learning methods other than prompt tuning, sliding-window or recurrent caches), each
     (example, choice) pair gets a forward pass of prompt + choice. Both give the same scores up to rounding.
     """
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, prompts)
     choice_ids = tokenizer(list(choices), add_special_tokens=False)["input_ids"]
     if any(len(ids) == 0 for ids in prompt_ids):
         raise ValueError("A prompt tokenises to no tokens; there is nothing to condition the label on.")
@@ -426,7 +427,7 @@ def generate_answers(
     """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens."""
     from transformers import GenerationConfig
 
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, prompts)
     row_tasks = _row_task_ids(model, task_id, len(prompt_ids))
     order = np.argsort(-np.array([len(ids) for ids in prompt_ids]), kind="stable")
     device, pad = _device(model), _pad_id(tokenizer)

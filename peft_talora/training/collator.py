@@ -132,16 +132,35 @@ def _pad_id(tokenizer, pad_token_id: Optional[int]) -> int:
     raise ValueError("No pad token: the tokenizer has neither pad_token_id nor eos_token_id; pass pad_token_id=.")
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's special tokens (BOS) unless the prompt already starts
+    with the BOS text.
+
+    Chat templates of Llama-3, Gemma and others write BOS themselves; tokenising such a prompt with
+    ``add_special_tokens=True`` on a tokenizer that also adds BOS would start it with two, which the model
+    never saw. ``apply_chat_template(tokenize=True)`` adds no special tokens for the same reason.
+    """
+    prompts = list(prompts)
+    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = [i for i, prompt in enumerate(prompts) if bos and prompt.startswith(bos)]
+    if templated:
+        plain = tokenizer([prompts[i] for i in templated], add_special_tokens=False)["input_ids"]
+        for i, row in zip(templated, plain):
+            ids[i] = row
+    return [list(row) for row in ids]
+
+
 def _encode_pairs(tokenizer, prompts, completions, add_eos: bool, max_length: Optional[int]):
     """``input_ids`` and ``labels`` (prompt masked) for prompt/completion texts tokenised separately.
 
-    The prompt gets the tokenizer's special tokens (e.g. BOS), the completion none; EOS is
+    The prompt gets the tokenizer's special tokens (e.g. BOS; :func:`encode_prompts`), the completion none; EOS is
     appended to the completion when ``add_eos``. Truncation keeps the first ``max_length`` tokens;
     examples it leaves without a target token are counted in a warning (they would train nothing).
     """
     if tokenizer is None:
         raise ValueError("Text features (prompt/completion) need a tokenizer: MultiTaskDataCollator(tokenizer=...).")
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, prompts)
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     all_ids, all_labels = [], []
