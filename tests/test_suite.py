@@ -478,6 +478,13 @@ def test_continuing_the_prompt_cache_scores_like_one_forward_per_pair(kind):
         with torch.no_grad():
             output = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
         assert _plain_cache(getattr(output, "cache", None) or output.past_key_values) == (kind == "llama")
+    if kind == "gemma3_text":  # no pass is wasted finding that out: the first batch's prompt pass scores its
+        calls = []  # one-token labels; then one pass per batch of the other prompts and of the (prompt, label) pairs
+        handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+        again = score_choices(model, tokenizer, PROMPTS, CHOICES, batch_size=3)
+        handle.remove()
+        multi = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) > 1 for c in CHOICES)
+        assert len(calls) == 1 + 1 + -(-len(PROMPTS) * multi // 3) and torch.equal(again, shared)
 
 
 def forced_model(word: str):

@@ -226,7 +226,8 @@ def _plain_cache(cache) -> bool:
 def _score_sharing_prompts(
     model, continuation: str, sequences, choice_ids, single, multi, row_tasks, pad: int, keep_logits: bool
 ):
-    """Scores of one batch of prompts: ``(single (B, S), multi (B, M))``, or ``None`` if the cache is unusable.
+    """Scores of one batch of prompts: ``(single (B, S), multi (B, M))``; ``multi`` is ``None`` when the cache
+    cannot be continued (the one-token choices' scores are good either way).
 
     One pass over the right-padded prompts gives every choice's first token and the key/value cache; one pass
     over the multi-token choices' other tokens continues it, each prompt's cache repeated once per choice, with
@@ -246,11 +247,11 @@ def _score_sharing_prompts(
     output = model(**kwargs)
     cache = getattr(output, "cache", None)
     cache = getattr(output, "past_key_values", None) if cache is None else cache
-    if not _plain_cache(cache):
-        return None
     logit_index = lengths - 1 - width + output.logits.shape[1]
     first = output.logits[torch.arange(batch, device=device), logit_index].float().log_softmax(-1)  # (B, vocab)
     single_scores = first[:, torch.tensor([choice_ids[c][0] for c in single], dtype=torch.long, device=device)]
+    if not _plain_cache(cache):
+        return single_scores, None
 
     # every (example, multi-token choice) pair continues its example's cache with the choice's tokens but the last
     sizes = torch.tensor([len(choice_ids[c]) - 1 for c in multi], device=device)  # tokens fed, >= 1
@@ -363,23 +364,24 @@ def score_choices(
         pair_examples = np.arange(n_examples) if continuation is None else np.array([], dtype=int)
         if continuation is not None:  # one pass per example and one short continuation give every choice
             order = np.argsort(-prompt_lengths, kind="stable")
-            unshared = []
+            need_single, unshared = [], []  # examples that still need the one-token pass, the pair passes
             for examples in _batches(order, batch_size, progress, "scoring labels"):
-                sequences = [prompt_ids[e] for e in examples]
-                shared = _score_sharing_prompts(
-                    model, continuation, sequences, choice_ids, single, multi, tasks_of(examples), pad, keep_logits
-                )
-                if shared is None:
+                if unshared:  # an earlier batch's cache could not be continued: neither can this one's
+                    need_single.append(examples)
                     unshared.append(examples)
                     continue
+                sequences = [prompt_ids[e] for e in examples]
+                single_scores, multi_scores = _score_sharing_prompts(
+                    model, continuation, sequences, choice_ids, single, multi, tasks_of(examples), pad, keep_logits
+                )
                 index = torch.as_tensor(examples)[:, None]
-                scores[index, torch.as_tensor(single, dtype=torch.long)[None, :]] = shared[0].cpu()
-                scores[index, torch.as_tensor(multi)[None, :]] = shared[1].cpu()
-            if unshared:  # the cache could not be continued: the one-token choices and every pair as below
-                pair_examples = np.concatenate(unshared)
-                single_examples = pair_examples
-            else:
-                single_examples = np.array([], dtype=int)
+                scores[index, torch.as_tensor(single, dtype=torch.long)[None, :]] = single_scores.cpu()
+                if multi_scores is None:  # sliding-window or recurrent cache: its pairs get passes of their own
+                    unshared.append(examples)
+                    continue
+                scores[index, torch.as_tensor(multi)[None, :]] = multi_scores.cpu()
+            pair_examples = np.concatenate(unshared) if unshared else np.array([], dtype=int)
+            single_examples = np.concatenate(need_single) if need_single else np.array([], dtype=int)
         else:
             single_examples = np.arange(n_examples)
         if len(single) and len(single_examples):  # one pass per example gives every one-token choice
