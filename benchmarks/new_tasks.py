@@ -430,6 +430,52 @@ def pooled_report(folders, tasks, methods) -> str:
     return "\n".join([header, *averages([r for _, r in pairs], methods)])
 
 
+def versus_report(results: dict, other: dict, other_name: str, tasks, methods) -> str:
+    """Each of ``methods`` here minus the same method in ``other`` (another folder's results: another adapter
+    on the same shots and rows), per task and averaged over the tasks both finished, paired over the test rows.
+
+    Refused for a task whose two records differ in anything but the adapter: their rows would not pair.
+    """
+    lines = []
+    for method in methods:
+        pairs = []
+        for name in tasks:
+            here, there = results.get(name, {}), other.get(name, {})
+            if "test" not in here.get(method, {}) or "test" not in there.get(method, {}):
+                continue
+            differing = sorted(
+                key
+                for key in {*here["settings"], *there["settings"]} - {"adapter"}
+                if here["settings"].get(key) != there["settings"].get(key)
+            )
+            if differing:
+                raise SystemExit(
+                    f"{name}: {other_name} was made with other settings ({', '.join(differing)}), so its rows do not "
+                    "pair with these; compare folders that differ in --adapter only."
+                )
+            pairs.append((name, here[method], there[method]))
+        if not pairs:
+            lines.append(f"{method}: no task finished in both folders.")
+            continue
+        lines += [
+            f"{method} here minus {method} in {other_name}: test macro-F1, paired [95% interval]; (lr, step) kept",
+            "",
+            "| task | here | there | difference |",
+            "|---|---|---|---|",
+        ]
+        for name, a, b in pairs:
+            diff = paired_difference([runs(a["test"])], [runs(b["test"])], "macro_f1")
+            cells = [
+                f"{100 * e['test']['macro_f1']:.1f}"
+                + (f" ({CR.point_label(e['lr'], e['step'])})" if "step" in e else "")
+                for e in (a, b)
+            ]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {diff.format(signed=True)} |")
+        mean = paired_difference([runs(a["test"]) for _, a, _ in pairs], [runs(b["test"]) for _, _, b in pairs])
+        lines += ["", f"Average over {len(pairs)} tasks: {mean.format(signed=True)}", ""]
+    return "\n".join(lines).rstrip()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -464,6 +510,12 @@ def main(argv=None):
         action="store_true",
         help="with --report: replay the choice rules (benchmarks/choice_rules.py) on --output-dir's records",
     )
+    parser.add_argument(
+        "--versus",
+        default=None,
+        metavar="DIR",
+        help="with --report: each method minus the same method in DIR (another --adapter, same shots and rows)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random model and an untrained adapter (smoke test)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -480,6 +532,8 @@ def main(argv=None):
     text = report(results, args.tasks, args.methods)
     if args.report and args.pool:
         text += "\n\n" + pooled_report(args.pool, args.tasks, args.methods)
+    if args.report and args.versus:
+        text += "\n\n" + versus_report(results, load_results(Path(args.versus)), args.versus, args.tasks, args.methods)
     if args.report and args.rules:
         trained = [m for m in args.methods if m != "base"]
         text += "\n\n" + CR.rules_report({t: results[t] for t in args.tasks if t in results}, trained)

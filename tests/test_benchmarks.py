@@ -917,6 +917,19 @@ def test_new_task_benchmark_picks_lr_and_step_on_validation_and_resumes(tmp_path
     assert "Pooled over 1 (task, seed) pairs (pubmedqa (seed 0))" in pooled.stdout
     assert "Choice rules replayed on 1 tasks (pubmedqa); validation rows per task: pubmedqa 6." in pooled.stdout
     assert "- ta-lora - ta-lora/closest (paired): " in pooled.stdout  # the default start against the other
+    # another adapter's folder on the same rows pairs with this one; a folder on other rows is refused
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    record["settings"]["adapter"] = "another/adapter"
+    (twin / "pubmedqa.json").write_text(json.dumps(record))
+    versus = run_new_tasks(out, *methods, "--report", "--versus", str(twin))
+    assert versus.returncode == 0, versus.stderr[-2000:]
+    assert f"ta-lora here minus ta-lora in {twin}" in versus.stdout
+    assert "Average over 1 tasks: 0.0 [0.0, 0.0]" in versus.stdout or "Average over 1 tasks: +0.0" in versus.stdout
+    record["settings"]["val_rows"] = 7
+    (twin / "pubmedqa.json").write_text(json.dumps(record))
+    refused = run_new_tasks(out, *methods, "--report", "--versus", str(twin))
+    assert refused.returncode != 0 and "was made with other settings (val_rows)" in refused.stderr
     empty = run_new_tasks(tmp_path / "nothing", *methods, "--report")
     assert empty.returncode != 0 and "No results for pubmedqa in " in empty.stderr
     other = run_new_tasks(out, *methods, "--seed", "1")
