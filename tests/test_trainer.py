@@ -12,15 +12,16 @@ import pytest
 import torch
 from conftest import cpu_training_args, tiny_model
 from datasets import Dataset
-from peft import get_peft_model
+from peft import MultitaskPromptTuningConfig, get_peft_model
 from talora_text import ids, tiny_tokenizer
 from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_talora import TALoraConfig
 from peft_talora.metrics import load_metric
-from peft_talora.training import MultiTaskSampler, MultiTaskTrainer
+from peft_talora.training import MultiTaskSampler, MultiTaskTrainer, build_trainer
 from peft_talora.training.collator import MultiTaskDataCollator, tokenize_for_causal_lm
+from peft_talora.training.trainer import _next_token_entropies
 
 TASKS = ["first", "second"]
 ANSWERS = ["A", "B"]  # same prompts, task 0 answers A, task 1 answers B
@@ -276,13 +277,16 @@ def test_multitask_trainer_uncertainty_updates_from_training_batches(tmp_path):
     torch.testing.assert_close(trainer.task_sampler.probabilities, u / u.sum())
 
 
-def test_multitask_trainer_uncertainty_updates_with_a_task_column_of_another_name(tmp_path):
-    """The dataset's task column may have any name; the collator hands the model (and the sampler's update)
-    ``task_ids`` either way."""
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_multitask_trainer_uncertainty_updates_with_a_task_column_of_another_name(tmp_path, remove_unused_columns):
+    """The dataset's task column may have any name; Trainer's column pruning keeps it (the collator reads it), and
+    the collator hands the model (and the sampler's update) ``task_ids`` either way."""
     data = imbalanced().rename_column("task_ids", "task")
     trainer = MultiTaskTrainer(
         model=three_task_model(),
-        args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8, remove_unused_columns=False),
+        args=arguments(
+            tmp_path, max_steps=4, per_device_train_batch_size=8, remove_unused_columns=remove_unused_columns
+        ),
         train_dataset=data,
         data_collator=MultiTaskDataCollator(pad_token_id=0, task_column="task"),
         task_sampling="uncertainty",
@@ -292,6 +296,72 @@ def test_multitask_trainer_uncertainty_updates_with_a_task_column_of_another_nam
     trainer.train()
     u = trainer.task_sampler.uncertainties
     assert bool(((u > 0.8) & (u < 1.0)).all()), u  # updated from the batches: not the initial 1.0 of every task
+
+
+def test_uncertainty_entropies_skip_virtual_tokens_and_read_the_target_positions_only():
+    """Prompt-learning adapters return logits for their virtual tokens first: the entropies are those of the last
+    positions, which line up with the labels, and only where there is a target."""
+    torch.manual_seed(0)
+    virtual, length, vocab = 3, 5, 11
+    logits = torch.randn(2, virtual + length, vocab)
+    shift_labels = torch.tensor([[-100, 4, 2, -100, -100], [-100, -100, -100, -100, -100]])
+    probs = logits[0, virtual:].softmax(-1).double()
+    per_position = -(probs * probs.log()).sum(-1) / math.log(vocab)
+    expected = torch.tensor([per_position[[1, 2]].mean().item(), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(_next_token_entropies(logits, shift_labels), expected)
+
+
+def test_uncertainty_sampling_trains_peft_multitask_prompt_tuning(tmp_path):
+    """PEFT's MPT (virtual tokens first in the logits) with the uncertainty sampler: it used to fail on the shapes."""
+    config = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_tasks=3)
+    torch.manual_seed(0)
+    trainer = MultiTaskTrainer(
+        model=get_peft_model(tiny_model(), config),
+        args=arguments(tmp_path, max_steps=4, per_device_train_batch_size=8),
+        train_dataset=imbalanced(),
+        data_collator=MultiTaskDataCollator(pad_token_id=0),
+        task_sampling="uncertainty",
+        uncertainty_refresh_every=8,
+    )
+    trainer.train()
+    u = trainer.task_sampler.uncertainties
+    assert bool(((u > 0.8) & (u < 1.0)).all()), u
+
+
+def test_task_sampling_refuses_what_would_skip_or_override_it(tmp_path):
+    stream = imbalanced().to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"task_sampling='temperature' needs a map-style training set"):
+        MultiTaskTrainer(
+            model=three_task_model(), args=arguments(tmp_path), train_dataset=stream, task_sampling="temperature"
+        )
+    args = arguments(tmp_path, train_sampling_strategy="group_by_length")
+    with pytest.raises(ValueError, match=r"train_sampling_strategy='group_by_length' both choose the training order"):
+        MultiTaskTrainer(model=three_task_model(), args=args, train_dataset=imbalanced(), task_sampling="temperature")
+
+
+def test_orthogonality_loss_reaches_the_report_to_loggers(tmp_path):
+    """Trainer runs its report_to integrations before the callbacks it is given; the entry must be in the logs
+    they see, so it is added before any callback runs."""
+
+    class FirstLogger(TrainerCallback):  # sits where the report_to integrations sit: before every other callback
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    trainer = build_trainer(
+        three_task_model(),
+        arguments(tmp_path, max_steps=2, per_device_train_batch_size=8, logging_steps=1),
+        train_dataset=imbalanced(),
+        data_collator=MultiTaskDataCollator(pad_token_id=0),
+    )
+    trainer.callback_handler.callbacks.insert(0, FirstLogger())
+    trainer.train()
+    logged = [entry for entry in FirstLogger.seen if "loss" in entry]
+    assert len(logged) == 2 and all(entry["orthogonality_loss"] >= 0 for entry in logged)
+    assert [e["orthogonality_loss"] for e in logged] == [
+        e["orthogonality_loss"] for e in trainer.state.log_history if "loss" in e
+    ]
 
 
 @pytest.mark.parametrize("custom", ["label_smoothing", "compute_loss_func"])
@@ -353,7 +423,6 @@ def test_resume_from_a_checkpoint_of_another_config_is_a_clear_error(tmp_path, o
 
 def test_training_helper_with_gradient_accumulation_matches_one_big_batch(tmp_path):
     """The orthogonality penalty counts once per optimizer step however the batch is split."""
-    from peft_talora.training import build_trainer
 
     data = tokenize_for_causal_lm(raw(False), tiny_tokenizer())  # ragged: the collator pads
     finals = []

@@ -5,7 +5,7 @@
 - fast/slow learning rates for TA-LoRA (:func:`peft_talora.talora_optimizer`; Trainer's
   scheduler then scales every group);
 - multi-task sampling (``task_sampling``: ``"proportional"``, ``"temperature"``, ``"uncertainty"``);
-- the orthogonality penalty as its own log entry;
+- the orthogonality penalty as its own log entry (``orthogonality_loss``, seen by every ``report_to`` logger);
 - a collator that masks prompt tokens, pads and keeps ``task_ids``.
 
 It runs unchanged under ``torchrun`` and ``accelerate launch`` (Trainer handles DDP);
@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..talora.model import TALoraModel
-from .callbacks import OrthogonalityLogCallback
+from .callbacks import add_orthogonality_loss
 from .collator import MultiTaskDataCollator
 from .label_logits import label_positions, supports_label_logits
 from .optim import DEFAULT_FAST_LR_RATIO, talora_optimizer
@@ -69,7 +69,7 @@ def build_trainer(
         processing_class=processing_class,
         data_collator=data_collator,
         compute_metrics=compute_metrics,
-        callbacks=[OrthogonalityLogCallback(), *(callbacks or [])],
+        callbacks=callbacks,
         optimizers=optimizers,
         task_sampling=task_sampling,
         task_sampling_temperature=task_sampling_temperature,
@@ -125,9 +125,14 @@ def task_sampler(
 def _next_token_entropies(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
     """Per-example mean normalised entropy of a causal LM's predictions at its target tokens ``(B,)``.
 
-    ``logits`` ``(B, K, V)`` and ``shift_labels`` ``(B, K)`` are aligned: position ``k``'s next-token label."""
+    ``shift_labels`` ``(B, K)`` holds position ``k``'s next-token label; ``logits`` ``(B, K', V)`` end with those
+    ``K`` positions (prompt-learning adapters put their virtual tokens' logits first, ``K' > K``). Entropies are
+    computed at the target positions only: over every position of a long sequence and a large vocabulary the
+    float64 temporaries would take gigabytes."""
+    logits = logits[:, logits.shape[1] - shift_labels.shape[1] :]
     mask = shift_labels != -100
-    entropy = normalized_entropy(logits.float())  # (B, L-1), normalised by log(vocab)
+    entropy = torch.zeros(mask.shape, dtype=torch.float64, device=logits.device)
+    entropy[mask] = normalized_entropy(logits[mask].float())  # normalised by log(vocab)
     counts = mask.sum(-1)
     means = (entropy * mask).sum(-1) / counts.clamp(min=1)
     return torch.where(counts > 0, means, torch.zeros_like(means))
@@ -175,6 +180,34 @@ class MultiTaskTrainer(Trainer):
         self.label_logits_only = label_logits_only
         super().__init__(*args, **kwargs)
         self._label_logits_model = self._label_logits_supported = None
+        if task_sampling is not None:
+            self._check_task_sampling()
+
+    def _check_task_sampling(self) -> None:
+        """``task_sampling`` replaces Trainer's sampler: refuse what would silently skip or override it."""
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                f"task_sampling={self.task_sampling!r} needs a map-style training set (datasets.Dataset): Trainer takes "
+                "an iterable dataset's own order and never builds a sampler. Pass a Dataset, or interleave the tasks "
+                "of your stream yourself (datasets.interleave_datasets with probabilities) and drop task_sampling."
+            )
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if strategy not in ("random", None):
+            raise ValueError(
+                f"task_sampling={self.task_sampling!r} and train_sampling_strategy={strategy!r} both choose the training "
+                "order; keep one of them (train_sampling_strategy='random' leaves it to task_sampling)."
+            )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the task column through ``remove_unused_columns`` whatever it is called: the collator reads it."""
+        super()._set_signature_columns_if_needed()
+        if self.task_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.task_column]
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds ``orthogonality_loss`` to a training log before any callback, so ``report_to`` loggers get it."""
+        add_orthogonality_loss(self.model, logs)
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.task_sampling is None:

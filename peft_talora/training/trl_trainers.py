@@ -40,7 +40,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..multitask import MultiTaskConfig
 from ..peft_patches import adapter_tensors
 from ..talora.model import TALoraModel
-from .callbacks import OrthogonalityLogCallback
+from .callbacks import add_orthogonality_loss
 from .collator import TaskIdEncoder, _encode_task_column
 from .trainer import task_sampler
 
@@ -171,8 +171,6 @@ class _TaskColumnMixin:
             self.data_collator = TaskIdsCollator(
                 self.data_collator, _task_encoder(self.model), task_column, rows_per_example=self._rows_per_example
             )
-        if isinstance(self._tuner, TALoraModel):
-            self.add_callback(OrthogonalityLogCallback())
 
     def _check_row_options(self, args) -> None:
         on = [option for option in self._row_mixing_options if getattr(args, option, None)]
@@ -196,6 +194,11 @@ class _TaskColumnMixin:
     @property
     def _tuner(self):
         return self.accelerator.unwrap_model(self.model).base_model
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds ``orthogonality_loss`` to a training log before any callback, so ``report_to`` loggers get it."""
+        add_orthogonality_loss(self.model, logs)
+        super().log(logs, *args, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
