@@ -179,7 +179,9 @@ def export_tasks_through_save_and_push() -> None:
         _check(self, tasks)
         if tasks is None:
             return save(self, save_directory, *args, **kwargs)
-        selected = kwargs.get("selected_adapters") or list(self.peft_config)
+        selected = _selected_adapters(self, save_directory, args, kwargs)
+        if selected is None:  # arguments save_pretrained does not take: PEFT's own error
+            return save(self, save_directory, *args, **kwargs)
         with self.base_model.exporting_tasks(tasks, selected):
             return save(self, save_directory, *args, **kwargs)
 
@@ -235,6 +237,24 @@ def _push_task_as_lora(model, repo_id: str, tasks, *args, **kwargs):
             revision=kwargs.get("revision"),
             create_pr=bool(kwargs.get("create_pr", False)),
         )
+
+
+def _selected_adapters(model, save_directory, args, kwargs) -> Optional[list[str]]:
+    """The adapters a ``save_pretrained(save_directory, *args, **kwargs)`` call saves: its ``selected_adapters``, by
+    keyword or position, or every adapter; ``None`` when the arguments do not fit PEFT's signature. A name the
+    model does not have is refused here, with the names it has, before anything is written."""
+    try:
+        bound = inspect.signature(PeftModel.save_pretrained).bind(model, save_directory, *args, **kwargs).arguments
+    except TypeError:
+        return None
+    selected = list(bound.get("selected_adapters") or model.peft_config)
+    unknown = [name for name in selected if name not in model.peft_config]
+    if unknown:
+        raise ValueError(
+            f"selected_adapters names {unknown}, which this model does not have; its adapters are "
+            f"{list(model.peft_config)}. Nothing was written."
+        )
+    return selected
 
 
 def _saving_atomically(save):
@@ -321,7 +341,7 @@ def complete_model_cards() -> None:
 
     @functools.wraps(save)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        with card_location(save_directory):
+        with card_location(save_directory, _selected_adapters(self, save_directory, args, kwargs)):
             return save(self, save_directory, *args, **kwargs)
 
     @functools.wraps(create)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_talora.multitask.atomic_save
 from peft_talora import MTLLoraConfig, TALoraConfig
+from peft_talora.multitask.tuner import CARD_START
 
 TASKS = ["a", "b", "c"]
 IDS = ["c", "a", "b"]
@@ -266,7 +267,7 @@ def test_swap_is_one_step_and_keeps_the_users_files(old, method, monkeypatch):
     folder, expected = old
     (folder / "link.txt").symlink_to("tokenizer.json")
     card = (folder / "README.md").read_text()
-    (folder / "README.md").write_text(card.replace("## Tasks", "My own notes on this adapter.\n\n## Tasks", 1))
+    (folder / "README.md").write_text(card.replace(CARD_START, "My own notes on this adapter.\n\n" + CARD_START, 1))
     before = snapshot(folder)
     seen = []
     exchange = peft_talora.multitask.atomic_save._exchange

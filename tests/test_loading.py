@@ -3,6 +3,7 @@
 The base model is a tiny random model saved into ``tmp_path``, so everything loads offline.
 """
 
+import json
 import re
 
 import pytest
@@ -13,6 +14,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_talora import MTLLoraConfig, MTLLoraModel, TALoraConfig, TALoraModel
+from peft_talora.multitask.tuner import CARD_END, CARD_START
 
 TASKS = ["sst2", "trec", "boolq"]
 ROUTES = ["boolq", "sst2", "trec"]  # one task per example of conftest.batch()
@@ -116,6 +118,66 @@ def test_model_card_of_one_exported_task_and_of_a_second_adapter(tmp_path, base_
     exec(auto_code, scope)
     assert set(scope["model"].peft_config) == {"default", "other"}
     torch.testing.assert_close(routed_logits(scope["model"]), routed_logits(model), rtol=0, atol=1e-6)
+
+
+def test_saving_again_keeps_every_section_of_the_card_but_the_generated_one(tmp_path, base_dir):
+    """Nothing a user wrote into the card is lost on a later save: only the text between the markers is replaced,
+    and a card written before the markers loses only its old generated section."""
+    model = trained("ta-lora", base_dir)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    mine_before, mine_after = "## Tasks we evaluated\n\nmy table", "## Tasks and data\n\n## Citation\n\nmy bibtex"
+    start, end = text.index(CARD_START), text.index(CARD_END) + len(CARD_END)
+    (folder / "README.md").write_text(f"{text[:start]}{mine_before}\n\n{text[start:end]}\n\n{mine_after}\n")
+    for _ in range(2):
+        model.save_pretrained(folder)
+        text = (folder / "README.md").read_text()
+        assert mine_before in text and mine_after in text and text.count("## How to load") == 1
+    # a card of the earlier layout: its generated section (heading to last line) is replaced, the rest kept
+    legacy = text.replace(CARD_START + "\n", "").replace(CARD_END, "")
+    legacy = legacy.replace(mine_after, "## Tasks and data\n\nmine").replace(mine_before, "### Tasks we evaluated")
+    (folder / "README.md").write_text(legacy)
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    assert "### Tasks we evaluated" in text and "## Tasks and data\n\nmine" in text
+    assert text.count("## How to load") == 1 and text.count(CARD_START) == 1
+
+
+@pytest.mark.parametrize("selected", [None, ["main"], ["other"]])
+def test_card_code_loads_adapters_not_called_default(tmp_path, base_dir, selected):
+    """PEFT saves an adapter not called ``default`` in a subfolder of its name: the card's code loads it from
+    there, and lists only the adapters that were saved."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), adapter_config("ta-lora"), adapter_name="main"
+    )
+    model.add_adapter("other", adapter_config("ta-lora"))
+    model = perturb(model, scale=0.3).eval()
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder, **({} if selected is None else {"selected_adapters": selected}))
+    saved = selected or ["main", "other"]
+    for code in card_code(folder):
+        scope = {}
+        exec(code, scope)
+        assert list(scope["model"].peft_config) == saved
+        for name in saved:
+            model.set_adapter(name)
+            scope["model"].set_adapter(name)
+            torch.testing.assert_close(routed_logits(scope["model"]), routed_logits(model), rtol=0, atol=1e-6)
+    text = (folder / "README.md").read_text()
+    assert ("adapter `other`" in text) == ("other" in saved) and ("adapter `main`" in text) == ("main" in saved)
+
+
+def test_task_export_reads_selected_adapters_by_position_and_names_unknown_ones(tmp_path, base_dir):
+    model = trained("ta-lora", base_dir)
+    model.add_adapter("other", TALoraConfig(task_type="CAUSAL_LM", task_names=["x", "y"], num_virtual_tokens=4, r=4))
+    model.save_pretrained(tmp_path / "one", True, ["default"], tasks=["sst2"])  # positional selected_adapters
+    assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["task_names"] == ["sst2"]
+    assert not (tmp_path / "one" / "other").exists()
+    with pytest.raises(ValueError, match=r"selected_adapters names \['typo'\], which this model does not have"):
+        model.save_pretrained(tmp_path / "two", selected_adapters=["typo"], tasks=["sst2"])
+    assert not (tmp_path / "two").exists()
 
 
 def test_pushed_model_card_loads_from_the_repo(hub, base_dir):

@@ -4,6 +4,7 @@ card, and checks of saved tensors and of the base model an adapter was saved for
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -199,19 +200,23 @@ class MultiTaskTunerMixin:
             self._exported_tasks.clear()
 
     def update_model_card(self, output_dir: str) -> None:
-        """Add the method's tags, each adapter's task-name -> id map and the loading lines to ``output_dir/README.md``.
+        """Add the method's tags, each saved adapter's task-name -> id map and the loading lines to
+        ``output_dir/README.md``.
 
-        The loading lines name the folder or Hub repo the card is saved for (:func:`card_location`,
-        set by ``save_pretrained``/``push_to_hub``; ``output_dir`` otherwise).
+        The section sits between two HTML-comment markers and a later save replaces only what is between
+        them: whatever else the card holds (the user's own sections, before or after) is kept. The loading
+        lines name the folder or Hub repo the card is saved for (:func:`card_location`, set by
+        ``save_pretrained``/``push_to_hub``; ``output_dir`` otherwise) and the adapters saved there.
         """
         from huggingface_hub import ModelCard
 
         path = os.path.join(output_dir, "README.md")
         card = ModelCard.load(path)
         card.data.tags = sorted({*(card.data.tags or []), *self.model_card_tags})
-        heading = "## Tasks"
+        saved = _saved_adapters(output_dir, self.peft_config)
         lines = []
-        for name, config in self.peft_config.items():
+        for name in saved:
+            config = self.peft_config[name]
             tasks = [config.task_label(i) for i in range(config.num_tasks)]
             lines.append(
                 f"- adapter `{name}`: {len(tasks)} task(s), in id order: " + ", ".join(f"`{t}`" for t in tasks)
@@ -220,71 +225,114 @@ class MultiTaskTunerMixin:
             lines += [f"  | {i} | `{t}` |" for i, t in enumerate(tasks)] + [""]
         section = "\n".join(
             [
-                heading,
+                CARD_START,
+                "## Tasks",
                 "",
                 "Route each example with `task_ids` (ids or these names):",
                 "",
                 *lines,
-                *self._loading_lines(output_dir),
+                *self._loading_lines(output_dir, saved),
+                CARD_END,
             ]
         )
         text = card.text
-        if heading in text:
-            text = text[: text.index(heading)].rstrip() + "\n"
-        card.text = text.rstrip() + "\n\n" + section
+        start = text.find(CARD_START)
+        end = text.find(CARD_END, start) if start >= 0 else -1
+        if end >= 0:
+            text = text[:start] + section + text[end + len(CARD_END) :]
+        else:
+            text = _LEGACY_SECTION.sub("", text).rstrip() + "\n\n" + section + "\n"
+        card.text = text
         card.save(path)
 
-    def _loading_lines(self, output_dir: str) -> list[str]:
-        """The ``## How to load`` section of the model card (markdown lines)."""
+    def _loading_lines(self, output_dir: str, saved: Sequence[str]) -> list[str]:
+        """The ``## How to load`` section of the model card (markdown lines) for the adapters ``saved``."""
         location = _CARD_LOCATION.get() or str(output_dir)
-        config = next(iter(self.peft_config.values()))
-        base = config.base_model_name_or_path or "<base model>"
-        names = [n for n in self.peft_config if n != "default"]
-        others = [f'model.load_adapter("{location}", adapter_name="{n}", subfolder="{n}")' for n in names]
+        first, *rest = saved
+        config = self.peft_config[first]
+        # every adapter sits on the same base; one added with add_adapter may not record it
+        paths = [config.base_model_name_or_path, *(c.base_model_name_or_path for c in self.peft_config.values())]
+        base = next((path for path in paths if path), "<base model>")
+        where = f'"{location}"' if first == "default" else f'"{location}", subfolder="{first}", adapter_name="{first}"'
+        others = [f'model.load_adapter("{location}", adapter_name="{n}", subfolder="{n}")' for n in rest]
         example = config.task_label(0) if config.task_names else 0
-        return [
-            "## How to load",
-            "",
-            "`import peft_talora` registers this adapter's method with PEFT; then PEFT loads it as any other:",
-            "",
+        auto = [  # AutoPeftModel would look for the base model in the subfolder too: only for an adapter at the root
             "```python",
             "import peft_talora",
             "from peft import AutoPeftModelForCausalLM",
             "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")',
+            f"model = AutoPeftModelForCausalLM.from_pretrained({where})",
             *others,
             "```",
             "",
             "or, onto a base model you have already loaded:",
             "",
+        ]
+        return [
+            "## How to load",
+            "",
+            "`import peft_talora` registers this adapter's method with PEFT; then PEFT loads it as any other:",
+            "",
+            *(auto if first == "default" else []),
             "```python",
             "import peft_talora",
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM",
             "",
             f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-            f'model = PeftModel.from_pretrained(base, "{location}")',
+            f"model = PeftModel.from_pretrained(base, {where})",
             *others,
             "```",
             "",
             f"Then pass the tasks with every call: `model(**inputs, task_ids=[{example!r}, ...])`, "
             f"`model.generate(**inputs, task_ids=[{example!r}, ...])`.",
-            "",
         ]
+
+
+#: The markers around the model card's generated section; a save replaces only what is between them.
+CARD_START = "<!-- peft-talora: generated section, replaced on every save -->"
+CARD_END = "<!-- peft-talora: end of generated section -->"
+#: The section as cards written before the markers hold it (from its heading to its last line).
+_LEGACY_SECTION = re.compile(
+    r"^## Tasks\n\nRoute each example with `task_ids`.*?^Then pass the tasks with every call:[^\n]*\n?", re.S | re.M
+)
+
+
+def _saved_adapters(output_dir: str, configs: dict) -> list[str]:
+    """The adapters a card in ``output_dir`` is for, in the model's order: those the save names
+    (:func:`card_location`), else those whose files are in ``output_dir`` (``"default"`` at its root, the others
+    in subfolders of their name: a ``push_to_hub`` upload), else every adapter."""
+    named = _CARD_ADAPTERS.get()
+    found = [
+        name
+        for name in configs
+        if (
+            name in named
+            if named is not None
+            else os.path.isfile(os.path.join(output_dir, "" if name == "default" else name, "adapter_config.json"))
+        )
+    ]
+    return found or list(configs)
 
 
 #: Where the model card being written will be loaded from (a folder or a Hub repo id), see :func:`card_location`.
 _CARD_LOCATION: ContextVar[Optional[str]] = ContextVar("peft_talora_card_location", default=None)
+#: The adapters the save being carded writes (``selected_adapters``), see :func:`card_location`.
+_CARD_ADAPTERS: ContextVar[Optional[tuple]] = ContextVar("peft_talora_card_adapters", default=None)
 
 
 @contextmanager
-def card_location(location):
-    """Within this context, model cards' loading lines name ``location``; an outer location (a ``push_to_hub``
-    repo id around its own ``save_pretrained`` into a temporary folder) is kept."""
+def card_location(location, adapters: Optional[Sequence[str]] = None):
+    """Within this context, model cards' loading lines name ``location`` and list ``adapters`` (the adapters being
+    saved; ``None``: those found in the card's folder); an outer location (a ``push_to_hub`` repo id around its own
+    ``save_pretrained`` into a temporary folder) is kept."""
     token = _CARD_LOCATION.set(str(location)) if _CARD_LOCATION.get() is None else None
+    listed = _CARD_ADAPTERS.set(tuple(adapters)) if adapters is not None and _CARD_ADAPTERS.get() is None else None
     try:
         yield
     finally:
+        if listed is not None:
+            _CARD_ADAPTERS.reset(listed)
         if token is not None:
             _CARD_LOCATION.reset(token)
 
