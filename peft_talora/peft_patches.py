@@ -488,12 +488,18 @@ def explain_unreadable_adapter_files() -> None:
                     _forget(self, adapter_name)
             if other_base is not None:
                 raise ValueError(f"{other_base} What failed: {error}") from error
-            if type(error).__name__ != "SafetensorError" or not _is_our_adapter(folder):
+            if not _is_our_adapter(folder):
+                raise
+            if type(error).__name__ == "SafetensorError":
+                damaged, kind = SAFETENSORS_WEIGHTS_NAME, "a safetensors file"
+            elif _unreadable_pickle(folder):  # safe_serialization=False: torch.load's error would not say so
+                damaged, kind = WEIGHTS_NAME, "a PyTorch weights file"
+            else:
                 raise
             raise ValueError(
-                f"The adapter weights in {model_id!r} cannot be read: adapter_model.safetensors is truncated or not a "
-                f"safetensors file ({error}). Nothing was loaded; save the adapter again (save_pretrained) or restore "
-                "the file from where it came from."
+                f"The adapter weights in {model_id!r} cannot be read: {damaged} is truncated or not {kind} "
+                f"({type(error).__name__}: {error}). Nothing was loaded; save the adapter again (save_pretrained) or "
+                "restore the file from where it came from."
             ) from error
         if _is_ours(self.peft_config[adapter_name]):
             try:
@@ -519,6 +525,19 @@ def explain_unreadable_adapter_files() -> None:
 
     load_adapter._peft_talora_explains = True
     PeftModel.load_adapter = load_adapter
+
+
+def _unreadable_pickle(folder: str) -> bool:
+    """Whether ``folder`` holds PyTorch-format adapter weights only (``safe_serialization=False``) and they cannot
+    be read (truncated, empty or not a weights file)."""
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path) or os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)):
+        return False
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return True
+    return False
 
 
 def _forget(peft_model, adapter_name: str) -> None:

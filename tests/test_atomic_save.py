@@ -5,6 +5,7 @@ The save writes into a hidden folder beside the target and swaps it in at the en
 (``peft_talora.multitask.atomic_save``); the failures are injected into PEFT's own writers.
 """
 
+import errno
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_talora.multitask.atomic_save
 from peft_talora import MTLLoraConfig, TALoraConfig
+from peft_talora.multitask.atomic_save import TMP_MARK
 from peft_talora.multitask.tuner import CARD_START
 
 TASKS = ["a", "b", "c"]
@@ -345,6 +347,25 @@ def test_without_an_atomic_exchange_two_renames_swap_it(old, method, monkeypatch
     new.save_pretrained(folder)
     assert torch.equal(loaded_outputs(folder), outputs(new))
     assert (folder / "notes" / "run.txt").read_text() == "lr=1e-3"
+    assert leftovers(folder) == []
+
+
+def test_without_an_atomic_exchange_a_failed_second_rename_puts_the_old_folder_back(old, method, monkeypatch):
+    folder, expected = old
+    before = snapshot(folder)
+    monkeypatch.setattr(peft_talora.multitask.atomic_save, "_exchange", lambda a, b: False)
+    rename = os.rename
+
+    def failing(source, destination):
+        if TMP_MARK in os.path.basename(source):  # the new folder into the target's place
+            raise OSError(errno.EIO, "simulated failure", destination)
+        return rename(source, destination)
+
+    monkeypatch.setattr(peft_talora.multitask.atomic_save.os, "rename", failing)
+    with pytest.raises(OSError, match="simulated failure"):
+        trained(method, seed=1).save_pretrained(folder)
+    monkeypatch.setattr(peft_talora.multitask.atomic_save.os, "rename", rename)
+    assert snapshot(folder) == before and torch.equal(loaded_outputs(folder), expected)
     assert leftovers(folder) == []
 
 

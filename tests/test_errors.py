@@ -161,6 +161,13 @@ def named():
             r"integer tensor .* got dtype torch\.float32; valid tasks are " + VALID,
         ),
         ([True, False, True], TypeError, r"got dtype torch\.bool; valid tasks are " + VALID),
+        (
+            [True, 1, 0],
+            TypeError,
+            r"`task_ids` holds a bool .*; pass task ids \(ints\) or names: valid tasks are " + VALID,
+        ),
+        ([torch.tensor(0), torch.tensor(True), 1], TypeError, r"`task_ids` holds a bool"),
+        (b"\x00\x01\x02", TypeError, r"`task_ids` must be ints or task names, got bytes; valid tasks are " + VALID),
     ],
     ids=[
         "missing",
@@ -173,6 +180,9 @@ def named():
         "2d",
         "float",
         "bool",
+        "bool-among-ints",
+        "bool-tensor-among-ints",
+        "bytes",
     ],
 )
 def test_bad_task_ids_in_forward(named, task_ids, error, message):
@@ -348,6 +358,23 @@ def test_corrupt_safetensors_file(saved, garble):
     assert isinstance(info.value.__cause__, SafetensorError)  # the original error stays attached
 
 
+@pytest.mark.parametrize(
+    "garble",
+    [lambda data: data[: len(data) // 2], lambda data: b"not a weights file" * 10, lambda data: b""],
+    ids=["truncated", "garbage", "empty"],
+)
+def test_corrupt_pytorch_weights_file(tmp_path, garble):
+    """``safe_serialization=False`` writes adapter_model.bin: a damaged one gets the same clear error, not
+    torch.load's (whose advice to retry with weights_only=False would be unsafe)."""
+    model = perturb(get_peft_model(tiny_model(), config()))
+    model.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    file = tmp_path / "adapter" / "adapter_model.bin"
+    file.write_bytes(garble(file.read_bytes()))
+    with pytest.raises(ValueError, match="adapter_model.bin is truncated or not a PyTorch weights file") as info:
+        PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter")
+    assert "save the adapter again" in str(info.value) and "weights_only=False" not in str(info.value)
+
+
 def test_adapter_file_missing_a_tensor(saved, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -500,3 +527,5 @@ def test_unknown_adapter_names():
         model.delete_adapter("nope")
     with pytest.raises(ValueError, match=r"Adapter 'nope' does not exist; available: \['default'\]"):
         model.base_model.set_adapter("nope")
+    with pytest.raises(ValueError, match=r"Adapter 'nope' does not exist; available: \['default'\]"):
+        model.base_model.training_stage("nope")

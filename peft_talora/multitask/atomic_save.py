@@ -79,7 +79,11 @@ def write_folder_atomically(
         elif not _exchange(folder, target):
             old = _new_name(parent, f".{name}.{OLD_MARK}")
             os.rename(target, old)
-            os.rename(folder, target)
+            try:
+                os.rename(folder, target)
+            except BaseException:
+                os.rename(old, target)  # the old folder goes back where it was, whole
+                raise
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(parent)
         if cwd is not None:  # our working directory was inside the old folder: follow the new one

@@ -49,9 +49,20 @@ def resolve_task_ids(
         )
     if not isinstance(task_ids, torch.Tensor) and hasattr(task_ids, "tolist"):  # numpy array or scalar
         task_ids = task_ids.tolist()
+    if isinstance(task_ids, (bytes, bytearray)):
+        raise TypeError(
+            f"`task_ids` must be ints or task names, got {type(task_ids).__name__}; valid tasks are "
+            f"{_valid(num_tasks, task_names)}."
+        )
     if isinstance(task_ids, str):  # one name for the whole batch
         task_ids = task_index(task_ids, task_names, num_tasks)
     elif isinstance(task_ids, Sequence) and not isinstance(task_ids, torch.Tensor):
+        bools = [_is_bool(t) for t in task_ids]
+        if any(bools) and not all(bools):  # torch.as_tensor([True, 1]) would make it an id (all bools: below)
+            raise TypeError(
+                f"`task_ids` holds a bool ({task_ids!r}); pass task ids (ints) or names: valid tasks are "
+                f"{_valid(num_tasks, task_names)}."
+            )
         task_ids = [task_index(t, task_names, num_tasks) if isinstance(t, str) else t for t in task_ids]
         if not task_ids:  # torch.as_tensor([]) would be float32
             task_ids = torch.empty(0, dtype=torch.long)
@@ -77,3 +88,10 @@ def resolve_task_ids(
         bad = sorted({int(t) for t in task_ids.tolist() if not 0 <= t < num_tasks})
         raise ValueError(f"Unknown task id(s) {bad}; valid tasks are {_valid(num_tasks, task_names)}.")
     return task_ids
+
+
+def _is_bool(value) -> bool:
+    """A Python, numpy or 0-d tensor bool."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, bool) or type(value).__name__ == "bool_"

@@ -97,7 +97,7 @@ class MultiTaskTunerMixin:
 
     def training_stage(self, adapter_name: Optional[str] = None) -> str:
         """The training stage of ``adapter_name`` (default: the active adapter)."""
-        return self._stages.get(adapter_name or self._active_name, "multi_task")
+        return self._stages.get(self._check_adapter(adapter_name), "multi_task")
 
     def set_training_stage(self, stage: str, adapter_name: Optional[str] = None) -> None:
         """Choose what trains for ``adapter_name`` (default: the active adapter); see the method's ``STAGES``.
