@@ -112,6 +112,11 @@ def test_evaluations_of_another_split_are_left_alone_and_a_second_restore_is_war
     assert callback.history == {}  # dataset b: not the metric's
     callback.on_evaluate(args, State, None, metrics={"eval_a_loss": 0.5, "eval_a_runtime": 1.0}, model=linear)
     assert callback.history == {4: 0.5}
+    prefixed = KeepBestCallback()  # dataset "a" beside "a_b": eval_a_loss is not eval_a_b_loss
+    args_ab = cpu_training_args(TrainingArguments, tmp_path, metric_for_best_model="eval_a_b_loss")
+    prefixed.on_evaluate(args_ab, State, None, metrics={"eval_a_loss": 0.2, "eval_a_runtime": 1.0}, model=linear)
+    prefixed.on_evaluate(args_ab, State, None, metrics={"eval_a_b_loss": 0.3, "eval_a_b_runtime": 1.0}, model=linear)
+    assert prefixed.history == {4: 0.3}
     with pytest.raises(KeyError, match="needs 'eval_a_loss'"):
         callback.on_evaluate(args, State, None, metrics={"eval_a_accuracy": 0.5, "eval_a_runtime": 1.0}, model=linear)
     with pytest.warns(UserWarning, match="load_best_model_at_end=True both restore a best point"):
