@@ -328,6 +328,22 @@ def test_uncertainty_sampling_trains_peft_multitask_prompt_tuning(tmp_path):
     assert bool(((u > 0.8) & (u < 1.0)).all()), u
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd", "adafactor"])
+def test_build_trainer_builds_args_optim_over_the_fast_and_slow_groups(tmp_path, optim):
+    """``optim``/``optim_args`` choose the optimizer as with a plain Trainer; TA-LoRA's groups keep their rates."""
+    args = arguments(tmp_path, optim=optim, learning_rate=0.01, weight_decay=0.1, adam_beta2=0.99)
+    trainer = build_trainer(three_task_model(), args, train_dataset=imbalanced(), fast_lr_ratio=3.0)
+    expected_cls, expected_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+    assert type(trainer.optimizer) is expected_cls
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert groups["fast"]["lr"] == pytest.approx(0.03) and groups["slow"]["lr"] == pytest.approx(0.01)
+    assert (
+        groups["slow"]["weight_decay"] == 0.1 and groups.get("slow_no_decay", {"weight_decay": 0})["weight_decay"] == 0
+    )
+    if "betas" in expected_kwargs:
+        assert groups["fast"]["betas"] == (0.9, 0.99)
+
+
 def test_task_sampling_refuses_what_would_skip_or_override_it(tmp_path):
     stream = imbalanced().to_iterable_dataset()
     with pytest.raises(ValueError, match=r"task_sampling='temperature' needs a map-style training set"):

@@ -2,8 +2,8 @@
 
 :func:`build_trainer` adds, to whatever a user would pass ``Trainer`` anyway:
 
-- fast/slow learning rates for TA-LoRA (:func:`peft_talora.talora_optimizer`; Trainer's
-  scheduler then scales every group);
+- fast/slow learning rates for TA-LoRA (``args.optim``, AdamW by default, over the parameter groups of
+  :func:`peft_talora.talora_parameter_groups`; Trainer's scheduler then scales every group);
 - multi-task sampling (``task_sampling``: ``"proportional"``, ``"temperature"``, ``"uncertainty"``);
 - the orthogonality penalty as its own log entry (``orthogonality_loss``, seen by every ``report_to`` logger);
 - a collator that masks prompt tokens, pads and keeps ``task_ids``.
@@ -23,7 +23,7 @@ from ..talora.model import TALoraModel
 from .callbacks import add_orthogonality_loss
 from .collator import MultiTaskDataCollator
 from .label_logits import label_positions, supports_label_logits
-from .optim import DEFAULT_FAST_LR_RATIO, talora_optimizer
+from .optim import DEFAULT_FAST_LR_RATIO, talora_parameter_groups
 from .sampling import STRATEGIES, MultiTaskSampler, normalized_entropy
 
 
@@ -44,21 +44,14 @@ def build_trainer(
 ) -> MultiTaskTrainer:
     """A :class:`~peft_talora.training.trainer.MultiTaskTrainer` for ``model`` (a ``PeftModel``).
 
-    For a TA-LoRA adapter the optimizer is AdamW over fast/slow groups built from ``args``
-    (learning rate, weight decay, betas, epsilon) with ``fast_lr_ratio``; other methods get
-    Trainer's own optimizer. ``data_collator`` defaults to :class:`MultiTaskDataCollator`.
+    For a TA-LoRA adapter the optimizer is ``args.optim`` (with ``args.optim_args``, betas and epsilon, as
+    ``Trainer`` would build it; AdamW by default) over fast/slow parameter groups: the learning rate
+    times ``fast_lr_ratio`` for the fast factors, ``args.weight_decay`` where ``Trainer`` would decay.
+    Other methods get Trainer's own optimizer. ``data_collator`` defaults to :class:`MultiTaskDataCollator`.
     """
     optimizers = (None, None)
     if isinstance(getattr(model, "base_model", None), TALoraModel):
-        optimizer = talora_optimizer(
-            model,
-            lr=args.learning_rate,
-            fast_lr_ratio=fast_lr_ratio,
-            weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-        )
-        optimizers = (optimizer, None)
+        optimizers = (talora_optimizer_from_args(model, args, fast_lr_ratio), None)
     if data_collator is None:
         data_collator = MultiTaskDataCollator(tokenizer=processing_class, task_names=model)
     return MultiTaskTrainer(
@@ -75,6 +68,18 @@ def build_trainer(
         task_sampling_temperature=task_sampling_temperature,
         **trainer_kwargs,
     )
+
+
+def talora_optimizer_from_args(model, args: TrainingArguments, fast_lr_ratio: float = DEFAULT_FAST_LR_RATIO):
+    """The optimizer ``args.optim`` names, built the way ``Trainer`` builds it, over TA-LoRA's fast/slow groups."""
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if "params" in kwargs or "optimizer_dict" in kwargs:
+        raise ValueError(
+            f"optim={args.optim!r} chooses its own parameter groups, so it cannot take TA-LoRA's fast/slow learning "
+            "rates; use an AdamW, SGD or Adafactor variant, or pass optimizers=(your_optimizer, None) to Trainer."
+        )
+    groups = talora_parameter_groups(model, args.learning_rate, fast_lr_ratio, args.weight_decay)
+    return optimizer_cls(groups, **kwargs)
 
 
 def _column_values(dataset, column: str) -> list:
