@@ -344,6 +344,45 @@ def test_build_trainer_builds_args_optim_over_the_fast_and_slow_groups(tmp_path,
         assert groups["fast"]["betas"] == (0.9, 0.99)
 
 
+def test_a_resumed_uncertainty_run_draws_the_batches_the_uninterrupted_run_drew(tmp_path):
+    """The sampler's uncertainties (and the ones each chunk of the epoch in progress was drawn with) are part
+    of the checkpoint: after a resume the same tasks come in the same order."""
+
+    class Recording(MultiTaskTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.drawn.append(inputs["task_ids"].tolist())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    class Skew(TrainerCallback):  # a strong preference that the slow momentum keeps, set once at the very start
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                trainer.task_sampler.uncertainties = torch.tensor([1.0, 0.01, 0.01], dtype=torch.float64)
+
+    runs = []
+    for resume in (None, True):
+        trainer = Recording(
+            model=three_task_model(),
+            args=arguments(tmp_path, max_steps=10, per_device_train_batch_size=4, save_steps=5, save_strategy="steps"),
+            train_dataset=imbalanced(counts=(8, 16, 40)),
+            data_collator=MultiTaskDataCollator(pad_token_id=0),
+            task_sampling="uncertainty",
+            uncertainty_momentum=0.999,
+            uncertainty_refresh_every=4,
+            callbacks=[Skew()],
+        )
+        trainer.drawn = []
+        trainer.train(resume_from_checkpoint=tmp_path / "checkpoint-5" if resume else None)
+        runs.append((trainer.drawn[-5:], trainer.task_sampler.uncertainties.clone()))
+    (first, first_u), (resumed, resumed_u) = runs
+    assert sum(t == 0 for batch in first for t in batch) >= 15  # the skew shows: task 0 dominates
+    assert resumed == first
+    torch.testing.assert_close(resumed_u, first_u)
+    with pytest.raises(
+        ValueError, match="used strategy 'uncertainty' over 3 tasks; this run uses 'temperature' over 3"
+    ):
+        MultiTaskSampler([0, 1, 2], "temperature").load_state_dict(trainer.task_sampler.state_dict())
+
+
 def test_task_sampling_refuses_what_would_skip_or_override_it(tmp_path):
     stream = imbalanced().to_iterable_dataset()
     with pytest.raises(ValueError, match=r"task_sampling='temperature' needs a map-style training set"):

@@ -135,6 +135,9 @@ class MultiTaskSampler(Sampler[int]):
         self._order = torch.argsort(task_ids, stable=True)
         self._starts = torch.cumsum(self.task_counts, 0) - self.task_counts
         self.uncertainties = torch.ones(self.num_tasks, dtype=torch.float64)
+        self._drawn_with: list[torch.Tensor] = []  # the uncertainties each chunk of this epoch was drawn with
+        self._drawn_epoch = 0  # ... and that epoch
+        self._replay: Optional[tuple[int, list[torch.Tensor]]] = None  # (epoch, those of a checkpoint)
         task_sampling_probabilities(self.task_counts, strategy, temperature=temperature)  # validate early
 
     # ----------------------------------------------------------------- probabilities
@@ -228,9 +231,43 @@ class MultiTaskSampler(Sampler[int]):
         chunk = self.num_samples
         if self.strategy == "uncertainty" and self.refresh_every:
             chunk = max(1, int(self.refresh_every))
+        replay = self._replay[1] if self._replay is not None and self._replay[0] == self.epoch else []
+        self._replay, self._drawn_with, self._drawn_epoch = None, [], self.epoch
         remaining = self.num_samples
         while remaining > 0:
             size = min(chunk, remaining)
-            yield from self.sample(size, generator).tolist()
+            current = self.uncertainties
+            if len(self._drawn_with) < len(replay):  # a resumed epoch draws its first chunks as the first run did
+                self.uncertainties = replay[len(self._drawn_with)].clone()
+            self._drawn_with.append(self.uncertainties.clone())
+            indices = self.sample(size, generator).tolist()
+            if len(self._drawn_with) <= len(replay):
+                self.uncertainties = current
+            yield from indices
             remaining -= size
         self.epoch += 1
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """What a resumed run needs to draw the same stream: the uncertainties, and for the epoch in progress the
+        uncertainties each of its chunks was drawn with (the resumed run regenerates the batches it skips)."""
+        return {
+            "strategy": self.strategy,
+            "num_tasks": self.num_tasks,
+            "epoch": self._drawn_epoch,
+            "uncertainties": self.uncertainties.clone(),
+            "drawn_with": [u.clone() for u in self._drawn_with],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the same strategy and tasks); the next ``__iter__`` of the saved epoch
+        replays its chunks' draws."""
+        if state.get("strategy") != self.strategy or state.get("num_tasks") != self.num_tasks:
+            raise ValueError(
+                f"The checkpoint's task sampler used strategy {state.get('strategy')!r} over {state.get('num_tasks')} "
+                f"tasks; this run uses {self.strategy!r} over {self.num_tasks}. Resume with the same task_sampling and "
+                "training set, or start a new run."
+            )
+        self.uncertainties = torch.as_tensor(state["uncertainties"], dtype=torch.float64).clone()
+        drawn = [torch.as_tensor(u, dtype=torch.float64) for u in state.get("drawn_with", [])]
+        self._replay = (int(state["epoch"]), drawn)  # used only if that epoch is drawn again (it was unfinished)

@@ -14,10 +14,12 @@ It runs unchanged under ``torchrun`` and ``accelerate launch`` (Trainer handles 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..talora.model import TALoraModel
 from .callbacks import add_orthogonality_loss
@@ -25,6 +27,9 @@ from .collator import MultiTaskDataCollator
 from .label_logits import label_positions, supports_label_logits
 from .optim import DEFAULT_FAST_LR_RATIO, talora_parameter_groups
 from .sampling import STRATEGIES, MultiTaskSampler, normalized_entropy
+
+#: The file of a checkpoint that holds the task sampler's state (:meth:`MultiTaskTrainer.train`).
+TASK_SAMPLER_NAME = "task_sampler.pt"
 
 
 def build_trainer(
@@ -214,6 +219,15 @@ class MultiTaskTrainer(Trainer):
         add_orthogonality_loss(self.model, logs)
         super().log(logs, *args, **kwargs)
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; a run resumed from a checkpoint also gets its task sampler's state back."""
+        path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        self._resuming_from = path or None  # (none found: Trainer raises)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._resuming_from = None
+
     def _get_train_sampler(self, train_dataset=None):
         if self.task_sampling is None:
             return super()._get_train_sampler(train_dataset)
@@ -227,7 +241,16 @@ class MultiTaskTrainer(Trainer):
             self.uncertainty_momentum,
             self.uncertainty_refresh_every,
         )
+        resuming = getattr(self, "_resuming_from", None)
+        if resuming and os.path.isfile(os.path.join(resuming, TASK_SAMPLER_NAME)):
+            self.task_sampler.load_state_dict(torch.load(os.path.join(resuming, TASK_SAMPLER_NAME), weights_only=True))
         return self.task_sampler
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Checkpoints keep the task sampler's state beside the random states (see :meth:`train`)."""
+        super()._save_rng_state(output_dir)
+        if self.task_sampler is not None and self.args.should_save:
+            torch.save(self.task_sampler.state_dict(), os.path.join(output_dir, TASK_SAMPLER_NAME))
 
     def _keeps_label_logits_only(self, model, labels) -> bool:
         """Whether this training step computes logits at the label positions only (see the class doc)."""
