@@ -199,6 +199,18 @@ def test_deepcopy_after_a_training_forward(method):
     )
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_data_parallel_is_refused_by_name_and_unload_takes_the_refusal_off(method):
+    """nn.DataParallel's copies would run the original model's forward wrapper and routing hook: its copy step
+    raises with the fix (DDP, or one GPU) instead; after unload the plain model replicates as usual."""
+    model = make_adapted(method)
+    wrapped = model.base_model.model
+    with pytest.raises(RuntimeError, match=r"do not run under torch\.nn\.DataParallel.*torchrun or accelerate launch"):
+        wrapped._replicate_for_data_parallel()
+    plain = model.unload() if method == "mtllora" else model.base_model.unload()
+    assert type(plain._replicate_for_data_parallel()) is type(plain)
+
+
 @pytest.mark.parametrize("first", METHODS)
 @pytest.mark.parametrize("second", METHODS)
 def test_a_second_get_peft_model_on_an_adapted_base_refuses_and_the_first_keeps_working(first, second):

@@ -116,10 +116,13 @@ class TaskRouter:
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         _declare_routing_parameters(model)
         model.generate = _GenerateRoutingTaskIds(self, model.__dict__.get("generate"))
+        model._replicate_for_data_parallel = _RefuseDataParallel()
 
     def remove(self) -> None:
         """Take the hook and the declared parameters off the model."""
         self._hook.remove()
+        if isinstance(self.model.__dict__.get("_replicate_for_data_parallel"), _RefuseDataParallel):
+            del self.model._replicate_for_data_parallel
         if getattr(self.model.__dict__.get("forward"), "_talora_declares_task_ids", False):
             own = self.model.forward.own_forward
             del self.model.forward
@@ -311,6 +314,19 @@ class _GenerateRoutingTaskIds:
             return self.own_generate(*args, **kwargs)
         model = self.router.model
         return type(model).generate(model, *args, **kwargs)
+
+
+class _RefuseDataParallel:
+    """``torch.nn.DataParallel`` copies a module's attributes as they are, so every GPU's copy would run the
+    original model's ``forward`` wrapper and routing hook (the wrong weights, on the wrong device). Refuse it
+    by name, with the fix, where it makes its copies."""
+
+    def __call__(self):
+        raise RuntimeError(
+            "Multi-task adapters (TA-LoRA, MTL-LoRA) do not run under torch.nn.DataParallel, which Trainer uses when "
+            "one process sees several GPUs. Launch one process per GPU instead (torchrun or accelerate launch: "
+            "DistributedDataParallel), or show the process one GPU (CUDA_VISIBLE_DEVICES=0)."
+        )
 
 
 def _declare_routing_parameters(model: nn.Module) -> None:
