@@ -381,6 +381,22 @@ def _layout_difference(name: str, saved, here) -> Optional[str]:
     return None if saved == here else f"{name}: {saved!r} in the file, {here!r} here"
 
 
+def _hub_config_folder(repo_id: str, kwargs: dict) -> Optional[str]:
+    """The local folder of ``repo_id``'s adapter config (downloaded, or from the cache PEFT then reads it from),
+    for the checks of :func:`_refuse_another_adapter_file`; ``None`` where it cannot be had (PEFT's own load
+    then says why)."""
+    import huggingface_hub
+
+    wanted = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+    try:
+        path = huggingface_hub.hf_hub_download(
+            repo_id, CONFIG_NAME, **{k: kwargs[k] for k in wanted if kwargs.get(k) is not None}
+        )
+    except Exception:
+        return None
+    return os.path.dirname(path)
+
+
 def _refuse_another_adapter_file(config, model, folder: str, source: str) -> None:
     """Loading into an existing adapter (``Trainer`` resuming a checkpoint, ``load_best_model_at_end``): the
     file must have been saved from this base model, for this adapter's tasks in the same order, with the same
@@ -461,8 +477,11 @@ def explain_unreadable_adapter_files() -> None:
         new, source = adapter_name not in self.peft_config, repr(str(model_id))
         before = None  # an existing adapter's values, put back if the load fails after PEFT has copied weights in
         if not new and _is_ours(self.peft_config[adapter_name]):
-            if os.path.isdir(folder):
-                _refuse_another_adapter_file(self.peft_config[adapter_name], self.get_base_model(), folder, source)
+            config_folder = folder if os.path.isdir(folder) else _hub_config_folder(str(model_id), kwargs)
+            if config_folder is not None:
+                _refuse_another_adapter_file(
+                    self.peft_config[adapter_name], self.get_base_model(), config_folder, source
+                )
             before = {name: t.detach().clone() for name, t in adapter_tensors(self, adapter_name).items()}
 
         def restore() -> None:

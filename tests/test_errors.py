@@ -358,6 +358,28 @@ def test_corrupt_safetensors_file(saved, garble):
     assert isinstance(info.value.__cause__, SafetensorError)  # the original error stays attached
 
 
+def test_loading_a_hub_adapter_of_other_tasks_into_an_existing_adapter_is_refused(tmp_path, monkeypatch):
+    """The same checks as for a local folder (here: the same task count under other names, which the tensor
+    shapes cannot tell) run on the adapter config of a Hub repo before anything is loaded."""
+    import huggingface_hub
+
+    requested = []
+
+    def download(repo_id, filename, **kwargs):
+        requested.append((repo_id, filename, kwargs))
+        return str(saved / filename)
+
+    names, saved = ["a", "b", "c"], tmp_path / "adapter"
+    get_peft_model(tiny_model(), config(num_tasks=None, task_names=names)).save_pretrained(saved)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = get_peft_model(tiny_model(), config(num_tasks=None, task_names=list(reversed(names))))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=re.escape(f"task_names: {names} in the file, {list(reversed(names))} here")):
+        model.load_adapter("someone/adapter", adapter_name="default", revision="v1")
+    assert requested == [("someone/adapter", "adapter_config.json", {"revision": "v1"})]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize(
     "garble",
     [lambda data: data[: len(data) // 2], lambda data: b"not a weights file" * 10, lambda data: b""],
