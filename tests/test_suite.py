@@ -3,6 +3,7 @@
 import re
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -202,6 +203,38 @@ def test_register_a_dataset_with_string_or_int_labels(own_tasks, tmp_path):
     raw = Dataset.from_dict({"text": [f"t{i}" for i in range(12)], "label": ["Y", "N"] * 6})
     own_tasks(TaskSpec("my_mapped", "Answer yes or no.", ["no", "yes"]), raw, label_map={"Y": "yes", "N": "no"})
     assert sorted(load_task("my_mapped", cache_dir=tmp_path, progress=False)["train"]["label_word"][:])[-1] == "yes"
+
+
+def test_a_class_label_source_in_another_order_keeps_each_rows_word(own_tasks, tmp_path):
+    """A ClassLabel column whose names are the label words in another order: each row keeps its word."""
+    texts = [f"good film {i}" for i in range(6)] + [f"bad film {i}" for i in range(6)]
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["Positive", "negative"])}
+    )
+    raw = Dataset.from_dict({"text": texts, "label": [0] * 6 + [1] * 6}, features=features)
+    spec = TaskSpec(name="my_order", instruction="Sentiment?", label_names=["negative", "positive"])
+    own_tasks(spec, raw)
+    splits = load_task("my_order", cache_dir=tmp_path, progress=False)
+    rows = [row for split in SPLITS for row in splits[split]]
+    assert len(rows) == 12
+    assert all(row["label_word"] == ("positive" if row["text"].startswith("good") else "negative") for row in rows)
+
+
+def test_rows_whose_labels_are_not_ids_of_the_task_are_refused():
+    tokenizer = tiny_tokenizer()
+    unlabelled = Dataset.from_dict({"text": ["red", "blue"], "label": [1, -1], "task": ["boolq", "boolq"]})
+    with pytest.raises(
+        ValueError, match=r"Row 1 has label -1, not an id of task 'boolq'.s 2 labels \(0\.\.1: no, yes\)"
+    ):
+        format_split(unlabelled, tokenizer)
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"Labels \['-1'\] are not ids of task 'boolq'.s 2 labels"):
+        evaluate_task(model, tokenizer, unlabelled)
+    trec_rows = Dataset.from_dict({"text": ["red"], "label": [4], "task": ["trec"]})
+    with pytest.raises(ValueError, match=r"task column names \['trec'\], but the rows are scored as task 'boolq'"):
+        evaluate_task(model, tokenizer, trec_rows, task="boolq")
+    with pytest.raises(ValueError, match=r"The boolq split has no rows"):
+        evaluate_task(model, tokenizer, unlabelled.select([]), task="boolq")
 
 
 def test_register_a_csv_and_a_jsonl_file(own_tasks, tmp_path):

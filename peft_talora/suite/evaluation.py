@@ -497,6 +497,33 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
     return {"accuracy": float(accuracy), "macro_f1": float(macro_f1)}
 
 
+def _checked_references(dataset: datasets.Dataset, spec: TaskSpec) -> list[int]:
+    """The ``label`` column as ids of ``spec``'s labels; a split that cannot be scored against them is refused
+    (metrics over the spec's labels would silently drop the others)."""
+    if len(dataset) == 0:
+        raise ValueError(f"The {spec.name} split has no rows; there is nothing to evaluate.")
+    if "task" in dataset.column_names:
+        named = sorted(set(column_values(dataset, "task")) - {spec.name})
+        if named:
+            raise ValueError(
+                f"The dataset's task column names {named}, but the rows are scored as task {spec.name!r}: pass the "
+                "matching task= (or none, to take it from the column), or evaluate one task's rows at a time."
+            )
+    labels = column_values(dataset, "label")
+    bad = sorted({repr(label) for label in labels if not _is_label_id(label, len(spec.label_names))})
+    if bad:
+        raise ValueError(
+            f"Labels {bad[:5]} are not ids of task {spec.name!r}'s {len(spec.label_names)} labels "
+            f"(0..{len(spec.label_names) - 1}: {', '.join(spec.label_names)}); unlabelled rows (-1) or another "
+            "task's labels cannot be scored. Filter them out, or map the labels to these ids."
+        )
+    return [int(label) for label in labels]
+
+
+def _is_label_id(label, num_labels: int) -> bool:
+    return isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= int(label) < num_labels
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -526,11 +553,11 @@ def evaluate_task(
     if method not in ("rank", "generate"):
         raise ValueError(f"method must be 'rank' or 'generate', got {method!r}.")
     spec = resolve_spec(dataset, task)
+    references = _checked_references(dataset, spec)
     formatter = PromptFormatter(
         tokenizer, use_chat_template=use_chat_template, max_text_tokens=max_text_tokens, system_prompt=system_prompt
     )
     prompts = formatter.prompts(spec, column_values(dataset, "text"))
-    references = [int(label) for label in column_values(dataset, "label")]
     choices = formatter.completions(spec)
     scores, answers = None, None
     if method == "rank":

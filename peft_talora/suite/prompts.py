@@ -10,6 +10,7 @@ header directly (``"positive"``); in plain text it follows ``"Answer:"`` after a
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -151,6 +152,18 @@ def format_split(
     completions: list[Optional[str]] = [None] * len(dataset)
     for name, spec in specs.items():
         rows = [i for i, row_task in enumerate(row_tasks) if row_task == name]
+        for i in rows:
+            label = labels[i]
+            if (
+                isinstance(label, bool)
+                or not isinstance(label, numbers.Integral)
+                or not 0 <= label < len(spec.label_names)
+            ):
+                raise ValueError(
+                    f"Row {i} has label {label!r}, not an id of task {name!r}'s {len(spec.label_names)} labels "
+                    f"(0..{len(spec.label_names) - 1}: {', '.join(spec.label_names)}); a completion cannot be made for "
+                    "it (unlabelled rows are -1 in many datasets). Filter such rows out, or map the labels to these ids."
+                )
         for i, prompt in zip(rows, formatter.prompts(spec, [texts[i] for i in rows])):
             prompts[i] = prompt
             completions[i] = formatter.completion(spec.label_names[labels[i]])

@@ -248,11 +248,25 @@ def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Datas
             f"Task {name!r}: the label column {task.label_column!r} is a ClassLabel with {feature.num_classes} "
             f"classes {feature.names}, but label_names has {spec.num_labels}: {list(spec.label_names)}."
         )
-    labels = _label_ids(task, column_values(raw, task.label_column))
+    values = column_values(raw, task.label_column)
+    if isinstance(feature, datasets.ClassLabel) and not task.label_map:
+        values = _class_ids_as_spec_ids(feature, spec, values)
+    labels = _label_ids(task, values)
     return datasets.Dataset.from_dict(
         {"text": ["" if t is None else t for t in texts], "label": labels},
         features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
     )
+
+
+def _class_ids_as_spec_ids(feature: datasets.ClassLabel, spec: TaskSpec, values: list) -> list:
+    """A ``ClassLabel`` column's ids in ``spec``'s label order: when its class names are the label words in
+    another order (case aside), id ``i`` is the word ``feature.names[i]``, not ``label_names[i]``."""
+    names = [name.strip().casefold() for name in feature.names]
+    words = [word.casefold() for word in spec.label_names]
+    if names == words or sorted(names) != sorted(words):
+        return values  # the same order, or names that are not the label words: the ids are taken as they are
+    order = [words.index(name) for name in names]
+    return [order[v] if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(order) else v for v in values]
 
 
 def _label_ids(task: RegisteredTask, values: Sequence) -> list[int]:
