@@ -199,6 +199,31 @@ def test_deepcopy_after_a_training_forward(method):
     )
 
 
+def test_the_base_attention_function_sees_its_own_implementation_name():
+    """transformers' flash attention picks its kernel by ``module.config._attn_implementation``; inside the wrapped
+    base function that must be the model's own implementation, not TA-LoRA's routed name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording_sdpa(module, *args, **kwargs):  # stands in for a kernel chosen by the config's name
+        seen.append(module.config._attn_implementation)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    config = TALoraConfig(task_type="CAUSAL_LM", num_tasks=3, num_virtual_tokens=4, r=4)
+    torch.manual_seed(0)
+    recorded = perturb_trainable(get_peft_model(tiny_model(attn="recording_sdpa"), config))
+    torch.manual_seed(0)
+    reference = perturb_trainable(get_peft_model(tiny_model(attn="sdpa"), config))
+    tasks = torch.tensor([0, 2, 1])
+    seen.clear()
+    torch.testing.assert_close(logits(recorded, tasks), logits(reference, tasks))
+    assert seen and set(seen) == {"recording_sdpa"}
+    assert recorded.base_model.model.model.layers[0].self_attn.config._attn_implementation.startswith("talora")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_data_parallel_is_refused_by_name_and_unload_takes_the_refusal_off(method):
     """nn.DataParallel's copies would run the original model's forward wrapper and routing hook: its copy step

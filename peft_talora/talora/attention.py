@@ -26,6 +26,7 @@ its module (head counts, argument names, whether its key/value path is affine).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
 from dataclasses import dataclass
@@ -209,8 +210,14 @@ def _identity_rotary(rotary_shape: tuple[int, ...], hidden: torch.Tensor):
     return hidden.new_ones(shape), hidden.new_zeros(shape)
 
 
+#: Set while the wrapped base attention function runs: the config then reports the base implementation, which
+#: that function may read (transformers' flash attention picks its kernel by ``config._attn_implementation``).
+_RUNNING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("talora_running_base_attention", default=False)
+
+
 class _SiteConfigView:
-    """The module's config as it was, except ``_attn_implementation`` routes through TA-LoRA."""
+    """The module's config as it was, except ``_attn_implementation`` routes through TA-LoRA (outside the
+    wrapped base attention function, which sees its own name)."""
 
     def __init__(self, config):
         object.__setattr__(self, "_talora_base_config", config)
@@ -218,7 +225,7 @@ class _SiteConfigView:
     @property
     def _attn_implementation(self) -> str:
         base = object.__getattribute__(self, "_talora_base_config")._attn_implementation or "eager"
-        return routed_implementation(base)
+        return base if _RUNNING_BASE.get() else routed_implementation(base)
 
     def __getattr__(self, name):
         return getattr(object.__getattribute__(self, "_talora_base_config"), name)
@@ -259,7 +266,11 @@ def _make_routed_attention(base: str) -> Callable:
             out, weights = module._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
             base_fn = _eager_attention_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-            out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+            token = _RUNNING_BASE.set(True)
+            try:
+                out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+            finally:
+                _RUNNING_BASE.reset(token)
         site: AttentionSite = module._talora_site
         if routing is None:
             raise RuntimeError(
