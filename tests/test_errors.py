@@ -541,6 +541,16 @@ def test_add_adapter_that_does_not_fit_is_rolled_back():
     assert model.base_model.talora_banks["bad"].gate.shape == (1, 4)
 
 
+def test_after_deleting_the_active_adapter_the_next_one_trains():
+    model = get_peft_model(tiny_model(), config())
+    model.add_adapter("b", config())
+    model.set_adapter("b")
+    model.delete_adapter("b")
+    assert model.active_adapter == "default"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("default" in n for n in trainable), trainable
+
+
 def test_unknown_adapter_names():
     model = get_peft_model(tiny_model(), config())
     with pytest.raises(ValueError, match="Adapter nope not found"):

@@ -289,6 +289,35 @@ def test_merge_adapter_serves_only_the_merged_task():
     torch.testing.assert_close(logits(model, TASKS), other, rtol=1e-4, atol=1e-5)
 
 
+def test_merging_another_task_over_a_merged_one_is_refused_and_set_adapter_forgets_the_merge():
+    model = perturb(named())
+    first = logits(model, ["a"] * 3)
+    other = logits(model, TASKS)
+    model.base_model.merge_adapter(task="a")
+    with pytest.raises(ValueError, match=r"already have another task merged in \(\{'default': 0\}\); call unmerge"):
+        model.base_model.merge_adapter(task="c")
+    torch.testing.assert_close(logits(model, ["a"] * 3), first, rtol=1e-4, atol=1e-5)  # still task a, served
+    with pytest.warns(UserWarning):  # PEFT unmerges a merged model when an adapter is set
+        model.base_model.set_adapter("default")
+    torch.testing.assert_close(logits(model, TASKS), other, rtol=1e-4, atol=1e-5)  # every task again
+
+
+def test_new_tasks_in_freeze_mode_leave_modules_to_save_alone():
+    """modules_to_save copies are shared by every task: the new_tasks stage must not train them."""
+    model = perturb(named(modules_to_save=["lm_head"]))
+    old = logits(model, TASKS)
+    model.add_tasks(["new"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if "modules_to_save" in n or "lm_head" in n], trainable
+    ids, mask = batch()
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids, task_ids=["new"] * 3).loss
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    model.eval()
+    torch.testing.assert_close(logits(model, TASKS), old, rtol=0, atol=0)
+
+
 def test_merge_and_unload_of_a_single_task_adapter_needs_no_task():
     model = perturb(mtl(num_tasks=1))
     expected = logits(model)

@@ -120,6 +120,8 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         for name in names:
             self._check_adapter(name)
         super().set_adapter(names[0] if names else [], inference_mode=inference_mode)
+        if not any(layer.merged for layer in self._layers()):  # PEFT unmerges a merged model here
+            self._merged_tasks.clear()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -140,6 +142,14 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         config = self.peft_config[adapter_name]
         trainable = self._enabled and adapter_name in self.active_adapters and not config.inference_mode
         self.set_requires_grad(adapter_name, trainable)  # the layers keep a stage's frozen parts frozen
+        if self.training_stage(adapter_name) == "new_tasks":  # modules_to_save copies are shared by every task
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    for name, param in module.named_parameters():
+                        if f".{adapter_name}." in f".{name}." and not name.startswith("original_module"):
+                            param.requires_grad_(False)
 
     # ----------------------------------------------------------------- stages and tasks (hooks of the mixin)
     def _task_block_sizes(self, adapter_name: str) -> list[int]:
@@ -215,6 +225,14 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         """Fold ``task`` (id or name) of the adapters into the base weights; the model then serves only that task."""
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         tasks = self._tasks_to_merge(names, task)  # raises before anything changes
+        other = {
+            name: self._merged_tasks[name] for name in tasks if self._merged_tasks.get(name, tasks[name]) != tasks[name]
+        }
+        if other:
+            raise ValueError(
+                f"Adapter(s) {sorted(other)} already have another task merged in ({other}); call unmerge_adapter() "
+                "before merging another task."
+            )
         self._check_merge_allowed()
         for layer in self._layers():
             layer.merge(safe_merge=safe_merge, adapter_names=names, tasks=tasks)

@@ -202,7 +202,10 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         del self._layer_positions[adapter_name]
         self._forget_adapter(adapter_name)
         if adapter_name == self.active_adapter:
-            self.active_adapter = next(iter(self.peft_config), None)
+            successor = next(iter(self.peft_config), None)
+            self.active_adapter = successor
+            if successor is not None:  # as PEFT does for its tuners: the adapter that takes over can train
+                self.set_adapter(successor, inference_mode=self.peft_config[successor].inference_mode)
 
     def enable_adapter_layers(self) -> None:
         self._enabled = True
