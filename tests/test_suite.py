@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import perturb, tiny_model
 from datasets import Dataset, DatasetDict
-from peft import PromptTuningConfig, get_peft_model
+from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from talora_text import BOS_CHAT_TEMPLATE, ids, tiny_tokenizer
 
 from peft_talora import TALoraConfig
@@ -25,6 +25,7 @@ from peft_talora.suite import (
     evaluate_task,
     evaluating,
     format_split,
+    generate_answers,
     get_task,
     load_suite,
     load_task,
@@ -422,6 +423,28 @@ def test_prompts_start_with_one_bos_whether_or_not_the_chat_template_writes_it()
         for i, prompt_ids in enumerate(expected["chat"]):
             log_probs = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].log_softmax(-1)
             assert torch.allclose(scores[i], log_probs[choice_ids], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["prompt-tuning", "multitask-prompt-tuning"])
+def test_generated_answers_of_prompt_learning_are_the_greedy_next_tokens(kind):
+    """Each generated token is the argmax of a forward over the prompt and the tokens before it (PEFT's cached
+    decoding of prompt learning does not give that with transformers 5, so it decodes without a cache)."""
+    model, _ = _shared_prompt_model(kind)
+    model.eval()
+    tokenizer = tiny_tokenizer()
+    task = 0 if kind == "multitask-prompt-tuning" else None
+    answers = generate_answers(model, tokenizer, PROMPTS[:2], task_id=task, max_new_tokens=4)
+    routing = {} if task is None else {"task_ids": torch.tensor([task])}
+    for prompt, answer in zip(PROMPTS[:2], answers):
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            for _ in range(4):
+                ids.append(int(model(input_ids=torch.tensor([ids]), **routing).logits[0, -1].argmax()))
+        expected = tokenizer.decode(ids[len(tokenizer(prompt)["input_ids"]) :], skip_special_tokens=True)
+        assert answer == expected
+    prefix = get_peft_model(tiny_model(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match=r"prefix tuning .*use method='rank'"):
+        generate_answers(prefix, tokenizer, PROMPTS[:1])
 
 
 def test_a_choice_that_extends_another_is_refused_where_it_could_never_win():

@@ -426,9 +426,20 @@ def generate_answers(
     max_new_tokens: int = 8,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens."""
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens.
+
+    PEFT's prompt tuning, P-tuning and multitask prompt tuning decode without a key/value cache: with one
+    (PEFT 0.21, transformers 5) their greedy tokens differ from a forward per step. Prefix tuning is refused:
+    its answers differ either way; score its labels with ``method="rank"``.
+    """
     from transformers import GenerationConfig
 
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    if prompt_learning and model.active_peft_config.peft_type == PeftType.PREFIX_TUNING:
+        raise ValueError(
+            "Greedy generation with PEFT's prefix tuning does not match the model's own next-token choices in this "
+            "PEFT/transformers pair, so its answers cannot be scored; use method='rank' (rank classification)."
+        )
     prompt_ids = encode_prompts(tokenizer, prompts)
     row_tasks = _row_task_ids(model, task_id, len(prompt_ids))
     order = np.argsort(-np.array([len(ids) for ids in prompt_ids]), kind="stable")
@@ -439,6 +450,7 @@ def generate_answers(
         do_sample=False,
         pad_token_id=pad,
         eos_token_id=model_eos if model_eos is not None else tokenizer.eos_token_id,
+        use_cache=not prompt_learning,
     )
     answers: list[Optional[str]] = [None] * len(prompt_ids)
     with evaluating(model):
