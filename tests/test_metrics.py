@@ -220,3 +220,8 @@ def test_interval_errors():
     with pytest.raises(ValueError, match="different test rows"):
         TaskRuns.from_records([{"references": [0], "predictions": [0], "num_labels": 2},
                                {"references": [1], "predictions": [0], "num_labels": 2}])  # fmt: skip
+    with pytest.raises(ValueError, match="scored over 2 and 3 labels"):
+        TaskRuns.from_records([{"references": [0], "predictions": [0], "num_labels": 2},
+                               {"references": [0], "predictions": [0], "num_labels": 3}])  # fmt: skip
+    with pytest.raises(ValueError, match="resamples must be at least 1, got 0"):
+        seed_interval([0.1, 0.2], resamples=0)

@@ -30,8 +30,10 @@ bootstrap of the mean of per-run values (seeds only). It ignores the test-row no
 narrower than a row interval would be, and with one run there is no interval at all.
 
 With small test sets a class with few rows can be absent from a replicate; its F1 then counts 0
-unless the model predicts it (the convention of the point estimate, as in scikit-learn), which
-widens macro-F1 intervals of imbalanced tasks: that width is real uncertainty, not an artefact.
+(the convention of the point estimate, which averages over all of the task's labels, as scikit-learn
+does with ``labels=``), which widens macro-F1 intervals of imbalanced tasks. With at least 10 test rows
+per label (every built-in task) a replicate misses a label with probability about e^-10; on smaller
+test sets the lower end of the interval is pulled down by replicates that miss one.
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ class TaskRuns:
         for record in records[1:]:
             if list(record["references"]) != list(first["references"]):
                 raise ValueError("The runs were evaluated on different test rows; they cannot be paired.")
+            if record["num_labels"] != first["num_labels"]:
+                raise ValueError(
+                    f"The runs were scored over {first['num_labels']} and {record['num_labels']} labels; records of "
+                    "one task's evaluation share its label count."
+                )
         return cls(first["references"], [record["predictions"] for record in records], first["num_labels"])
 
 
@@ -271,6 +278,8 @@ def seed_interval(
     For results without per-row predictions. Paired differences: pass the per-run differences.
     """
     _check_confidence(confidence)
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}.")
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return None
