@@ -215,6 +215,9 @@ def test_task_sampling_draws_the_training_order_from_the_multitask_sampler(tmp_p
     assert drawn.tolist() == reference.task_ids[torch.tensor(list(reference))].tolist()
     with pytest.raises(ValueError, match="'uncertainty' needs the model's predictions"):
         make("uncertainty")
+    args = cpu_training_args(config_class, tmp_path, bf16=False, train_sampling_strategy="group_by_length")
+    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length' both choose the training order"):
+        make("temperature")
 
 
 def test_sft_loss_includes_the_orthogonality_penalty(tmp_path):

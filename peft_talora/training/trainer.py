@@ -87,6 +87,23 @@ def talora_optimizer_from_args(model, args: TrainingArguments, fast_lr_ratio: fl
     return optimizer_cls(groups, **kwargs)
 
 
+def check_task_sampling(trainer: Trainer) -> None:
+    """``task_sampling`` replaces Trainer's sampler: refuse what would silently skip or override it. Shared by
+    :class:`MultiTaskTrainer` and the TRL trainers."""
+    if isinstance(trainer.train_dataset, torch.utils.data.IterableDataset):
+        raise ValueError(
+            f"task_sampling={trainer.task_sampling!r} needs a map-style training set (datasets.Dataset): Trainer takes "
+            "an iterable dataset's own order and never builds a sampler. Pass a Dataset, or interleave the tasks "
+            "of your stream yourself (datasets.interleave_datasets with probabilities) and drop task_sampling."
+        )
+    strategy = getattr(trainer.args, "train_sampling_strategy", "random")
+    if strategy not in ("random", None):
+        raise ValueError(
+            f"task_sampling={trainer.task_sampling!r} and train_sampling_strategy={strategy!r} both choose the training "
+            "order; keep one of them (train_sampling_strategy='random' leaves it to task_sampling)."
+        )
+
+
 def _column_values(dataset, column: str) -> list:
     names = getattr(dataset, "column_names", None)
     if names is not None:
@@ -191,22 +208,7 @@ class MultiTaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._label_logits_model = self._label_logits_supported = None
         if task_sampling is not None:
-            self._check_task_sampling()
-
-    def _check_task_sampling(self) -> None:
-        """``task_sampling`` replaces Trainer's sampler: refuse what would silently skip or override it."""
-        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            raise ValueError(
-                f"task_sampling={self.task_sampling!r} needs a map-style training set (datasets.Dataset): Trainer takes "
-                "an iterable dataset's own order and never builds a sampler. Pass a Dataset, or interleave the tasks "
-                "of your stream yourself (datasets.interleave_datasets with probabilities) and drop task_sampling."
-            )
-        strategy = getattr(self.args, "train_sampling_strategy", "random")
-        if strategy not in ("random", None):
-            raise ValueError(
-                f"task_sampling={self.task_sampling!r} and train_sampling_strategy={strategy!r} both choose the training "
-                "order; keep one of them (train_sampling_strategy='random' leaves it to task_sampling)."
-            )
+            check_task_sampling(self)
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the task column through ``remove_unused_columns`` whatever it is called: the collator reads it."""

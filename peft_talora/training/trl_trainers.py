@@ -42,7 +42,7 @@ from ..peft_patches import adapter_tensors
 from ..talora.model import TALoraModel
 from .callbacks import add_orthogonality_loss
 from .collator import TaskIdEncoder, _encode_task_column
-from .trainer import task_sampler
+from .trainer import check_task_sampling, task_sampler
 
 #: The task-sampling strategies the TRL trainers take (``"uncertainty"`` needs predictions TRL does not expose).
 TRL_TASK_SAMPLING = ("proportional", "temperature")
@@ -167,6 +167,8 @@ class _TaskColumnMixin:
         # a single-task adapter needs no task column (no task_ids means task 0)
         self._task_column = None if config.num_tasks == 1 and task_column not in columns else task_column
         super().__init__(*args, **kwargs)
+        if task_sampling is not None:
+            check_task_sampling(self)
         if self._task_column is not None:
             self.data_collator = TaskIdsCollator(
                 self.data_collator, _task_encoder(self.model), task_column, rows_per_example=self._rows_per_example
