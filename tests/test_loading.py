@@ -142,9 +142,16 @@ def test_saving_again_keeps_every_section_of_the_card_but_the_generated_one(tmp_
     text = (folder / "README.md").read_text()
     assert "### Tasks we evaluated" in text and "## Tasks and data\n\nmine" in text
     assert text.count("## How to load") == 1 and text.count(CARD_START) == 1
+    # a user who deletes one marker loses nothing on the next saves either: the lone marker goes
+    (folder / "README.md").write_text(text.replace(CARD_END, "") + "\nIMPORTANT USER TEXT\n")
+    for _ in range(2):
+        model.save_pretrained(folder)
+        text = (folder / "README.md").read_text()
+        assert "IMPORTANT USER TEXT" in text and "### Tasks we evaluated" in text
+        assert text.count(CARD_START) == text.count(CARD_END) == 1 and text.count("## How to load") == 1
 
 
-@pytest.mark.parametrize("selected", [None, ["main"], ["other"]])
+@pytest.mark.parametrize("selected", [None, ["main"], ["other"], ["main", "default"]])
 def test_card_code_loads_adapters_not_called_default(tmp_path, base_dir, selected):
     """PEFT saves an adapter not called ``default`` in a subfolder of its name: the card's code loads it from
     there, and lists only the adapters that were saved."""
@@ -152,11 +159,11 @@ def test_card_code_loads_adapters_not_called_default(tmp_path, base_dir, selecte
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir), adapter_config("ta-lora"), adapter_name="main"
     )
-    model.add_adapter("other", adapter_config("ta-lora"))
+    model.add_adapter("other" if selected != ["main", "default"] else "default", adapter_config("ta-lora"))
     model = perturb(model, scale=0.3).eval()
     folder = tmp_path / "adapter"
     model.save_pretrained(folder, **({} if selected is None else {"selected_adapters": selected}))
-    saved = selected or ["main", "other"]
+    saved = sorted(selected or ["main", "other"], key=lambda name: name != "default")  # "default" (the root) first
     for code in card_code(folder):
         scope = {}
         exec(code, scope)

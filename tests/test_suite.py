@@ -163,7 +163,7 @@ def test_second_load_reads_the_cache_not_the_source(built, monkeypatch):
 
 def test_default_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PEFT_TALORA_CACHE", str(tmp_path))
-    assert suite_cache_dir() == tmp_path / "suite" / "v1"
+    assert suite_cache_dir() == tmp_path / "suite" / "v2"
     assert suite_cache_dir(tmp_path / "mine") == tmp_path / "mine"
 
 

@@ -344,6 +344,16 @@ def test_build_trainer_builds_args_optim_over_the_fast_and_slow_groups(tmp_path,
         assert groups["fast"]["betas"] == (0.9, 0.99)
 
 
+def test_build_trainer_refuses_optimizers_that_take_the_model_or_their_own_groups(tmp_path, monkeypatch):
+    """GaLore, LOMO and the like pick their parameters themselves: they cannot take the fast/slow groups."""
+    for extra in ({"model": None}, {"params": []}, {"optimizer_dict": {}}):
+        monkeypatch.setattr(
+            Trainer, "get_optimizer_cls_and_kwargs", lambda args, model=None, extra=extra: (torch.optim.SGD, extra)
+        )
+        with pytest.raises(ValueError, match="chooses its own parameter groups, so it cannot take TA-LoRA's fast/slow"):
+            build_trainer(three_task_model(), arguments(tmp_path), train_dataset=imbalanced())
+
+
 def test_a_resumed_uncertainty_run_draws_the_batches_the_uninterrupted_run_drew(tmp_path):
     """The sampler's uncertainties (and the ones each chunk of the epoch in progress was drawn with) are part
     of the checkpoint: after a resume the same tasks come in the same order."""

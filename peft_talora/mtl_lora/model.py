@@ -122,6 +122,8 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         super().set_adapter(names[0] if names else [], inference_mode=inference_mode)
         if not any(layer.merged for layer in self._layers()):  # PEFT unmerges a merged model here
             self._merged_tasks.clear()
+        if names and not inference_mode:  # PEFT made every part of it trainable: the stage decides again
+            self._refresh_trainability(names[0])
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 TaskIds = Union[torch.Tensor, Sequence[Union[int, str]], int, str, None]
@@ -94,4 +95,4 @@ def _is_bool(value) -> bool:
     """A Python, numpy or 0-d tensor bool."""
     if isinstance(value, torch.Tensor):
         return value.dtype == torch.bool
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    return isinstance(value, (bool, np.bool_))

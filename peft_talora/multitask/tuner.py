@@ -238,17 +238,18 @@ class MultiTaskTunerMixin:
         text = card.text
         start = text.find(CARD_START)
         end = text.find(CARD_END, start) if start >= 0 else -1
-        if end >= 0:
+        if end >= 0 and text.count(CARD_START) == 1 and text.count(CARD_END) == 1:
             text = text[:start] + section + text[end + len(CARD_END) :]
-        else:
-            text = _LEGACY_SECTION.sub("", text).rstrip() + "\n\n" + section + "\n"
+        else:  # no section yet, an old card, or markers someone removed in part: lone markers go, text stays
+            text = _LEGACY_SECTION.sub("", text.replace(CARD_START, "").replace(CARD_END, ""))
+            text = text.rstrip() + "\n\n" + section + "\n"
         card.text = text
         card.save(path)
 
     def _loading_lines(self, output_dir: str, saved: Sequence[str]) -> list[str]:
         """The ``## How to load`` section of the model card (markdown lines) for the adapters ``saved``."""
         location = _CARD_LOCATION.get() or str(output_dir)
-        first, *rest = saved
+        first, *rest = sorted(saved, key=lambda name: name != "default")  # "default" sits at the root: it goes first
         config = self.peft_config[first]
         # every adapter sits on the same base; one added with add_adapter may not record it
         paths = [config.base_model_name_or_path, *(c.base_model_name_or_path for c in self.peft_config.values())]

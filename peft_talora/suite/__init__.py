@@ -7,7 +7,7 @@ fixed-seed ``train``/``validation``/``test`` splits with ``text``, ``label`` (in
 
     from peft_talora.suite import SOURCE_TASKS, get_task, load_suite, load_task, subsample
 
-    sst = load_task("movie_sentiment")            # ~/.cache/peft_talora/suite/v1/movie_sentiment
+    sst = load_task("movie_sentiment")            # ~/.cache/peft_talora/suite/v2/movie_sentiment
     get_task("movie_sentiment").label_names       # ('negative', 'positive')
     small = subsample(sst["train"], 200, seed=0)  # stratified
     suite = load_suite(SOURCE_TASKS)              # {name: DatasetDict}

@@ -3,8 +3,8 @@
 :func:`load_task` returns a ``DatasetDict`` with ``train``/``validation``/``test`` splits of
 ``text``, ``label`` (a ``ClassLabel`` over the task's label words), ``task`` and ``label_word``.
 The first call builds it from the task's source and saves it under
-``<cache>/<task>`` (``<cache>`` = ``cache_dir`` or ``$PEFT_TALORA_CACHE/suite/v1`` or
-``~/.cache/peft_talora/suite/v1``); later calls read that folder without touching the source.
+``<cache>/<task>`` (``<cache>`` = ``cache_dir`` or ``$PEFT_TALORA_CACHE/suite/v2`` or
+``~/.cache/peft_talora/suite/v2``); later calls read that folder without touching the source.
 A build writes a temporary folder and renames it into place under a file lock, so an
 interrupted build never leaves a half-written cache. The cache is rebuilt when the source, the
 label words, the seed or the split fractions change (a key stored in ``suite_task.json``).
@@ -32,7 +32,7 @@ from .tasks import RegisteredTask, column_values, registered_task
 
 logger = logging.getLogger(__name__)
 
-SUITE_VERSION = "v1"  # bump when a reader or the build changes what a cached task holds
+SUITE_VERSION = "v2"  # bump when a reader or the build changes what a cached task holds
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 DEFAULT_SEED = 0

@@ -65,7 +65,7 @@ class KeepBestCallback(TrainerCallback):
         prefix = next((m[: -len("_runtime")] for m in metrics or {} if m.endswith("_runtime")), None)
         if prefix is not None and not key.startswith(f"{prefix}_"):
             return  # another split (a test set, another dataset of a dict eval_dataset): not ours to judge
-        if prefix is not None and key not in metrics:
+        if prefix not in (None, "eval") and key not in metrics:
             names = {m[len(prefix) + 1 :] for m in metrics}
             if any(key[len(prefix) + 1 :].endswith(f"_{n}") for n in names):
                 return  # dataset "a" beside "a_b" (metric eval_a_b_loss, this one has eval_a_loss): not ours

@@ -135,9 +135,11 @@ class MultiTaskSampler(Sampler[int]):
         self._order = torch.argsort(task_ids, stable=True)
         self._starts = torch.cumsum(self.task_counts, 0) - self.task_counts
         self.uncertainties = torch.ones(self.num_tasks, dtype=torch.float64)
-        self._drawn_with: list[torch.Tensor] = []  # the uncertainties each chunk of this epoch was drawn with
-        self._drawn_epoch = 0  # ... and that epoch
-        self._replay: Optional[tuple[int, list[torch.Tensor]]] = None  # (epoch, those of a checkpoint)
+        # the chunks of the epoch in progress: how many were drawn, and (first chunk, uncertainties) wherever the
+        # uncertainties they were drawn with changed (a checkpoint's replay; small however many chunks there are)
+        self._drawn_epoch, self._drawn_chunks = 0, 0
+        self._drawn_with: list[tuple[int, torch.Tensor]] = []
+        self._replay: Optional[dict] = None  # a checkpoint's state_dict, replayed by the next __iter__ of its epoch
         task_sampling_probabilities(self.task_counts, strategy, temperature=temperature)  # validate early
 
     # ----------------------------------------------------------------- probabilities
@@ -231,17 +233,23 @@ class MultiTaskSampler(Sampler[int]):
         chunk = self.num_samples
         if self.strategy == "uncertainty" and self.refresh_every:
             chunk = max(1, int(self.refresh_every))
-        replay = self._replay[1] if self._replay is not None and self._replay[0] == self.epoch else []
-        self._replay, self._drawn_with, self._drawn_epoch = None, [], self.epoch
+        replay = self._replay if self._replay is not None and self._replay["epoch"] == self.epoch else None
+        replayed = replay["chunks"] if replay else 0  # a resumed epoch draws these chunks as the first run did
+        changes = dict(replay["drawn_with"]) if replay else {}
+        self._replay, self._drawn_with, self._drawn_epoch, self._drawn_chunks = None, [], self.epoch, 0
+        current, then = self.uncertainties, None
         remaining = self.num_samples
         while remaining > 0:
             size = min(chunk, remaining)
-            current = self.uncertainties
-            if len(self._drawn_with) < len(replay):  # a resumed epoch draws its first chunks as the first run did
-                self.uncertainties = replay[len(self._drawn_with)].clone()
-            self._drawn_with.append(self.uncertainties.clone())
+            chunk_index = self._drawn_chunks
+            if chunk_index < replayed:
+                then = changes.get(chunk_index, then)
+                self.uncertainties = then.clone()
+            if not self._drawn_with or not torch.equal(self._drawn_with[-1][1], self.uncertainties):
+                self._drawn_with.append((chunk_index, self.uncertainties.clone()))
+            self._drawn_chunks += 1
             indices = self.sample(size, generator).tolist()
-            if len(self._drawn_with) <= len(replay):
+            if self._drawn_chunks == replayed:  # the last replayed chunk: the checkpoint's own values from here on
                 self.uncertainties = current
             yield from indices
             remaining -= size
@@ -256,7 +264,8 @@ class MultiTaskSampler(Sampler[int]):
             "num_tasks": self.num_tasks,
             "epoch": self._drawn_epoch,
             "uncertainties": self.uncertainties.clone(),
-            "drawn_with": [u.clone() for u in self._drawn_with],
+            "chunks": self._drawn_chunks,
+            "drawn_with": [(index, u.clone()) for index, u in self._drawn_with],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -269,5 +278,6 @@ class MultiTaskSampler(Sampler[int]):
                 "training set, or start a new run."
             )
         self.uncertainties = torch.as_tensor(state["uncertainties"], dtype=torch.float64).clone()
-        drawn = [torch.as_tensor(u, dtype=torch.float64) for u in state.get("drawn_with", [])]
-        self._replay = (int(state["epoch"]), drawn)  # used only if that epoch is drawn again (it was unfinished)
+        drawn = [(int(index), torch.as_tensor(u, dtype=torch.float64)) for index, u in state.get("drawn_with", [])]
+        # used only if that epoch is drawn again (it was unfinished)
+        self._replay = {"epoch": int(state["epoch"]), "chunks": int(state.get("chunks", 0)), "drawn_with": drawn}

@@ -78,7 +78,7 @@ def build_trainer(
 def talora_optimizer_from_args(model, args: TrainingArguments, fast_lr_ratio: float = DEFAULT_FAST_LR_RATIO):
     """The optimizer ``args.optim`` names, built the way ``Trainer`` builds it, over TA-LoRA's fast/slow groups."""
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    if "params" in kwargs or "optimizer_dict" in kwargs:
+    if {"params", "optimizer_dict", "model"} & set(kwargs):
         raise ValueError(
             f"optim={args.optim!r} chooses its own parameter groups, so it cannot take TA-LoRA's fast/slow learning "
             "rates; use an AdamW, SGD or Adafactor variant, or pass optimizers=(your_optimizer, None) to Trainer."
