@@ -33,7 +33,7 @@ from ..multitask import MultiTaskConfig
 from ..training.collator import TaskIdEncoder, encode_prompts
 from .intervals import Interval, TaskRuns, bootstrap_interval
 from .prompts import DEFAULT_MAX_TEXT_TOKENS, PromptFormatter, resolve_spec
-from .tasks import TaskSpec, column_values
+from .tasks import TaskSpec, column_values, is_label_id
 
 TaskId = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
 
@@ -522,7 +522,7 @@ def _checked_references(dataset: datasets.Dataset, spec: TaskSpec) -> list[int]:
                 "matching task= (or none, to take it from the column), or evaluate one task's rows at a time."
             )
     labels = column_values(dataset, "label")
-    bad = sorted({repr(label) for label in labels if not _is_label_id(label, len(spec.label_names))})
+    bad = sorted({repr(label) for label in labels if not is_label_id(label, len(spec.label_names))})
     if bad:
         raise ValueError(
             f"Labels {bad[:5]} are not ids of task {spec.name!r}'s {len(spec.label_names)} labels "
@@ -530,10 +530,6 @@ def _checked_references(dataset: datasets.Dataset, spec: TaskSpec) -> list[int]:
             "task's labels cannot be scored. Filter them out, or map the labels to these ids."
         )
     return [int(label) for label in labels]
-
-
-def _is_label_id(label, num_labels: int) -> bool:
-    return isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= int(label) < num_labels
 
 
 def evaluate_task(

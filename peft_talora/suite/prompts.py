@@ -10,13 +10,12 @@ header directly (``"positive"``); in plain text it follows ``"Answer:"`` after a
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Optional, Union
 
 import datasets
 
-from .tasks import TaskSpec, column_values, get_task
+from .tasks import TaskSpec, column_values, get_task, is_label_id
 
 MIDDLE_MARKER = " [...] "
 DEFAULT_MAX_TEXT_TOKENS = 256
@@ -154,11 +153,7 @@ def format_split(
         rows = [i for i, row_task in enumerate(row_tasks) if row_task == name]
         for i in rows:
             label = labels[i]
-            if (
-                isinstance(label, bool)
-                or not isinstance(label, numbers.Integral)
-                or not 0 <= label < len(spec.label_names)
-            ):
+            if not is_label_id(label, len(spec.label_names)):
                 raise ValueError(
                     f"Row {i} has label {label!r}, not an id of task {name!r}'s {len(spec.label_names)} labels "
                     f"(0..{len(spec.label_names) - 1}: {', '.join(spec.label_names)}); a completion cannot be made for "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -267,6 +268,11 @@ def _class_ids_as_spec_ids(feature: datasets.ClassLabel, spec: TaskSpec, values:
         return values  # the same order, or names that are not the label words: the ids are taken as they are
     order = [words.index(name) for name in names]
     return [order[v] if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(order) else v for v in values]
+
+
+def is_label_id(label, num_labels: int) -> bool:
+    """Whether ``label`` is an integer id (not a bool) of one of ``num_labels`` labels."""
+    return isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < num_labels
 
 
 def _label_ids(task: RegisteredTask, values: Sequence) -> list[int]:

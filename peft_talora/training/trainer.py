@@ -244,8 +244,9 @@ class MultiTaskTrainer(Trainer):
             self.uncertainty_refresh_every,
         )
         resuming = getattr(self, "_resuming_from", None)
-        if resuming and os.path.isfile(os.path.join(resuming, TASK_SAMPLER_NAME)):
-            self.task_sampler.load_state_dict(torch.load(os.path.join(resuming, TASK_SAMPLER_NAME), weights_only=True))
+        saved = resuming and os.path.join(resuming, TASK_SAMPLER_NAME)
+        if saved and os.path.isfile(saved):
+            self.task_sampler.load_state_dict(torch.load(saved, weights_only=True))
         return self.task_sampler
 
     def _save_rng_state(self, output_dir: str) -> None:
