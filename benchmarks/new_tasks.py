@@ -13,6 +13,11 @@ from its train split:
   shots the lowest loss (``closest_task`` then ``add_tasks(..., init_from=...)``), at the learning
   rate ``ta-lora/shared`` kept (both start on the trained prompt: a change of the start only; its
   own grid when ``ta-lora/shared`` has not run or kept its start);
+- ``ta-lora/gradient``: the default start (``c = 0``) with a data-derived ``u``: per layer, the top
+  left singular vector of ``B^T dL/dP``, the gradient of the shots' loss with respect to the task
+  prompt at the shared prompt (:func:`aligned_u`). With ``v = 0`` the first gradient ``v`` gets is
+  then the best rank-1 direction there is for the new task's ``outer(u, v)``, where a random ``u``
+  gives ``v`` a random projection of it;
 - ``pt``: PEFT prompt tuning (10 virtual tokens, TEXT init) on the base model;
 - ``lora``: PEFT LoRA (r=8 on q/v) on the base model.
 
@@ -63,9 +68,14 @@ from peft_talora.training import build_trainer
 from peft_talora.training.collator import MultiTaskDataCollator, k_shot, tokenize_for_causal_lm
 from peft_talora.training.transfer import task_losses
 
-METHODS = ("base", "ta-lora", "ta-lora/shared", "ta-lora/closest", "pt", "lora")
+METHODS = ("base", "ta-lora", "ta-lora/shared", "ta-lora/closest", "ta-lora/gradient", "pt", "lora")
 #: Where ``add_tasks`` starts the new task (``TALoraConfig.new_task_start``) for each TA-LoRA variant.
-NEW_TASK_START = {"ta-lora": "base", "ta-lora/shared": "shared_prompt", "ta-lora/closest": "shared_prompt"}
+NEW_TASK_START = {
+    "ta-lora": "base",
+    "ta-lora/shared": "shared_prompt",
+    "ta-lora/closest": "shared_prompt",
+    "ta-lora/gradient": "base",
+}
 #: Tasks whose default split leaves under 100 test rows get a split with more test rows (train, validation, test):
 #: consumer_contracts has 396 rows, so 70/10/20 leaves 80 test rows; 40/10/50 leaves 198 and 158 to draw shots from.
 SPLIT_FRACTIONS = {"consumer_contracts": (0.4, 0.1, 0.5)}
@@ -99,6 +109,7 @@ class TaskData:
         )
         self.train_rows = tokenize_for_causal_lm(self.rows, tokenizer, task_column=None)  # no routing
         self.source_losses = None  # mean label loss of the shots under each source task (ta-lora/closest)
+        self.aligned_u = None  # the new task's data-derived u (ta-lora/gradient), (L, r)
 
     def routed_rows(self, model):
         """The shots with ``task_ids`` encoded by ``model``'s own task list (the new task's id, not 0)."""
@@ -154,10 +165,63 @@ def build(method: str, data: TaskData, tokenizer, args):
         model.peft_config["default"].new_task_start = NEW_TASK_START[method]
         model.add_tasks([data.name], init_from=start)
         info = {"new_task_start": NEW_TASK_START[method], "init_from": start}
+        if method == "ta-lora/gradient":
+            if data.aligned_u is None:  # the same for every learning rate: measured once
+                batch = MultiTaskDataCollator(tokenizer=tokenizer)(list(data.routed_rows(model)))
+                data.aligned_u = aligned_u(model, batch)
+            with torch.no_grad():
+                model.base_model.active_bank.task_u_blocks[-1][:, 0] = data.aligned_u
+            info["init_from"] = "aligned u"
         return model, {**info, "source_losses": data.source_losses if start else None}
     # the full benchmark's configs: PT with 10 virtual tokens and a text init, LoRA r=8 on q/v
     config = M.make_config(family, [data.name], base.config.num_hidden_layers, tok_path=M.tokenizer_path())
     return get_peft_model(base, config), {}
+
+
+def aligned_u(model, batch, chunk_size: int = 8) -> torch.Tensor:
+    """A data-derived ``u`` ``(L, r)`` for the task just added (the last of the adapter, one new task).
+
+    The new task's prompt is ``P = theta0 + s * B @ outer(u, v)``, so with ``v = 0`` its first
+    gradient is ``dL/dv = s * (B^T G)^T u`` with ``G = dL/dP``: a random ``u`` makes it a random
+    projection of ``M = B^T G`` ``(r, d)``. The best rank-1 step along ``outer(u, v)`` is ``M``'s top
+    singular pair; this returns its left vector (unit norm, per layer). ``G`` is measured with the
+    task's gate scale opened to 1 at ``v = 0``, where ``P`` is the shared prompt, as the gradient of the
+    shots' mean label loss (``batch``: collated rows routed to the new task) with respect to the
+    shared prompt; the model (its gate scale, grads and ``requires_grad``) is left as it was.
+    """
+    bank = model.base_model.active_bank
+    gate, prompt = bank.task_gate_blocks[-1], bank.shared_prompt
+    saved_gate, saved_requires_grad = gate.detach().clone(), prompt.requires_grad
+    modes = [(module, module.training) for module in model.modules()]
+    without_grad = [p for p in model.parameters() if p.grad is None]
+    model.eval()
+    try:
+        with torch.no_grad():
+            gate.fill_(1.0)
+        prompt.requires_grad_(True)
+        prompt.grad = None
+        rows = batch["input_ids"].shape[0]
+        for start in range(0, rows, chunk_size):
+            part = {key: value[start : start + chunk_size] for key, value in batch.items()}
+            labels = part.pop("labels")
+            logits = model(**part).logits[:, :-1]
+            targets = labels[:, 1:]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+            )
+            ((token_loss.sum(1) / (targets != -100).sum(1)).sum() / rows).backward()
+        gradient = prompt.grad  # (L, n, d)
+        aligned = bank.shared_basis.detach().transpose(1, 2) @ gradient  # (L, r, d)
+        left, _, _ = torch.linalg.svd(aligned, full_matrices=False)
+        return left[:, :, 0].to(bank.task_u_blocks[-1].dtype)
+    finally:
+        for parameter in without_grad:  # the new task's own factors got grads too
+            parameter.grad = None
+        prompt.requires_grad_(saved_requires_grad)
+        with torch.no_grad():
+            gate.copy_(saved_gate)
+        for module, training in modes:
+            module.training = training
 
 
 class ScorePoints(TrainerCallback):

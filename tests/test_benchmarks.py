@@ -1054,6 +1054,55 @@ def test_new_task_benchmark_turns_a_saved_benchmark_state_into_an_adapter_folder
     assert new_tasks.adapter_folder("some/adapter", tmp_path, tiny=True) == "some/adapter"  # a folder as it is
 
 
+def test_aligned_u_is_the_top_singular_vector_of_the_v_gradients_over_a_basis_of_u(tmp_path):
+    """``aligned_u`` reads ``dL/dP`` through the shared prompt; the independent computation reads it
+    through ``v``: with ``v = 0`` and ``u = e_i``, ``dL/dv = s * (B^T dL/dP)[i]``, so ``r`` probes give ``M``."""
+    import new_tasks
+    import torch
+    from peft import get_peft_model
+
+    import peft_talora
+    from peft_talora.smollm2 import load_model
+
+    torch.manual_seed(0)
+    base, _ = load_model(tiny=True)
+    config = peft_talora.TALoraConfig(task_type="CAUSAL_LM", task_names=["a", "b"], num_virtual_tokens=4, r=3)
+    model = get_peft_model(base, config)
+    bank = model.base_model.active_bank
+    with torch.no_grad():
+        bank.gate.fill_(0.7)  # an untrained gate (0) would let no gradient reach the prompt
+    model.add_tasks(["new"])  # default start: c = 0, v = 0
+    new = model.peft_config["default"].task_names.index("new")
+    input_ids = torch.randint(3, base.config.vocab_size, (5, 9))
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -2:] = input_ids[:, -2:]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "task_ids": torch.full((5,), new)}
+    before = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    u = new_tasks.aligned_u(model, batch, chunk_size=2)
+
+    # left as it was: gate scale 0 (the base model's output), nothing frozen made trainable, no grads
+    assert torch.equal(bank.task_gate[:, new], torch.zeros(bank.task_gate.shape[0]))
+    assert not bank.shared_prompt.requires_grad and all(p.grad is None for p in model.parameters())
+    assert torch.equal(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, before)
+
+    L, _, r = bank.task_u.shape
+    rows = []
+    with torch.no_grad():
+        bank.task_gate_blocks[-1].fill_(1.0)
+    for i in range(r):
+        with torch.no_grad():
+            bank.task_u_blocks[-1][:, 0] = torch.nn.functional.one_hot(torch.tensor(i), r).float()
+        bank.task_v_blocks[-1].grad = None
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        (loss.sum(1) / 2).mean().backward()
+        rows.append(bank.task_v_blocks[-1].grad[:, 0].clone())  # (L, d)
+    expected = torch.linalg.svd(torch.stack(rows, 1), full_matrices=False)[0][:, :, 0]  # (L, r)
+    assert torch.allclose(u.norm(dim=1), torch.ones(L), atol=1e-5)
+    assert torch.allclose((u * expected).sum(1).abs(), torch.ones(L), atol=1e-4)  # equal up to sign
+
+
 def test_choice_rules_treat_equal_macro_f1_as_a_tie_and_choose_within_the_run_grid():
     import choice_rules as CR
 
