@@ -156,6 +156,44 @@ def test_export_of_tasks_in_a_new_order(method, tmp_path):
 
 
 @each_method
+def test_a_thread_serving_during_an_export_routes_every_task_by_its_own_config(method, tmp_path, monkeypatch):
+    """``save_pretrained(tasks=["c"])`` shows the export's config (``c`` is task 0) only to the saving code; a
+    thread serving meanwhile still reads the full config: ``"c"`` is task 2, ``"a"`` exists, and each routes
+    to its own factors."""
+    import threading
+
+    from peft import PeftConfig
+
+    model = named(method)
+    expected = {task: logits(model, [task] * 3) for task in NAMES}
+    seen = {}
+
+    def serve():
+        seen["names"] = list(model.peft_config["default"].task_names)
+        seen["logits"] = {task: logits(model, [task] * 3) for task in NAMES}
+
+    original = PeftConfig.save_pretrained
+
+    def save_config_while_serving(config, *args, **kwargs):  # runs inside the export, in the saving thread
+        seen["saving"] = list(model.peft_config["default"].task_names)
+        server = threading.Thread(target=serve)
+        server.start()
+        server.join()
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(PeftConfig, "save_pretrained", save_config_while_serving)
+    model.save_pretrained(tmp_path, tasks=["c"])
+    assert seen["saving"] == ["c"] and seen["names"] == NAMES
+    for task in NAMES:
+        assert torch.equal(seen["logits"][task], expected[task]), task
+    assert model.peft_config["default"].task_names == NAMES and model.base_model._exported_tasks == {}
+    monkeypatch.undo()
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert loaded.peft_config["default"].task_names == ["c"]
+    torch.testing.assert_close(logits(loaded), expected["c"], rtol=1e-5, atol=1e-6)
+
+
+@each_method
 def test_add_tasks_in_freeze_mode_keeps_old_tasks_bit_identical_and_trains_only_new_blocks(method, tmp_path):
     model = named(method)
     before = {t: logits(model, [t] * 3) for t in NAMES}

@@ -87,7 +87,6 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
         self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
         self._frozen_blocks: dict[str, int] = {}  # adapter -> leading task blocks frozen in the "new_tasks" stage
         self._merged_tasks: dict[str, int] = {}  # adapter name -> task merged by merge_adapter
-        self._exported_tasks: dict[str, list[int]] = {}  # set inside exporting_tasks()
 
     # ----------------------------------------------------------------- injection
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key=None, **kwargs):

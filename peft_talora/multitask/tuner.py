@@ -24,7 +24,8 @@ class MultiTaskTunerMixin:
     The tuner has ``model`` (the wrapped transformers model), ``peft_config`` (adapter name ->
     :class:`MultiTaskConfig`), ``_active_name`` (the active adapter, ``None`` when there is none),
     ``_router`` (its :class:`~peft_talora.multitask.routing.TaskRouter`), ``_stages`` and
-    ``_frozen_blocks`` (dicts), ``_exported_tasks`` (a dict, empty outside an export) and a
+    ``_frozen_blocks`` (dicts), ``_exported_tasks`` (read-only: adapter -> exported task ids, empty
+    outside an export) and a
     ``model_card_tags`` tuple, and implements four hooks: ``_task_block_sizes(name)`` (the number of
     tasks in each block), ``_add_task_block(name, count)``, ``_copy_task_factors(name, sources)`` (the
     last block's task ``i`` starts as a copy of task ``sources[i]``) and ``_apply_stage(name)`` (set
@@ -178,26 +179,48 @@ class MultiTaskTunerMixin:
         config.task_names = names
         return first, count
 
+    @property
+    def peft_config(self) -> dict:
+        """Adapter name -> config. Inside :meth:`exporting_tasks`, and only for the code running in that
+        context (thread, asyncio task), it is the export's view: the exported adapters' configs hold
+        only the exported tasks. A thread serving requests meanwhile routes with the full configs."""
+        export = (_EXPORTS.get() or {}).get(self)
+        if export is not None:
+            return export[0]
+        try:
+            return self.__dict__["_peft_configs"]
+        except KeyError:  # before the tuner set it (``BaseTuner.__init__`` asks with hasattr)
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, configs: dict) -> None:
+        self.__dict__["_peft_configs"] = configs
+
+    @property
+    def _exported_tasks(self) -> dict[str, list[int]]:
+        """Adapter name -> the task ids being exported, in this context; empty outside an export."""
+        export = (_EXPORTS.get() or {}).get(self)
+        return export[1] if export is not None else {}
+
     @contextmanager
     def exporting_tasks(self, tasks: TaskList, adapter_names: Sequence[str]):
         """Within this context the adapters' configs and saved tensors hold only ``tasks`` (ids or names).
 
         Used by ``save_pretrained(path, tasks=[...])`` and ``push_to_hub(repo, tasks=[...])``. Tasks
         are renumbered ``0..k-1`` in the order given; with one task the export needs no ``task_ids``.
+        Nothing of the model changes: the restricted configs are seen only by the code running in this
+        context (see :attr:`peft_config`), so other threads keep routing every task by its own id.
         """
+        configs = self.peft_config
         selections = {
-            name: self.peft_config[name].resolve_task_list(tasks, f"export of adapter {name!r}")
-            for name in adapter_names
+            name: configs[name].resolve_task_list(tasks, f"export of adapter {name!r}") for name in adapter_names
         }
-        configs = dict(self.peft_config)
+        shown = {**configs, **{name: configs[name].restricted_to(ids) for name, ids in selections.items()}}
+        token = _EXPORTS.set({**(_EXPORTS.get() or {}), self: (shown, selections)})
         try:
-            for name, ids in selections.items():
-                self.peft_config[name] = configs[name].restricted_to(ids)
-                self._exported_tasks[name] = ids
             yield
         finally:
-            self.peft_config.update(configs)
-            self._exported_tasks.clear()
+            _EXPORTS.reset(token)
 
     def update_model_card(self, output_dir: str) -> None:
         """Add the method's tags, each saved adapter's task-name -> id map and the loading lines to
@@ -317,6 +340,8 @@ def _saved_adapters(output_dir: str, configs: dict) -> list[str]:
 
 
 #: Where the model card being written will be loaded from (a folder or a Hub repo id), see :func:`card_location`.
+#: The exports running in this context: tuner -> (its configs as the export shows them, adapter -> exported task ids).
+_EXPORTS: ContextVar[Optional[dict]] = ContextVar("peft_talora_exports", default=None)
 _CARD_LOCATION: ContextVar[Optional[str]] = ContextVar("peft_talora_card_location", default=None)
 #: The adapters the save being carded writes (``selected_adapters``), see :func:`card_location`.
 _CARD_ADAPTERS: ContextVar[Optional[tuple]] = ContextVar("peft_talora_card_adapters", default=None)

@@ -57,7 +57,6 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         self._layer_positions: dict[str, dict[int, int]] = {}  # adapter -> {decoder layer: row in its bank}
         self._stages: dict[str, str] = {}  # adapter name -> training stage; "multi_task" when absent
         self._frozen_blocks: dict[str, int] = {}  # adapter -> leading task blocks frozen in the "new_tasks" stage
-        self._exported_tasks: dict[str, list[int]] = {}  # set inside exporting_tasks()
         self.orthogonality_log = RunningMean()  # read by OrthogonalityLogCallback
 
         text_config = _text_config(model)
