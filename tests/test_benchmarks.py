@@ -1076,8 +1076,12 @@ def test_aligned_u_is_the_top_singular_vector_of_the_v_gradients_over_a_basis_of
     input_ids = torch.randint(3, base.config.vocab_size, (5, 9))
     labels = torch.full_like(input_ids, -100)
     labels[:, -2:] = input_ids[:, -2:]
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-             "task_ids": torch.full((5,), new)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "task_ids": torch.full((5,), new),
+    }
     before = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     u = new_tasks.aligned_u(model, batch, chunk_size=2)
 
@@ -1095,7 +1099,9 @@ def test_aligned_u_is_the_top_singular_vector_of_the_v_gradients_over_a_basis_of
             bank.task_u_blocks[-1][:, 0] = torch.nn.functional.one_hot(torch.tensor(i), r).float()
         bank.task_v_blocks[-1].grad = None
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+        )
         (loss.sum(1) / 2).mean().backward()
         rows.append(bank.task_v_blocks[-1].grad[:, 0].clone())  # (L, d)
     expected = torch.linalg.svd(torch.stack(rows, 1), full_matrices=False)[0][:, :, 0]  # (L, r)
