@@ -146,6 +146,23 @@ def test_generate_with_disabled_adapter_equals_base(method):
 
 
 @each_method
+def test_generate_without_inputs_starts_from_bos_like_transformers(method):
+    """transformers' ``generate()`` with no inputs starts one sequence from BOS; the task of that one row is
+    routed like any other (a single-task adapter needs no task_ids)."""
+    start = dict(bos_token_id=1, **GREEDY)
+    bos = torch.tensor([[1]])
+    single = make_adapted(method, num_tasks=1)
+    assert torch.equal(single.generate(**start), single.generate(input_ids=bos, **start))
+    model = make_adapted(method)
+    for task in range(3):
+        assert torch.equal(
+            model.generate(task_ids=[task], **start), model.generate(input_ids=bos, task_ids=[task], **start)
+        )
+    with pytest.raises(ValueError, match="every call needs `task_ids`"):
+        model.generate(**start)
+
+
+@each_method
 def test_export_of_tasks_in_a_new_order(method, tmp_path):
     model = make_adapted(method)
     model.save_pretrained(tmp_path, tasks=[2, 0])

@@ -136,7 +136,10 @@ class TaskRouter:
 
     def for_generation(self, task_ids, args: tuple, kwargs: dict) -> CallRouting:
         """The routing of one ``generate(*args, **kwargs)`` call, with a per-call cache."""
-        inputs = batch_inputs(args, kwargs)
+        inputs = batch_inputs(args, kwargs, required=False)
+        if inputs is None:  # transformers starts from BOS: one row per row of the first tensor argument, else one
+            size = next((value.shape[0] for value in kwargs.values() if isinstance(value, torch.Tensor)), 1)
+            return self.tuner.routing_for_call(task_ids, size, next(self.model.parameters()).device, cache={})
         return self.tuner.routing_for_call(task_ids, inputs.shape[0], inputs.device, cache={})
 
     def _pre_hook(self, module, args, kwargs):
@@ -153,10 +156,11 @@ class TaskRouter:
         return args, kwargs
 
 
-def batch_inputs(args: tuple, kwargs: dict) -> torch.Tensor:
+def batch_inputs(args: tuple, kwargs: dict, required: bool = True) -> Optional[torch.Tensor]:
     """The ``input_ids`` (or ``inputs_embeds``) of a forward or ``generate`` call: ``(batch, ...)``.
 
-    An empty batch is refused here: transformers' attention cannot reshape a batch of 0 rows.
+    An empty batch is refused here: transformers' attention cannot reshape a batch of 0 rows. Without
+    inputs: an error, or ``None`` where not ``required`` (``generate`` then starts from BOS).
     """
     inputs = kwargs.get("input_ids")
     for name in ("inputs", "inputs_embeds"):  # ``inputs``: the name of generate's first parameter
@@ -165,6 +169,8 @@ def batch_inputs(args: tuple, kwargs: dict) -> torch.Tensor:
     if inputs is None and args:
         inputs = args[0]
     if inputs is None:
+        if not required:
+            return None
         raise ValueError("Call the model with input_ids or inputs_embeds so that task_ids can be matched to examples.")
     if inputs.shape[0] == 0:
         raise ValueError(
