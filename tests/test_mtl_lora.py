@@ -129,6 +129,23 @@ def test_target_modules_all_linear_default_and_list():
     ]
 
 
+@pytest.mark.parametrize("layers", [[1, 7], 7])
+def test_layers_that_the_model_lacks_are_refused_before_anything_changes(layers):
+    """PEFT adapts the layers that exist and skips the rest silently; a typo'd or out-of-range index is refused."""
+    base = tiny_model()  # 2 decoder layers
+    with pytest.raises(ValueError, match=r"layers_to_transform names layer\(s\) \[7\].*has 2 decoder layers: 0\.\.1"):
+        mtl(base, target_modules=["q_proj"], layers_to_transform=layers)
+    assert not any(isinstance(m, MTLLoraLayer) for m in base.modules())
+    model = mtl(target_modules=["q_proj"], layers_to_transform=[0])
+    with pytest.raises(ValueError, match=r"layers_to_transform names layer\(s\) \[7\]"):
+        model.add_adapter(
+            "other",
+            MTLLoraConfig(task_type="CAUSAL_LM", num_tasks=2, target_modules=["q_proj"], layers_to_transform=layers),
+        )
+    assert list(model.peft_config) == ["default"]
+    assert not any("other" in n for n, _ in model.named_parameters())
+
+
 def test_parameter_shapes_and_trainable_count(capsys):
     model = mtl(num_tasks=5, r=2, num_up_projections=4, target_modules=["q_proj", "down_proj"])
     q = model.base_model.model.model.layers[0].self_attn.q_proj

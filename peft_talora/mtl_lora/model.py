@@ -11,6 +11,7 @@ concatenated on save, only exported tasks kept, split again on load).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -80,6 +81,37 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
                 param.requires_grad_(True)
             raise
         self._scopes = install_routing_scopes(model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        self._check_layers_to_transform(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _check_layers_to_transform(self, model: nn.Module, config: MTLLoraConfig) -> None:
+        """Refuse, before anything changes, indices of ``layers_to_transform`` where no target module is: PEFT's
+        matching adapts the layers that exist and skips the others without a word (it only fails when none match)."""
+        layers = config.layers_to_transform
+        if layers is None:
+            return
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        prepared = self._prepare_adapter_config(copy.deepcopy(config), self.get_model_config(model))
+        keys = [name for name, _ in model.named_modules()]
+
+        def adapted(layer: int) -> bool:
+            probe = copy.copy(prepared)
+            probe.layers_to_transform = [layer]
+            return any(check_target_module_exists(probe, key) for key in keys)
+
+        missing = [layer for layer in ([layers] if isinstance(layers, int) else layers) if not adapted(layer)]
+        if missing:
+            config = getattr(model, "config", None)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            count = getattr(text, "num_hidden_layers", None)
+            has = f" (it has {count} decoder layers: 0..{count - 1})" if count else ""
+            raise ValueError(
+                f"MTLLoraConfig.layers_to_transform names layer(s) {missing}, where this {type(model).__name__} has no "
+                f"target module {sorted(prepared.target_modules)}{has}; use layer indices that exist."
+            )
 
     def _pre_injection_hook(self, model: nn.Module, config: MTLLoraConfig, adapter_name: str) -> None:
         """Tuner state; ``BaseTuner.__init__`` calls this once, after ``nn.Module.__init__`` and before injecting."""
