@@ -21,8 +21,9 @@ The touches:
    ``active_peft_config`` property of a model whose last adapter was deleted).
 5. ``export_tasks_through_save_and_push`` gives ``PeftModel.save_pretrained`` and ``push_to_hub`` a
    ``tasks=`` argument, for tuners with ``exporting_tasks``, and ``as_lora=True`` (one MTL-LoRA task
-   written, or uploaded, as a plain LoRA adapter): inside that context the tuner swaps
-   in a config and state dict restricted to those tasks, and PEFT's own saving does the rest.
+   written, or uploaded, as a plain LoRA adapter): inside the tuner's ``exporting_tasks`` context,
+   ``PeftModel.peft_config`` (read by PEFT's save, in that context only) shows configs restricted to
+   those tasks and the tuner's state dict holds only their rows; PEFT's own saving does the rest.
    Saves of this package's adapters (``push_to_hub`` saves through ``save_pretrained``) refuse NaN
    or inf weights and are atomic: PEFT writes into a new folder that replaces the target in one
    step (``_saving_atomically``, :mod:`peft_talora.multitask.atomic_save`).
@@ -198,6 +199,21 @@ def export_tasks_through_save_and_push() -> None:
     save_pretrained._peft_talora_exports_tasks = True
     PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub
+    _show_exported_configs()
+
+
+def _show_exported_configs() -> None:
+    """``PeftModel.peft_config`` inside a tuner's ``exporting_tasks``, in that context only: the export's
+    read-only configs (what PEFT's save writes). The tuner keeps its real configs for routing."""
+    original = PeftModel.peft_config
+
+    def peft_config(self):
+        configs = original.fget(self)
+        exported = getattr(self.base_model, "exported_configs", None)
+        shown = exported() if callable(exported) else None
+        return configs if shown is None else shown
+
+    PeftModel.peft_config = property(peft_config, original.fset, original.fdel, original.__doc__)
 
 
 #: What ``push_to_hub(..., as_lora=True)`` passes on to the upload (the rest of transformers' arguments are refused).
@@ -247,7 +263,8 @@ def _selected_adapters(model, save_directory, args, kwargs) -> Optional[list[str
         bound = inspect.signature(PeftModel.save_pretrained).bind(model, save_directory, *args, **kwargs).arguments
     except TypeError:
         return None
-    selected = list(bound.get("selected_adapters") or model.peft_config)
+    chosen = bound.get("selected_adapters")
+    selected = list(model.peft_config) if chosen is None else list(chosen)  # [] saves no adapter, as in PEFT
     unknown = [name for name in selected if name not in model.peft_config]
     if unknown:
         raise ValueError(
@@ -274,7 +291,8 @@ def _saving_atomically(save):
             arguments = inspect.signature(save).bind(self, save_directory, *args, **kwargs).arguments
         except TypeError:
             return save(self, save_directory, *args, **kwargs)  # PEFT's own error
-        selected = arguments.get("selected_adapters") or list(self.peft_config)
+        chosen = arguments.get("selected_adapters")
+        selected = list(self.peft_config) if chosen is None else list(chosen)  # [] saves no adapter, as in PEFT
         if _exports_tasks(self) and not self.peft_config:
             raise ValueError(
                 "This model has no adapter left to save (the last one was deleted); add or load an adapter first. "

@@ -369,6 +369,34 @@ def test_without_an_atomic_exchange_a_failed_second_rename_puts_the_old_folder_b
     assert leftovers(folder) == []
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("created", [True, False], ids=["folder-made-meanwhile", "folder-existed"])
+def test_files_other_processes_write_during_the_save_are_kept(tmp_path, method, monkeypatch, exchange, created):
+    """A distributed Trainer's other ranks write ``rng_state_<rank>.pth`` into the checkpoint folder while the main
+    rank saves the model there, without waiting for it: they may even create the folder first. Their files survive
+    the swap, and the save neither fails nor loses the adapter."""
+    folder = tmp_path / "checkpoint-10"
+    if not created:
+        folder.mkdir()
+        (folder / "rng_state_0.pth").write_bytes(b"rank 0")
+    if not exchange:
+        monkeypatch.setattr(peft_talora.multitask.atomic_save, "_exchange", lambda a, b: False)
+    fsync = peft_talora.multitask.atomic_save._fsync_new_files
+
+    def another_rank_writes(new_folder):  # after the carry-over, just before the swap
+        folder.mkdir(exist_ok=True)
+        (folder / "rng_state_1.pth").write_bytes(b"rank 1")
+        fsync(new_folder)
+
+    monkeypatch.setattr(peft_talora.multitask.atomic_save, "_fsync_new_files", another_rank_writes)
+    model = trained(method, seed=1)
+    model.save_pretrained(folder)
+    assert (folder / "rng_state_1.pth").read_bytes() == b"rank 1"
+    assert created or (folder / "rng_state_0.pth").read_bytes() == b"rank 0"
+    assert torch.equal(loaded_outputs(folder), outputs(model))
+    assert leftovers(folder) == []
+
+
 def test_a_folder_that_cannot_be_swapped_is_replaced_file_by_file(old, method, monkeypatch):
     """A mount point (a container volume) cannot be renamed: files are replaced one by one, with a warning."""
     folder, _ = old

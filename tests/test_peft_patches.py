@@ -406,6 +406,21 @@ def test_save_pretrained_files(tmp_path):
     assert saved["num_tasks"] == 3
 
 
+def test_peft_config_property_shows_an_export_only_in_its_context():
+    """PEFT's save reads ``PeftModel.peft_config`` (a property over ``base_model.peft_config``); inside a tuner's
+    ``exporting_tasks`` it is the export's view, elsewhere PEFT's own getter, and its setter is PEFT's."""
+    prop = PeftModel.peft_config
+    assert isinstance(prop, property) and prop.fset is not None
+    model = talora(task_names=["a", "b", "c"], num_tasks=None)
+    assert model.peft_config is model.base_model.peft_config
+    with model.base_model.exporting_tasks(["b"], ["default"]):
+        assert model.peft_config["default"].task_names == ["b"]
+        assert model.base_model.peft_config["default"].task_names == ["a", "b", "c"]
+    assert model.peft_config is model.base_model.peft_config
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    assert lora.peft_config is lora.base_model.peft_config  # other tuners: PEFT's getter
+
+
 def test_save_pretrained_second_adapter_in_subfolder(tmp_path):
     model = perturb(talora())
     model.add_adapter("second", talora_config(num_tasks=2))

@@ -3,6 +3,7 @@ where the architecture matters): exactness at init, per-example routing, disabli
 add_tasks, per-task export and the shared errors. Method-specific behaviour stays in the method's own test files.
 """
 
+import copy
 import re
 
 import pytest
@@ -143,6 +144,49 @@ def test_generate_with_disabled_adapter_equals_base(method):
     with model.disable_adapter():
         assert torch.equal(model.generate(input_ids=input_ids, attention_mask=mask, **GREEDY), expected)
     assert not torch.equal(model.generate(input_ids=input_ids, attention_mask=mask, task_ids=TASKS, **GREEDY), expected)
+
+
+@each_method
+def test_inside_an_export_the_model_still_routes_and_changes_by_its_real_tasks(method, tmp_path):
+    """Only what PEFT's save reads (``PeftModel.peft_config``) is the export's view; the model's own calls in the
+    saving context route by the real task ids, changes to the tasks stay with the weights, adapters cannot be added
+    or removed mid-save, and an export inside an export is refused."""
+    model = named(method)
+    expected = {task: logits(model, [task] * 3) for task in NAMES}
+    tuner = model.base_model
+    with tuner.exporting_tasks(["c"], ["default"]):
+        assert model.peft_config["default"].task_names == ["c"]  # what the save writes
+        assert torch.equal(logits(model, ["c"] * 3), expected["c"])
+        with pytest.raises(ValueError, match="needs `task_ids`"):
+            logits(model)  # three tasks, whatever the export shows
+        assert model.add_tasks(["d"]) == [3]
+        try:  # TA-LoRA's own add_adapter changes the real configs; PEFT's (MTL-LoRA) would write to the view
+            model.add_adapter("other", copy.deepcopy(tuner.peft_config["default"]))
+            added = True
+        except ValueError as error:
+            assert "cannot be added or removed while save_pretrained" in str(error)
+            added = False
+        with pytest.raises(ValueError, match="already running here"):
+            model.save_pretrained(tmp_path / "nested", tasks=["a"])
+    assert not (tmp_path / "nested").exists()
+    assert model.peft_config["default"].task_names == [*NAMES, "d"]
+    assert list(model.peft_config) == (["default", "other"] if added else ["default"])
+    model.save_pretrained(tmp_path / "all", selected_adapters=["default"])
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "all")
+    assert loaded.peft_config["default"].task_names == [*NAMES, "d"]
+    for task in NAMES:
+        torch.testing.assert_close(logits(loaded, [task] * 3), expected[task], rtol=1e-5, atol=1e-6)
+
+
+@each_method
+def test_saving_no_adapter_keeps_the_saved_ones(method, tmp_path):
+    """PEFT's ``selected_adapters=[]`` saves no adapter; it must not replace the folder's adapter by nothing."""
+    model = named(method)
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    model.save_pretrained(tmp_path, selected_adapters=[])
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert (tmp_path / "adapter_config.json").is_file()
 
 
 @each_method

@@ -6,7 +6,9 @@ write does not replace into it (hard links, or copies where links are impossible
 swaps it with ``target`` in one step: Linux's ``renameat2(RENAME_EXCHANGE)``. At every instant
 ``target`` is either the whole old folder or the whole new one; a crash leaves a hidden
 ``.<name>.peft-tmp-<pid>-h<host>-<hex>`` folder beside it, removed by the next save into the same
-target once that process is gone. Only a save on the same machine (``<host>``: a hash of the host
+target once that process is gone. Files other processes write into ``target`` during the save (the
+other ranks of a distributed ``Trainer`` write their RNG state into a checkpoint folder while the
+main one saves the model) are carried over too, also when they create ``target`` first. Only a save on the same machine (``<host>``: a hash of the host
 name) removes it: on a filesystem shared by several nodes a process id says nothing about another
 node's save, which may still be running.
 
@@ -74,17 +76,25 @@ def write_folder_atomically(
             shutil.copymode(target, folder)
         _fsync_new_files(folder)
         cwd = _cwd_inside(target)
-        if not exists:
-            os.rename(folder, target)
-        elif not _exchange(folder, target):
-            old = _new_name(parent, f".{name}.{OLD_MARK}")
-            os.rename(target, old)
-            try:
-                os.rename(folder, target)
-            except BaseException:
-                os.rename(old, target)  # the old folder goes back where it was, whole
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        if not exists and not _rename_onto_nothing(folder, target):
+            # another process made the folder meanwhile (a DDP rank writing its RNG state into a checkpoint): keep its files
+            exists = True
+            _carry_over(target, folder, replaces)
+        if exists:
+            if _exchange(folder, target):
+                displaced = folder
+            else:
+                displaced = _new_name(parent, f".{name}.{OLD_MARK}")
+                os.rename(target, displaced)
+                try:
+                    os.rename(folder, target)
+                except BaseException:
+                    os.rename(displaced, target)  # the old folder goes back where it was, whole
+                    raise
+            # files other processes wrote into the old folder while this one was saving go along too
+            _carry_over(displaced, target, replaces)
+            if displaced != folder:
+                shutil.rmtree(displaced, ignore_errors=True)
         _fsync_dir(parent)
         if cwd is not None:  # our working directory was inside the old folder: follow the new one
             os.chdir(os.path.join(target, cwd) if os.path.isdir(os.path.join(target, cwd)) else target)
@@ -119,6 +129,17 @@ def _write_file_by_file(target, write, replaces, seed, reason: OSError) -> None:
             os.replace(os.path.join(folder, relpath), os.path.join(target, relpath))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _rename_onto_nothing(folder: str, target: str) -> bool:
+    """``os.rename(folder, target)`` where ``target`` was absent; ``False`` if a non-empty one appeared meanwhile."""
+    try:
+        os.rename(folder, target)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def _old_files(root: str) -> list[str]:

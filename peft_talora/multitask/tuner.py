@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Optional, Union
@@ -25,7 +25,7 @@ class MultiTaskTunerMixin:
     :class:`MultiTaskConfig`), ``_active_name`` (the active adapter, ``None`` when there is none),
     ``_router`` (its :class:`~peft_talora.multitask.routing.TaskRouter`), ``_stages`` and
     ``_frozen_blocks`` (dicts), ``_exported_tasks`` (read-only: adapter -> exported task ids, empty
-    outside an export) and a
+    outside an export, see :meth:`exporting_tasks`) and a
     ``model_card_tags`` tuple, and implements four hooks: ``_task_block_sizes(name)`` (the number of
     tasks in each block), ``_add_task_block(name, count)``, ``_copy_task_factors(name, sources)`` (the
     last block's task ``i`` starts as a copy of task ``sources[i]``) and ``_apply_stage(name)`` (set
@@ -180,27 +180,20 @@ class MultiTaskTunerMixin:
         return first, count
 
     @property
-    def peft_config(self) -> dict:
-        """Adapter name -> config. Inside :meth:`exporting_tasks`, and only for the code running in that
-        context (thread, asyncio task), it is the export's view: the exported adapters' configs hold
-        only the exported tasks. A thread serving requests meanwhile routes with the full configs."""
-        export = (_EXPORTS.get() or {}).get(self)
-        if export is not None:
-            return export[0]
-        try:
-            return self.__dict__["_peft_configs"]
-        except KeyError:  # before the tuner set it (``BaseTuner.__init__`` asks with hasattr)
-            raise AttributeError("peft_config") from None
-
-    @peft_config.setter
-    def peft_config(self, configs: dict) -> None:
-        self.__dict__["_peft_configs"] = configs
-
-    @property
     def _exported_tasks(self) -> dict[str, list[int]]:
         """Adapter name -> the task ids being exported, in this context; empty outside an export."""
         export = (_EXPORTS.get() or {}).get(self)
         return export[1] if export is not None else {}
+
+    def exported_configs(self) -> Optional[Mapping]:
+        """The adapters' configs as the export running in this context writes them (read-only), else ``None``.
+
+        ``PeftModel.peft_config`` returns it inside :meth:`exporting_tasks` (``peft_patches``), so PEFT's
+        save writes the restricted configs; the tuner itself keeps reading ``self.peft_config``, the real
+        configs, so routing and every change to the adapters stay consistent with the weights.
+        """
+        export = (_EXPORTS.get() or {}).get(self)
+        return export[0] if export is not None else None
 
     @contextmanager
     def exporting_tasks(self, tasks: TaskList, adapter_names: Sequence[str]):
@@ -208,15 +201,21 @@ class MultiTaskTunerMixin:
 
         Used by ``save_pretrained(path, tasks=[...])`` and ``push_to_hub(repo, tasks=[...])``. Tasks
         are renumbered ``0..k-1`` in the order given; with one task the export needs no ``task_ids``.
-        Nothing of the model changes: the restricted configs are seen only by the code running in this
-        context (see :attr:`peft_config`), so other threads keep routing every task by its own id.
+        Nothing of the model changes: only what PEFT's save reads through ``PeftModel.peft_config``, in
+        this context (thread, asyncio task), is the export's view (:meth:`exported_configs`); other
+        threads, and this one's calls of the model, route every task by its own id.
         """
+        if self.exported_configs() is not None:
+            raise ValueError(
+                "An export of tasks is already running here (save_pretrained/push_to_hub with tasks=...); a save "
+                "with tasks= inside it would number the tasks twice. Save each selection on its own."
+            )
         configs = self.peft_config
         selections = {
             name: configs[name].resolve_task_list(tasks, f"export of adapter {name!r}") for name in adapter_names
         }
         shown = {**configs, **{name: configs[name].restricted_to(ids) for name, ids in selections.items()}}
-        token = _EXPORTS.set({**(_EXPORTS.get() or {}), self: (shown, selections)})
+        token = _EXPORTS.set({**(_EXPORTS.get() or {}), self: (_ExportedConfigs(shown), selections)})
         try:
             yield
         finally:
@@ -236,10 +235,11 @@ class MultiTaskTunerMixin:
         path = os.path.join(output_dir, "README.md")
         card = ModelCard.load(path)
         card.data.tags = sorted({*(card.data.tags or []), *self.model_card_tags})
-        saved = _saved_adapters(output_dir, self.peft_config)
+        configs = self._card_configs()
+        saved = _saved_adapters(output_dir, configs)
         lines = []
         for name in saved:
-            config = self.peft_config[name]
+            config = configs[name]
             tasks = [config.task_label(i) for i in range(config.num_tasks)]
             lines.append(
                 f"- adapter `{name}`: {len(tasks)} task(s), in id order: " + ", ".join(f"`{t}`" for t in tasks)
@@ -269,13 +269,19 @@ class MultiTaskTunerMixin:
         card.text = text
         card.save(path)
 
+    def _card_configs(self) -> Mapping:
+        """The configs a model card describes: the export's inside one, else the adapters' own."""
+        exported = self.exported_configs()
+        return self.peft_config if exported is None else exported
+
     def _loading_lines(self, output_dir: str, saved: Sequence[str]) -> list[str]:
         """The ``## How to load`` section of the model card (markdown lines) for the adapters ``saved``."""
         location = _CARD_LOCATION.get() or str(output_dir)
         first, *rest = sorted(saved, key=lambda name: name != "default")  # "default" sits at the root: it goes first
-        config = self.peft_config[first]
+        configs = self._card_configs()
+        config = configs[first]
         # every adapter sits on the same base; one added with add_adapter may not record it
-        paths = [config.base_model_name_or_path, *(c.base_model_name_or_path for c in self.peft_config.values())]
+        paths = [config.base_model_name_or_path, *(c.base_model_name_or_path for c in configs.values())]
         base = next((path for path in paths if path), "<base model>")
         where = f'"{location}"' if first == "default" else f'"{location}", subfolder="{first}", adapter_name="{first}"'
         others = [f'model.load_adapter("{location}", adapter_name="{n}", subfolder="{n}")' for n in rest]
@@ -340,6 +346,33 @@ def _saved_adapters(output_dir: str, configs: dict) -> list[str]:
 
 
 #: Where the model card being written will be loaded from (a folder or a Hub repo id), see :func:`card_location`.
+class _ExportedConfigs(Mapping):
+    """Adapter name -> config as an export writes them; read-only, since an adapter added or removed in the
+    middle of a save would exist in this view only."""
+
+    def __init__(self, configs: dict):
+        self._configs = configs
+
+    def __getitem__(self, name):
+        return self._configs[name]
+
+    def __iter__(self):
+        return iter(self._configs)
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+    def __setitem__(self, name, config):
+        raise ValueError(_CHANGE_IN_EXPORT)
+
+    def __delitem__(self, name):
+        raise ValueError(_CHANGE_IN_EXPORT)
+
+
+_CHANGE_IN_EXPORT = (
+    "Adapters cannot be added or removed while save_pretrained/push_to_hub(tasks=...) writes them; "
+    "change them before or after the save."
+)
 #: The exports running in this context: tuner -> (its configs as the export shows them, adapter -> exported task ids).
 _EXPORTS: ContextVar[Optional[dict]] = ContextVar("peft_talora_exports", default=None)
 _CARD_LOCATION: ContextVar[Optional[str]] = ContextVar("peft_talora_card_location", default=None)
