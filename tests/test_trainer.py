@@ -10,9 +10,9 @@ import re
 
 import pytest
 import torch
-from conftest import cpu_training_args, tiny_model
+from conftest import cpu_training_args, perturb, tiny_model
 from datasets import Dataset
-from peft import MultitaskPromptTuningConfig, get_peft_model
+from peft import LoraConfig, MultitaskPromptTuningConfig, get_peft_model
 from talora_text import ids, tiny_tokenizer
 from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -304,6 +304,63 @@ def test_multitask_trainer_uncertainty_updates_with_a_task_column_of_another_nam
     trainer.train()
     u = trainer.task_sampler.uncertainties
     assert bool(((u > 0.8) & (u < 1.0)).all()), u  # updated from the batches: not the initial 1.0 of every task
+
+
+def test_build_trainer_default_collator_reads_a_task_column_of_another_name_and_other_methods_rows(tmp_path):
+    """``build_trainer(task_column=...)`` without a collator: the default collator reads that column (names
+    included); a PEFT method without tasks (LoRA) gets a collator that needs no task names."""
+    data = imbalanced(task_as_names=True).rename_column("task_ids", "task")
+    model = three_task_model()
+    before = adapter_state(model)
+    args = arguments(tmp_path, max_steps=2, per_device_train_batch_size=8)
+    tokenizer = tiny_tokenizer()
+    build_trainer(
+        model, args, train_dataset=data, processing_class=tokenizer, task_column="task", task_sampling="proportional"
+    ).train()
+    assert any(not torch.equal(before[k], v) for k, v in adapter_state(model).items())
+    lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    trainer = build_trainer(
+        lora, args, train_dataset=imbalanced().remove_columns("task_ids"), processing_class=tokenizer
+    )
+    trainer.train()
+    assert losses(trainer)
+
+
+def test_the_first_orthogonality_loss_of_a_run_is_its_own(tmp_path):
+    """Penalties of steps after a run's last log (5 steps, a log every 4) must not mix into the next run's first
+    log: at learning rate 0 every step's penalty is the adapter's, computed here independently."""
+    model = perturb(three_task_model(), seed=1, scale=0.5)
+    data = imbalanced()
+    build_trainer(
+        model,
+        arguments(tmp_path, max_steps=5, logging_steps=4, per_device_train_batch_size=8),
+        train_dataset=data,
+        data_collator=MultiTaskDataCollator(pad_token_id=0),
+    ).train()
+    penalty = float(model.base_model.talora_banks["default"].orthogonality_penalty())
+    second = build_trainer(
+        model,
+        arguments(tmp_path / "second", max_steps=1, logging_steps=1, learning_rate=0.0, per_device_train_batch_size=8),
+        train_dataset=data,
+        data_collator=MultiTaskDataCollator(pad_token_id=0),
+    )
+    second.train()
+    logged = [e["orthogonality_loss"] for e in second.state.log_history if "loss" in e]
+    assert logged == [pytest.approx(penalty, rel=1e-5)]
+
+
+def test_a_no_grad_training_pass_adds_no_penalty_to_the_log():
+    """DPO's reference pass runs in training mode under no_grad (on another adapter); it trains nothing, so its
+    penalty must not enter the logged mean."""
+    model = perturb(three_task_model(), seed=1, scale=0.5).train()
+    running = model.base_model.orthogonality_log
+    running.pop()
+    input_ids = torch.tensor([[4, 5, 6]] * 3)
+    with torch.no_grad():
+        model(input_ids=input_ids, labels=input_ids, task_ids=[0, 1, 2])
+    assert running.pop() is None
+    model(input_ids=input_ids, labels=input_ids, task_ids=[0, 1, 2])
+    assert running.pop() == pytest.approx(float(model.base_model.talora_banks["default"].orthogonality_penalty()))
 
 
 def test_uncertainty_entropies_skip_virtual_tokens_and_read_the_target_positions_only():

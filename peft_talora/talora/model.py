@@ -296,7 +296,8 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
                 "factors (task_u/task_v) hold NaN or inf, which would spread to every task through the loss. "
                 "Lower the learning rate or restore the adapter from a checkpoint."
             )
-        self.orthogonality_log.add(penalty.detach())
+        if torch.is_grad_enabled():  # not a no-grad pass such as DPO's reference adapter: it trains nothing
+            self.orthogonality_log.add(penalty.detach())
         return weight * _share_of_items(labels, num_items_in_batch) * penalty
 
     def merge_and_unload(self, *args, **kwargs):

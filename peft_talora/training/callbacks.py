@@ -20,6 +20,15 @@ def add_orthogonality_loss(model, logs: Optional[dict]) -> Optional[float]:
     return value
 
 
+def forget_unlogged_penalties(model) -> None:
+    """Drop the penalties added since the last log (a run that ended between logs), so that a new run's first
+    ``orthogonality_loss`` is its own steps' mean."""
+    tuner = getattr(getattr(model, "module", model), "base_model", None)
+    running = getattr(tuner, "orthogonality_log", None)
+    if running is not None:
+        running.pop()
+
+
 class OrthogonalityLogCallback(TrainerCallback):
     """Adds ``orthogonality_loss`` (mean since the previous log) to every training log of a plain ``Trainer``.
 
@@ -29,6 +38,9 @@ class OrthogonalityLogCallback(TrainerCallback):
     with :class:`~peft_talora.training.trainer.MultiTaskTrainer` (``build_trainer``) or the TRL trainers,
     which add it before any logger runs.
     """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        forget_unlogged_penalties(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         value = add_orthogonality_loss(model, logs)

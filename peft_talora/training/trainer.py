@@ -21,8 +21,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..multitask.config import MultiTaskConfig
 from ..talora.model import TALoraModel
-from .callbacks import add_orthogonality_loss
+from .callbacks import add_orthogonality_loss, forget_unlogged_penalties
 from .collator import MultiTaskDataCollator
 from .label_logits import label_positions, supports_label_logits
 from .optim import DEFAULT_FAST_LR_RATIO, talora_parameter_groups
@@ -57,8 +58,13 @@ def build_trainer(
     optimizers = (None, None)
     if isinstance(getattr(model, "base_model", None), TALoraModel):
         optimizers = (talora_optimizer_from_args(model, args, fast_lr_ratio), None)
-    if data_collator is None:
-        data_collator = MultiTaskDataCollator(tokenizer=processing_class, task_names=model)
+    if data_collator is None:  # task names are the adapter's; another PEFT method's rows carry no task
+        multi_task = isinstance(getattr(model, "active_peft_config", None), MultiTaskConfig)
+        data_collator = MultiTaskDataCollator(
+            tokenizer=processing_class,
+            task_names=model if multi_task else None,
+            task_column=trainer_kwargs.get("task_column", "task_ids"),
+        )
     return MultiTaskTrainer(
         model=model,
         args=args,
@@ -225,6 +231,7 @@ class MultiTaskTrainer(Trainer):
         """``Trainer.train``; a run resumed from a checkpoint also gets its task sampler's state back."""
         path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
         self._resuming_from = path or None  # (none found: Trainer raises)
+        forget_unlogged_penalties(self.model)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

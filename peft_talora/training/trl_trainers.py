@@ -40,7 +40,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..multitask import MultiTaskConfig
 from ..peft_patches import adapter_tensors
 from ..talora.model import TALoraModel
-from .callbacks import add_orthogonality_loss
+from .callbacks import add_orthogonality_loss, forget_unlogged_penalties
 from .collator import TaskIdEncoder, _encode_task_column
 from .trainer import check_task_sampling, task_sampler
 
@@ -196,6 +196,10 @@ class _TaskColumnMixin:
     @property
     def _tuner(self):
         return self.accelerator.unwrap_model(self.model).base_model
+
+    def train(self, *args, **kwargs):
+        forget_unlogged_penalties(self.model)
+        return super().train(*args, **kwargs)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds ``orthogonality_loss`` to a training log before any callback, so ``report_to`` loggers get it."""
