@@ -225,3 +225,22 @@ def test_interval_errors():
                                {"references": [0], "predictions": [0], "num_labels": 3}])  # fmt: skip
     with pytest.raises(ValueError, match="resamples must be at least 1, got 0"):
         seed_interval([0.1, 0.2], resamples=0)
+    with pytest.raises(ValueError, match=r"predictions must be label ids in \[0, 2\), or -1 for none"):
+        TaskRuns([0, 1, 1], [[0, 7, 1]], 2)
+    assert TaskRuns([0, 1], [[-1, 1]], 2).runs == 1  # -1: no label predicted
+
+
+def test_classification_metrics_refuse_ids_outside_the_labels():
+    """An out-of-range reference would count as right for accuracy and vanish from macro-F1."""
+    from peft_talora.suite.evaluation import classification_metrics
+
+    assert classification_metrics([-1, 1, 0], [0, 1, 0], num_labels=2) == {
+        "accuracy": 2 / 3,
+        "macro_f1": pytest.approx(5 / 6),
+    }  # (2/3 + 1) / 2
+    with pytest.raises(ValueError, match=r"references hold \[2\], outside \[0, 2\)"):
+        classification_metrics([2, 2, 0], [2, 2, 0], num_labels=2)
+    with pytest.raises(ValueError, match=r"predictions hold \[7\], outside \[-1, 2\)"):
+        classification_metrics([7, 1, 0], [0, 1, 0], num_labels=2)
+    with pytest.raises(ValueError, match="2 predictions for 3 references"):
+        classification_metrics([1, 0], [0, 1, 0], num_labels=2)

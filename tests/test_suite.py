@@ -258,6 +258,52 @@ def test_register_a_csv_and_a_jsonl_file(own_tasks, tmp_path):
     assert sum(len(s) for s in load_task("my_jsonl", cache_dir=tmp_path / "cache", progress=False).values()) == 12
 
 
+def test_label_maps_and_file_cells_give_each_row_its_own_word(own_tasks, tmp_path):
+    """Raw labels as users write them: ClassLabel names mapped by name, csv cells as text (a ``label_map`` for
+    ``"1"``/``"True"`` matches them, numeric label words are words, ids written as text still work), and the
+    maps or ids that would pick words silently are refused."""
+
+    def words(name):
+        splits = load_task(name, cache_dir=tmp_path / "cache", progress=False)
+        return {row["text"]: row["label_word"] for split in SPLITS for row in splits[split]}
+
+    spam = [f"win money {i}" for i in range(6)]
+    ham = [f"hi mom {i}" for i in range(6)]
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["pos", "neg", "mixed"])}
+    )
+    classes = Dataset.from_dict({"text": spam + ham, "label": [0] * 6 + [1] * 6}, features=features)
+    spec = TaskSpec("my_classes", "Sentiment?", ["negative", "positive"])
+    own_tasks(spec, classes, label_map={"pos": "positive", "neg": "negative", "mixed": "negative"})
+    assert set(words("my_classes").items()) == {*((t, "positive") for t in spam), *((t, "negative") for t in ham)}
+
+    csv = tmp_path / "spam.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},1\n" for t in spam) + "".join(f"{t},0\n" for t in ham))
+    own_tasks(TaskSpec("my_spam", "Spam?", ["spam", "ham"]), csv, label_map={"1": "spam", "0": "ham"})
+    assert set(words("my_spam").items()) == {*((t, "spam") for t in spam), *((t, "ham") for t in ham)}
+    own_tasks(TaskSpec("my_spam_ids", "Spam?", ["ham", "spam"]), csv)  # ids written as text
+    assert set(words("my_spam_ids").items()) == {*((t, "spam") for t in spam), *((t, "ham") for t in ham)}
+
+    stars = tmp_path / "stars.csv"
+    stars.write_text("text,label\n" + "".join(f"{t},2\n" for t in spam) + "".join(f"{t},1\n" for t in ham))
+    own_tasks(TaskSpec("my_stars", "Stars?", ["1", "2", "3"]), stars)
+    assert set(words("my_stars").items()) == {*((t, "2") for t in spam), *((t, "1") for t in ham)}
+
+    flags = tmp_path / "flags.csv"
+    flags.write_text("text,label\n" + "".join(f"{t},True\n" for t in spam) + "".join(f"{t},False\n" for t in ham))
+    own_tasks(TaskSpec("my_flags", "Spam?", ["no", "yes"]), flags, label_map={"True": "yes", "False": "no"})
+    assert set(words("my_flags").items()) == {*((t, "yes") for t in spam), *((t, "no") for t in ham)}
+
+    with pytest.raises(ValueError, match=r"no key of label_map \('Y'\) is a value of the label column 'label'"):
+        own_tasks(
+            TaskSpec("my_unused", "Spam?", ["no", "yes"]),
+            Dataset.from_dict({"text": ham, "label": [0, 1] * 3}),
+            label_map={"Y": "yes"},
+        )
+    with pytest.raises(ValueError, match=r"holds 0, 1, which could be the label word or the id"):
+        own_tasks(TaskSpec("my_ambiguous", "Stars?", ["1", "2"]), Dataset.from_dict({"text": ham, "label": [0, 1] * 3}))
+
+
 def test_duplicates_are_dropped_and_conflicting_texts_removed():
     texts = ["Good film", "good   FILM ", "bad film", "Bad film", "meh", "", "  "]
     labels = [1, 1, 0, 1, 0, 0, 1]

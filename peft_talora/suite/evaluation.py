@@ -500,13 +500,32 @@ def _metric(name: str):
 
 
 def classification_metrics(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> dict:
-    """Macro-F1 and accuracy over the ``num_labels`` classes (a ``-1`` prediction counts as wrong)."""
+    """Macro-F1 and accuracy over the ``num_labels`` classes (a ``-1`` prediction counts as wrong).
+
+    References must be ids in ``[0, num_labels)`` and predictions in ``[-1, num_labels)``: an id outside would count
+    as right for accuracy and be left out of macro-F1.
+    """
     predictions, references = [int(p) for p in predictions], [int(r) for r in references]
+    _check_ids(references, predictions, num_labels)
     accuracy = _metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
     macro_f1 = _metric("f1").compute(
         predictions=predictions, references=references, labels=list(range(num_labels)), average="macro"
     )["f1"]
     return {"accuracy": float(accuracy), "macro_f1": float(macro_f1)}
+
+
+def _check_ids(references: Sequence[int], predictions: Sequence[int], num_labels: int) -> None:
+    """Refuse references outside ``[0, num_labels)`` and predictions outside ``[-1, num_labels)`` (``-1``: none)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references; give one per row.")
+    for kind, values, low in (("references", references, 0), ("predictions", predictions, -1)):
+        outside = sorted({v for v in values if not low <= v < num_labels})
+        if outside:
+            raise ValueError(
+                f"{kind} hold {outside[:5]}, outside [{low}, {num_labels}) for {num_labels} labels"
+                + (" (-1: no label predicted)" if low < 0 else "")
+                + "; pass label ids of the task."
+            )
 
 
 def _checked_references(dataset: datasets.Dataset, spec: TaskSpec) -> list[int]:

@@ -73,6 +73,8 @@ class TaskRuns:
             raise ValueError("A task needs at least one test row and one run.")
         if int(self.num_labels) < 1 or references.min() < 0 or references.max() >= int(self.num_labels):
             raise ValueError(f"references must be label ids in [0, {self.num_labels}).")
+        if predictions.min() < -1 or predictions.max() >= int(self.num_labels):
+            raise ValueError(f"predictions must be label ids in [0, {self.num_labels}), or -1 for none.")
         object.__setattr__(self, "references", references)
         object.__setattr__(self, "predictions", predictions)
         object.__setattr__(self, "num_labels", int(self.num_labels))

@@ -98,10 +98,16 @@ class RegisteredTask:
             "label_names": list(self.spec.label_names),
             "label_map": sorted((repr(k), v) for k, v in (self.label_map or {}).items()),
         }
+        if isinstance(self.source, (str, os.PathLike)) or self.label_map:
+            parts["label_reading"] = LABEL_READING  # built before files were read as text: rebuilt
+
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _REGISTRY: dict[str, RegisteredTask] = {}
+#: How raw labels are read (csv/tsv as text, ClassLabel names through ``label_map``); in the cache key of the
+#: tasks it changed, so their caches built by an earlier reading are rebuilt.
+LABEL_READING = 2
 
 
 def column_values(dataset: datasets.Dataset, column: str) -> list:
@@ -186,13 +192,16 @@ def _check_path(task: str, path: Path) -> None:
 
 
 def _read_file(task: str, path: Path) -> datasets.Dataset:
-    """A csv/tsv/jsonl/json file as a ``Dataset``; cells are read verbatim (no "NA" -> NaN guessing)."""
+    """A csv/tsv/jsonl/json file as a ``Dataset``; csv/tsv cells are read verbatim, as text (no "NA" -> NaN,
+    "1" -> 1 or "True" -> True guessing: a label ``1`` stays the string a ``label_map`` is written for)."""
     import pandas as pd
 
     _check_path(task, path)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_filter=False)
+        frame = pd.read_csv(
+            path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, na_filter=False
+        )
     else:
         frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
@@ -244,15 +253,21 @@ def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Datas
         raise ValueError(f"Task {name!r}: the text column {task.text_column!r} holds {not_text} values, not strings.")
 
     feature = raw.features[task.label_column]
-    if isinstance(feature, datasets.ClassLabel) and feature.num_classes != spec.num_labels:
+    class_label = isinstance(feature, datasets.ClassLabel)
+    if class_label and not task.label_map and feature.num_classes != spec.num_labels:
         raise ValueError(
             f"Task {name!r}: the label column {task.label_column!r} is a ClassLabel with {feature.num_classes} "
-            f"classes {feature.names}, but label_names has {spec.num_labels}: {list(spec.label_names)}."
+            f"classes {feature.names}, but label_names has {spec.num_labels}: {list(spec.label_names)} "
+            "(label_map= can map its classes, by name, onto the label words)."
         )
     values = column_values(raw, task.label_column)
-    if isinstance(feature, datasets.ClassLabel) and not task.label_map:
+    if class_label and not task.label_map:
         values = _class_ids_as_spec_ids(feature, spec, values)
-    labels = _label_ids(task, values)
+    elif class_label and any(isinstance(key, str) and key in feature.names for key in task.label_map):
+        values = [feature.int2str(v) if is_label_id(v, feature.num_classes) else v for v in values]  # map by name
+    if task.label_map:
+        _check_label_map_is_used(task, values)
+    labels = _label_ids(task, values, class_ids=class_label and not isinstance(next(iter(values), None), str))
     return datasets.Dataset.from_dict(
         {"text": ["" if t is None else t for t in texts], "label": labels},
         features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
@@ -275,23 +290,62 @@ def is_label_id(label, num_labels: int) -> bool:
     return isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < num_labels
 
 
-def _label_ids(task: RegisteredTask, values: Sequence) -> list[int]:
-    """Label ids for raw label values: ints index ``label_names``, strings are label words (after ``label_map``)."""
+def _map_keys(value) -> list:
+    """The ``label_map`` keys a raw label may be written as: itself, its text, and the int a numeric text is."""
+    keys = [value, str(value)] if isinstance(value, (str, int)) else []
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        keys.append(int(value.strip()))
+    return keys
+
+
+_INT_TEXT = re.compile(r"[+-]?\d+")
+
+
+def _check_label_map_is_used(task: RegisteredTask, values: Sequence) -> None:
+    """A ``label_map`` none of whose keys is a value of the label column translates nothing: refused."""
+    keys = set(task.label_map)
+    if not any(
+        key in keys for value in set(v for v in values if isinstance(v, (str, int))) for key in _map_keys(value)
+    ):
+        raise ValueError(
+            f"Task {task.name!r}: no key of label_map ({_shown(keys)}) is a value of the label column "
+            f"{task.label_column!r} (it holds {_shown(sorted(set(map(repr, values)))[:_SHOWN])}); write the keys as "
+            "the column holds them."
+        )
+
+
+def _label_ids(task: RegisteredTask, values: Sequence, class_ids: bool = False) -> list[int]:
+    """Label ids for raw label values: label words (after ``label_map``) first, then int ids into ``label_names``.
+
+    A value is looked up in ``label_map`` as itself, as text and, for numeric text, as an int. An id (an int, or
+    numeric text that is not a label word) where the label words are themselves numbers is refused as ambiguous,
+    unless the values are a ``ClassLabel``'s ids (``class_ids``).
+    """
     spec, column = task.spec, task.label_column
     index = {word: i for i, word in enumerate(spec.label_names)}
+    numeric_words = any(_INT_TEXT.fullmatch(word.strip()) for word in spec.label_names)
     label_map = task.label_map or {}
-    ids, bad = [], {}
+    ids, bad, ambiguous = [], {}, {}
     for value in values:
-        value = label_map.get(value, value) if isinstance(value, (str, int)) else value
+        value = next((label_map[key] for key in _map_keys(value) if key in label_map), value)
+        label = None
         if isinstance(value, str):
             label = index.get(value.strip())
-        elif isinstance(value, int) and not isinstance(value, bool):
+            if label is None and _INT_TEXT.fullmatch(value.strip()):
+                value = int(value.strip())  # an id written as text (csv/tsv cells are text)
+        if label is None and isinstance(value, int) and not isinstance(value, bool):
             label = value if 0 <= value < spec.num_labels else None
-        else:
-            label = None
+            if label is not None and numeric_words and not class_ids:
+                ambiguous.setdefault(repr(value), value)
         if label is None:
             bad.setdefault(repr(value), value)
         ids.append(label)
+    if ambiguous:
+        raise ValueError(
+            f"Task {spec.name!r}: the label column {column!r} holds {_shown(ambiguous.values())}, which could be the "
+            f"label word or the id into label_names {list(spec.label_names)}; write the label words as text, or "
+            "give label_map= (e.g. {1: '1'})."
+        )
     if bad:
         raise ValueError(
             f"Task {spec.name!r}: the label column {column!r} holds {_shown(bad.values())}, which "
