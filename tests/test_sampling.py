@@ -116,3 +116,6 @@ def test_probability_edge_cases_and_errors():
         task_sampling_probabilities([1, 2], "temperature", temperature=0)
     with pytest.raises(ValueError, match="task_ids has id 3 but num_tasks=2"):
         MultiTaskSampler([0, 3], "proportional", num_tasks=2)
+    for refresh in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match=r"refresh_every must be a number of draws >= 1, or None"):
+            MultiTaskSampler([0, 1], "uncertainty", refresh_every=refresh)

@@ -62,7 +62,16 @@ class KeepBestCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         name = args.metric_for_best_model or "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
-        prefix = next((m[: -len("_runtime")] for m in metrics or {} if m.endswith("_runtime")), None)
+        # Trainer's own speed metrics name the split ("eval", "eval_<dataset>"); a compute_metrics key ending in
+        # "_runtime" has no "_samples_per_second" twin
+        prefix = next(
+            (
+                m[: -len("_runtime")]
+                for m in metrics or {}
+                if m.endswith("_runtime") and f"{m[: -len('_runtime')]}_samples_per_second" in metrics
+            ),
+            None,
+        )
         if prefix is not None and not key.startswith(f"{prefix}_"):
             return  # another split (a test set, another dataset of a dict eval_dataset): not ours to judge
         if prefix not in (None, "eval") and key not in metrics:

@@ -17,6 +17,7 @@ epoch); :class:`MultiTaskTrainer` is ``transformers.Trainer`` with a ``task_samp
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -121,6 +122,12 @@ class MultiTaskSampler(Sampler[int]):
             raise ValueError(f"task_ids has id {int(task_ids.max())} but num_tasks={self.num_tasks}.")
         if not 0.0 <= uncertainty_momentum < 1.0:
             raise ValueError(f"uncertainty_momentum must be in [0, 1), got {uncertainty_momentum}.")
+        if refresh_every is not None and (
+            not isinstance(refresh_every, numbers.Integral) or isinstance(refresh_every, bool) or refresh_every < 1
+        ):
+            raise ValueError(
+                f"refresh_every must be a number of draws >= 1, or None (refresh once per epoch); got {refresh_every!r}."
+            )
         self.strategy = strategy
         self.temperature = temperature
         self.seed = int(seed)
