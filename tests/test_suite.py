@@ -500,6 +500,13 @@ def test_a_choice_that_extends_another_is_refused_where_it_could_never_win():
         score_choices(model, tokenizer, PROMPTS, choices)
     scores = score_choices(model, tokenizer, PROMPTS, choices, length_normalize=True)  # a mean can be higher
     assert scores.shape == (4, 2)
+    unknown = [" red", " zzqx", " qqzx"]  # the tiny word-level tokenizer maps both unknown words to one token
+    assert (
+        tokenizer(unknown[1:], add_special_tokens=False)["input_ids"][0]
+        == tokenizer(unknown[2:], add_special_tokens=False)["input_ids"][0]
+    )
+    with pytest.raises(ValueError, match=r"Choices ' zzqx' and ' qqzx' tokenise to the same tokens"):
+        score_choices(model, tokenizer, PROMPTS, unknown)
 
 
 def _trained_like(model, seed: int = 0):

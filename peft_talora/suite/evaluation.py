@@ -338,6 +338,15 @@ def score_choices(
     empty = [c for c, ids in zip(choices, choice_ids) if not ids]
     if empty:
         raise ValueError(f"Choices {empty} tokenise to no tokens.")
+    seen: dict[tuple, str] = {}
+    for choice, ids in zip(choices, choice_ids):
+        twin = seen.setdefault(tuple(ids), choice)
+        if twin != choice:  # equal scores on every row: the first would always win
+            raise ValueError(
+                f"Choices {twin!r} and {choice!r} tokenise to the same tokens {list(ids)} (a tokenizer without "
+                "byte fallback maps both to unknown tokens?), so no score can tell them apart; use label words "
+                "the tokenizer knows, or method='generate'."
+            )
     if not length_normalize:  # a longer choice adds log-probabilities <= 0 to a shorter one's: it could never win
         for short, short_ids in zip(choices, choice_ids):
             for long, long_ids in zip(choices, choice_ids):
