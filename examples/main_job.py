@@ -19,10 +19,11 @@ differences from the base model and the peer a paired one (``peft_talora.suite.i
     python examples/main_job.py                 # defaults: under 30 minutes on 2 CPU cores
     python examples/main_job.py --steps 300 --train-per-task 256 --eval-per-task 200   # longer
     python examples/main_job.py --tasks sms_spam trec --targets pubmedqa                # partial
-    python examples/main_job.py --tiny          # tiny random model, seconds (run by the tests)
+    python examples/main_job.py --tiny          # tiny random model, seconds, in outputs/main_job_tiny (tests)
 
 Every phase stores its product in ``--output-dir``; interrupting and rerunning resumes (finished
-phases are skipped, training continues from its last checkpoint). ``--fresh`` starts over.
+phases are skipped, training continues from its last checkpoint). ``--fresh`` starts over. A rerun
+may add targets and peers; one with other settings is refused (its results would mix with the stored ones).
 """
 
 from __future__ import annotations
@@ -382,6 +383,25 @@ def plot(results: dict, methods: list, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the job
+#: Flags a rerun may change and still resume: where to write, and which targets and peers to add (each is stored
+#: under its own name). Every other flag shapes results already stored.
+RESUMABLE_CHANGES = ("output_dir", "fresh", "targets", "peers")
+
+
+def check_resumable(stored: Optional[dict], now: dict, out: Path) -> None:
+    """Refuse to resume ``out`` with flags that would mix its stored results with other settings' (a ``--tiny`` run's
+    numbers as SmolLM2's, a 2-task adapter evaluated on 8 tasks). Flags an older version did not store pass."""
+    if not stored:
+        return
+    changed = sorted(k for k in now if k in stored and k not in RESUMABLE_CHANGES and stored[k] != now[k])
+    if changed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} -> {now[k]!r}" for k in changed)
+        raise SystemExit(
+            f"{out} holds results made with other settings ({listed}); rerunning would mix them. Pass --fresh to "
+            "start over there, or another --output-dir."
+        )
+
+
 def run(args) -> dict:
     out = Path(args.output_dir)
     if args.fresh and out.exists():
@@ -389,6 +409,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "results.json"
     results = json.loads(state_file.read_text()) if state_file.exists() else {}
+    check_resumable(results.get("settings"), vars(args), out)
     results.update(
         source_tasks=list(args.tasks), target_tasks=list(args.targets), shots=args.shots, settings=vars(args)
     )
@@ -519,9 +540,14 @@ def parse(argv=None):
     parser.add_argument("--max-text-tokens", type=int, default=64)
     parser.add_argument("--task-sampling", default=None, choices=[None, "proportional", "temperature", "uncertainty"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="outputs/main_job")
+    parser.add_argument("--output-dir", default=None, help="default: outputs/main_job (--tiny: outputs/main_job_tiny)")
     parser.add_argument("--fresh", action="store_true", help="delete --output-dir first instead of resuming")
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = "outputs/main_job_tiny" if args.tiny else "outputs/main_job"
+    overlap = sorted(set(args.tasks) & set(args.targets))
+    if overlap:
+        parser.error(f"{overlap} are both source tasks and targets; a target is a task the adapter has not seen.")
     if args.tiny:
         tiny = dict(
             train_per_task=4,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(script, *args, cwd):
+def run_example(script, *args, cwd, check=True):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
@@ -22,6 +22,8 @@ def run_example(script, *args, cwd):
         text=True,
         timeout=900,
     )
+    if not check:
+        return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 
@@ -76,6 +78,12 @@ def test_main_job_tiny_reports_resumes_and_saves(tmp_path):
     again = run_example("main_job.py", *args, cwd=tmp_path)  # every phase is done: nothing is retrained
     assert "[1/5]" not in again and "[2/5]" not in again and "[4/5]" not in again and "[5/5]" not in again
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_bytes
+    # other settings would mix with the stored results: refused, with both ways out
+    changed = run_example("main_job.py", *args, "--steps", "3", "--seed", "1", cwd=tmp_path, check=False)
+    assert changed.returncode != 0 and "--fresh" in changed.stderr and "another --output-dir" in changed.stderr
+    assert "--seed 0 -> 1, --steps 2 -> 3" in changed.stderr
+    overlap = run_example("main_job.py", "--tiny", "--tasks", "trec", "--targets", "trec", cwd=tmp_path, check=False)
+    assert overlap.returncode != 0 and "['trec'] are both source tasks and targets" in overlap.stderr
 
 
 def test_finetune_with_trainer_tiny(tmp_path):
