@@ -458,6 +458,32 @@ def test_the_command_line_refuses_flags_it_would_ignore(cli_workspace):
               "--orthogonality_weight", "0.5"))  # fmt: skip
     saved = json.loads((folder / "next" / "adapter_config.json").read_text())
     assert saved["orthogonality_weight"] == 0.5 and saved["r"] == 4
+    with pytest.raises(ValueError, match=r"--orthogonality_weight.* must be >= 0"):  # the saved adapter would not load
+        main(args("bad", "--max_steps", "1", "--adapter_path", str(folder / "source"), "--orthogonality_weight", "-5"))
+    assert not (folder / "bad").exists()
+    from peft import get_peft_model
+
+    from peft_talora import MTLLoraConfig
+
+    mtl = get_peft_model(tiny_model(), MTLLoraConfig(task_type="CAUSAL_LM", task_names=["first", "second"], r=2))
+    mtl.save_pretrained(folder / "mtl")
+    with pytest.raises(
+        ValueError, match=r"--orthogonality_weight is TA-LoRA's penalty; the adapter at .* is MTLLoraConfig"
+    ):
+        main(
+            args("mtl_next", "--max_steps", "1", "--adapter_path", str(folder / "mtl"), "--orthogonality_weight", "0.5")
+        )
+
+
+def test_the_command_line_reads_numeric_csv_answers_as_text_and_evaluates_an_eval_file(cli_workspace, capsys):
+    from peft_talora.training.cli import main
+
+    folder, args = cli_workspace
+    with open(folder / "numbers.csv", "w") as f:
+        f.write("prompt,completion,task\n" + "question w1,1,first\nquestion w2,0,second\n" * 2)
+    main([*args("numbers", "--max_steps", "1", "--save_strategy", "no"), "--train_file", str(folder / "numbers.csv"),
+          "--eval_file", str(folder / "numbers.csv")])  # fmt: skip
+    assert "eval_loss" in capsys.readouterr().out  # evaluated once at the end (no --eval_strategy)
 
 
 def test_the_command_line_resumes_from_the_checkpoint_it_is_given(cli_workspace):

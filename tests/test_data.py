@@ -2,6 +2,7 @@
 
 import re
 
+import datasets
 import pytest
 import torch
 from conftest import tiny_model
@@ -151,6 +152,11 @@ def test_tokenize_for_causal_lm_columns_labels_and_task_ids():
         )
     assert kept["extra"][:] == [1, 2, 3] and kept["task_ids"][:] == [1, 2, 0]
     assert kept["input_ids"][2] == ids("question", "blue", "green") and kept["labels"][2] == [-100] * 3
+    # task names stored as large strings (what datasets 5 reads from a CSV): the ids come out as ints all the same
+    names = raw_dataset().cast_column("task_ids", datasets.Value("large_string"))
+    for remove in (True, False):
+        out = tokenize_for_causal_lm(names, tiny_tokenizer(), task_names=TASKS, remove_columns=remove)
+        assert out.features["task_ids"].dtype == "int64" and out["task_ids"][:] == [1, 2, 0]
 
 
 def test_tokenize_for_causal_lm_rejects_unknown_task_names():

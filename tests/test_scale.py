@@ -134,12 +134,19 @@ DISK_MAP = {
 }
 
 
+#: transformers 5.25 turns hub kernels on by default, and ``model.train()`` then kernelizes, which raises
+#: "Unsupported device type 'meta'" on an offloaded model, with or without an adapter (docs/scale.md).
+NO_KERNELS = {"use_kernels": False}
+
+
 def disk_offloaded(folder, tmp_path):
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=DISK_MAP, offload_folder=str(tmp_path / "offload"))
+    return AutoModelForCausalLM.from_pretrained(
+        folder, device_map=DISK_MAP, offload_folder=str(tmp_path / "offload"), **NO_KERNELS
+    )
 
 
 def cpu_offloaded(folder, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, **NO_KERNELS)
     return accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
 
 
@@ -198,7 +205,7 @@ def test_talora_on_base_split_between_cuda_and_cpu(saved_tiny):
         "model.norm": 0,
         "lm_head": "cpu",
     }
-    split_base = AutoModelForCausalLM.from_pretrained(saved_tiny, device_map=device_map)
+    split_base = AutoModelForCausalLM.from_pretrained(saved_tiny, device_map=device_map, **NO_KERNELS)
     split = perturb(get_peft_model(split_base, talora_config()))
     plain = perturb(get_peft_model(AutoModelForCausalLM.from_pretrained(saved_tiny), talora_config()))
     assert {p.device for p in trainable(split).values()} == {torch.device("cuda", 0)}

@@ -5,12 +5,13 @@
     accelerate launch --num_processes 2 -m peft_talora.training ...        # DDP through accelerate
 
 The data file (JSON lines or CSV, read with ``datasets``) has ``prompt``, ``completion`` and a task
-column (names or ids). Every ``transformers.TrainingArguments`` flag works (``--max_steps``,
-``--per_device_train_batch_size``, ``--learning_rate``, ``--save_steps`` ...). A run resumes from
+column (names or ids). ``transformers.TrainingArguments`` flags set the training (``--max_steps``,
+``--per_device_train_batch_size``, ``--learning_rate``, ``--save_steps``, ``--eval_strategy`` ...);
+an ``--eval_file`` is evaluated per ``--eval_strategy``, or once at the end without one. A run resumes from
 ``--resume_from_checkpoint`` when given, else from the last checkpoint in ``output_dir`` (use a new
 ``output_dir`` to start over). The adapter is saved to ``output_dir`` in the standard PEFT format.
 With ``--adapter_path`` the adapter's layout (tasks, virtual tokens, rank, alpha) is the saved one:
-those flags are refused beside it; ``--orthogonality_weight`` overrides the saved weight.
+those flags are refused beside it; ``--orthogonality_weight`` overrides a TA-LoRA adapter's saved weight.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ class TALoraArguments:
 
     model_name_or_path: str = field(metadata={"help": "Local folder (or cached Hub id) of the causal LM to adapt."})
     train_file: str = field(metadata={"help": "JSON lines or CSV with prompt, completion and task columns."})
-    eval_file: Optional[str] = field(default=None, metadata={"help": "Optional evaluation file, same columns."})
+    eval_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Optional evaluation file, same columns; evaluated per --eval_strategy, else once at the end."
+        },
+    )
     task_column: str = field(default="task", metadata={"help": "Column holding each example's task name or id."})
     task_names: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated task names in id order; default: sorted names of the data."}
@@ -63,10 +69,15 @@ class TALoraArguments:
 
 
 def _read(path: str):
-    from datasets import load_dataset
+    """The data file; ``prompt`` and ``completion`` as text (a CSV column of 0 and 1 would be read as ints)."""
+    from datasets import Value, load_dataset
 
     kind = "csv" if path.endswith(".csv") else "json"
-    return load_dataset(kind, data_files=path, split="train")
+    data = load_dataset(kind, data_files=path, split="train")
+    for column in ("prompt", "completion"):
+        if column in data.column_names and data.features[column] != Value("string"):
+            data = data.cast_column(column, Value("string"))
+    return data
 
 
 def main(argv: Optional[list[str]] = None) -> str:
@@ -75,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import TALoraConfig
+    from ..multitask.config import check_number
     from .collator import tokenize_for_causal_lm
     from .trainer import build_trainer
 
@@ -104,7 +116,17 @@ def main(argv: Optional[list[str]] = None) -> str:
             )
         model = PeftModel.from_pretrained(model, talora_args.adapter_path, is_trainable=True)
         if talora_args.orthogonality_weight is not None:
-            model.peft_config[model.active_adapter].orthogonality_weight = talora_args.orthogonality_weight
+            saved = model.peft_config[model.active_adapter]
+            if not isinstance(saved, TALoraConfig):
+                raise ValueError(
+                    f"--orthogonality_weight is TA-LoRA's penalty; the adapter at {talora_args.adapter_path} is "
+                    f"{type(saved).__name__}, which has none: drop the flag."
+                )
+            saved.orthogonality_weight = (
+                check_number(  # checked as TALoraConfig checks it: the adapter is saved with it
+                    "--orthogonality_weight", "value", talora_args.orthogonality_weight, at_least=0
+                )
+            )
     else:
         values = train.unique("task_ids")
         if talora_args.task_names:
@@ -152,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> str:
         print(f"peft_talora.training: world size {args.world_size}, global batch {global_batch}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
+    if eval_data is not None and args.eval_strategy == "no":  # an eval file is evaluated, at least once at the end
+        trainer.log_metrics("eval", trainer.evaluate())
     _end_process_group()
     return args.output_dir
 

@@ -288,6 +288,10 @@ class MultiTaskDataCollator:
         return batch
 
 
+#: Where :func:`tokenize_for_causal_lm` moves an input ``task_ids`` column while it writes the ids.
+_TASK_SOURCE = "_peft_talora_task_source"
+
+
 def tokenize_for_causal_lm(
     dataset,
     tokenizer,
@@ -324,6 +328,11 @@ def tokenize_for_causal_lm(
     has_tasks = task_column is not None and task_column in dataset.column_names
     if has_tasks:  # fail on unknown names before tokenising anything
         _encode_task_column(list(dataset[task_column]), encoder)
+    if has_tasks and task_column == "task_ids":
+        # datasets keeps an input column's type for an output column of its name: names read as (large) strings
+        # would turn the ids back into text ("0"), which the collator would then read as a task name
+        dataset = dataset.rename_column("task_ids", _TASK_SOURCE)
+        task_column = _TASK_SOURCE
 
     def encode(batch):
         input_ids, labels = _encode_pairs(
@@ -334,9 +343,7 @@ def tokenize_for_causal_lm(
             out["task_ids"] = _encode_task_column(batch[task_column], encoder)
         return out
 
-    drop = (
-        list(dataset.column_names) if remove_columns else [c for c in (task_column,) if has_tasks and c != "task_ids"]
-    )
+    drop = list(dataset.column_names) if remove_columns else [c for c in (task_column,) if has_tasks]
     drop = [c for c in drop if c in dataset.column_names]
     result = dataset.map(encode, batched=True, remove_columns=drop, **map_kwargs)
     if padding:
