@@ -21,6 +21,10 @@ if [[ ! -x "$PY" ]]; then
         echo "setup_env.sh: no python3 found; install Python >= 3.10 or set PYTHON=/path/to/python" >&2
         exit 1
     fi
+    if ! "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+        echo "setup_env.sh: $BASE_PYTHON is Python $("$BASE_PYTHON" -c 'import platform; print(platform.python_version())'); this package needs >= 3.10 (set PYTHON=/path/to/python)" >&2
+        exit 1
+    fi
     echo "==> creating $VENV with $BASE_PYTHON"
     "$BASE_PYTHON" -m venv "$VENV"
 fi
@@ -36,7 +40,9 @@ PIP=("$PY" -m pip install --quiet)
 
 echo "==> upgrading pip"
 "${PIP[@]}" --upgrade pip
-# torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+# torch first and exact, before anything that depends on it. Which build pip picks is pip's configuration: CI's
+# finds the CPU wheel in its local wheel folder; elsewhere set PIP_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (or PIP_EXTRA_INDEX_URL) to get the CPU build instead of PyPI's multi-GB CUDA one.
 echo "==> installing torch==2.13.0"
 "${PIP[@]}" "torch==2.13.0"
 echo "==> installing peft-talora (editable) with the test, examples and docs extras"
