@@ -471,6 +471,33 @@ def test_attention_outside_the_interface(layers, reached):
     assert_untouched(model)
 
 
+def test_decoder_layers_that_drop_keyword_arguments_get_the_clear_error():
+    """StableLM's decoder layer calls its attention without the call's keyword arguments, so the routing never
+    arrives: the setup probe must end in the count of layers reached, not in the error for a module called
+    directly."""
+    from transformers import AutoModelForCausalLM, StableLmConfig
+
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    model = AutoModelForCausalLM.from_config(StableLmConfig(num_hidden_layers=2, **shape))
+    with pytest.raises(ValueError, match=r"only 0 of 2 decoder layers called it .* drops keyword arguments"):
+        get_peft_model(model, config())
+    assert model.config._attn_implementation == "sdpa" and not model._forward_pre_hooks
+
+
+def test_sparse_attention_that_needs_a_mask_on_the_prompt_replay_is_refused_clearly():
+    """DeepSeek-V3.2's top-k indexer reads the attention mask, which the prompt's replay does not have."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                 topk_group=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+                 head_dim=8, index_topk=2, index_head_dim=16, index_n_heads=2, first_k_dense_replace=1)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v32", **shape))
+    with pytest.raises(ValueError, match=r"running its prompt through DeepseekV32Attention .* is not supported"):
+        get_peft_model(model, config())
+    assert not model._forward_pre_hooks and not hasattr(model.model.layers[0].self_attn, "_talora_site")
+
+
 # ------------------------------------------------------------------ a failed get_peft_model leaves the base as it was
 
 

@@ -190,6 +190,35 @@ def test_saving_no_adapter_keeps_the_saved_ones(method, tmp_path):
 
 
 @each_method
+def test_assisted_generation_with_a_plain_or_an_adapted_draft_model(method):
+    """transformers hands the draft model every model keyword of the main call: a plain draft must not get the
+    routing (it refused the unknown keyword), and an adapted draft routes with its own adapter and the call's task
+    ids (it served the main model's prompt bank). Greedy assisted decoding equals greedy decoding."""
+    model = named(method)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    draft = named(method)
+    seen = []
+    own = draft.base_model.routing_for_call
+
+    def recording(task_ids, *args, **kwargs):
+        routing = own(task_ids, *args, **kwargs)
+        seen.append(list(task_ids))
+        return routing
+
+    draft.base_model.routing_for_call = recording
+    for task in NAMES:
+        expected = model.generate(input_ids=input_ids, task_ids=[task], **GREEDY)
+        assert torch.equal(
+            model.generate(input_ids=input_ids, task_ids=[task], assistant_model=tiny_model(), **GREEDY), expected
+        )
+        seen.clear()
+        assert torch.equal(
+            model.generate(input_ids=input_ids, task_ids=[task], assistant_model=draft, **GREEDY), expected
+        )
+        assert seen and all(ids == [task] for ids in seen)  # the draft routed itself (it reused the main routing)
+
+
+@each_method
 def test_generate_without_inputs_starts_from_bos_like_transformers(method):
     """transformers' ``generate()`` with no inputs starts one sequence from BOS; the task of that one row is
     routed like any other (a single-task adapter needs no task_ids)."""

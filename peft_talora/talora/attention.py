@@ -103,6 +103,14 @@ class AttentionSite:
             self.module(hidden, **kwargs)
         except _PrefixCaptured as captured:
             return captured.key, captured.value
+        except Exception as error:
+            if self.layer >= 0:  # installed: an error of the call (out of memory ...), not of the architecture
+                raise
+            raise ValueError(
+                f"TA-LoRA computes its prefix keys/values by running its prompt through {type(self.module).__name__} "
+                f"with no mask, cache or positions, and this attention failed on that ({type(error).__name__}: "
+                f"{error}); attention that needs them (a sparse top-k indexer, as in DeepSeek-V3.2) is not supported."
+            ) from error
         raise RuntimeError(f"{type(self.module).__name__} did not reach the attention interface on the prefix replay.")
 
     def project_prompts(
@@ -272,6 +280,8 @@ def _make_routed_attention(base: str) -> Callable:
             finally:
                 _RUNNING_BASE.reset(token)
         site: AttentionSite = module._talora_site
+        if routing is None and site.layer < 0:  # the setup probe, through a layer that drops keyword arguments:
+            return out, weights  # install_sites counts the layers the routing reached and says so
         if routing is None:
             raise RuntimeError(
                 f"{type(module).__name__} (decoder layer {site.layer}) carries a TA-LoRA adapter but was called "
