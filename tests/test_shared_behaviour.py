@@ -216,6 +216,15 @@ def test_assisted_generation_with_a_plain_or_an_adapted_draft_model(method):
             model.generate(input_ids=input_ids, task_ids=[task], assistant_model=draft, **GREEDY), expected
         )
         assert seen and all(ids == [task] for ids in seen)  # the draft routed itself (it reused the main routing)
+    # what transformers gets is the draft itself for every purpose but generate: its class (some draft generators are
+    # chosen by class name), its weights, and callable; the draft object is left as it was
+    from peft_talora.multitask.routing import _draft_model
+
+    plain = tiny_model()
+    view = _draft_model(plain, ["a"])
+    assert type(view) is type(plain) and "generate" not in plain.__dict__
+    assert next(view.parameters()) is next(plain.parameters())
+    assert torch.equal(view(input_ids=input_ids).logits, plain(input_ids=input_ids).logits)
 
 
 @each_method

@@ -300,8 +300,23 @@ def test_label_maps_and_file_cells_give_each_row_its_own_word(own_tasks, tmp_pat
             Dataset.from_dict({"text": ham, "label": [0, 1] * 3}),
             label_map={"Y": "yes"},
         )
-    with pytest.raises(ValueError, match=r"holds 0, 1, which could be the label word or the id"):
-        own_tasks(TaskSpec("my_ambiguous", "Stars?", ["1", "2"]), Dataset.from_dict({"text": ham, "label": [0, 1] * 3}))
+    own_tasks(TaskSpec("my_bools", "Spam?", ["no", "yes"]), flags, label_map={True: "yes", False: "no"})
+    assert set(words("my_bools").items()) == {*((t, "yes") for t in spam), *((t, "no") for t in ham)}
+    ints = Dataset.from_dict({"text": spam + ham, "label": [1] * 6 + [0] * 6})  # ints are ids, whatever the words
+    own_tasks(TaskSpec("my_int_stars", "Stars?", ["1", "2"]), ints)
+    assert set(words("my_int_stars").items()) == {*((t, "2") for t in spam), *((t, "1") for t in ham)}
+
+    with pytest.raises(ValueError, match=r"no key of label_map \('Y'\) is a value of the label column 'label'"):
+        own_tasks(TaskSpec("my_unused", "Spam?", ["no", "yes"]), Dataset.from_dict({"text": ham, "label": [0, 1] * 3}),
+                  label_map={"Y": "yes"})  # fmt: skip
+    zero_based = tmp_path / "zero_based.csv"
+    zero_based.write_text("text,label\n" + "".join(f"{t},0\n" for t in spam) + "".join(f"{t},1\n" for t in ham))
+    own_tasks(TaskSpec("my_ambiguous", "Stars?", ["1", "2"]), zero_based)  # a file is read when loaded
+    with pytest.raises(ValueError, match=r"holds '0', which could be the label word or the id"):
+        words("my_ambiguous")
+    partial = Dataset.from_dict({"text": spam + ham, "label": [0] * 6 + [1] * 6}, features=features)
+    with pytest.raises(ValueError, match=r"holds 'neg', which is not among label_names"):  # a class nothing maps
+        own_tasks(TaskSpec("my_partial", "Sentiment?", ["negative", "positive"]), partial, label_map={0: "positive"})
 
 
 def test_duplicates_are_dropped_and_conflicting_texts_removed():

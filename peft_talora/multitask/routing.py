@@ -29,6 +29,7 @@ A tuner using the router provides ``routing_for_call(task_ids, batch_size, devic
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -317,38 +318,35 @@ class _GenerateRoutingTaskIds:
         elif task_ids is not None:
             raise ValueError("Got task_ids and a routing of the call at once; pass task_ids once, to generate.")
         if kwargs.get("assistant_model") is not None:  # assisted generation: transformers hands the draft model
-            kwargs["assistant_model"] = _DraftModel(kwargs["assistant_model"], task_ids)  # every model kwarg
+            kwargs["assistant_model"] = _draft_model(kwargs["assistant_model"], task_ids)  # every model kwarg
         if self.own_generate is not None:
             return self.own_generate(*args, **kwargs)
         model = self.router.model
         return type(model).generate(model, *args, **kwargs)
 
 
-class _DraftModel:
-    """The draft model of one assisted ``generate`` call, as transformers sees it: transformers copies every model
-    keyword of the main call to the draft's ``generate``, so the main model's routing is dropped there (a plain draft
-    model refuses unknown keywords; an adapted one would serve the main model's prompt bank). A draft model that
-    carries a multi-task adapter itself is routed with the call's own ``task_ids``. Everything else is the model's."""
+def _draft_model(draft, task_ids):
+    """The draft model of one assisted ``generate`` call, as transformers sees it.
 
-    def __init__(self, model, task_ids):
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_task_ids", task_ids)
+    transformers copies every model keyword of the main call to the draft's ``generate``, so there the main model's
+    routing is dropped (a plain draft refuses unknown keywords; an adapted one would serve the main model's prompt
+    bank), and a draft that carries a multi-task adapter itself is routed with the call's own ``task_ids``. The view
+    is a shallow copy: the draft's class (transformers picks some draft generators by class name), weights, hooks
+    and ``generation_config`` are the draft's own, and only this call sees the changed ``generate``.
+    """
+    view = copy.copy(draft)
+    own_generate = draft.generate
+    routed = isinstance(draft.__dict__.get("generate"), _GenerateRoutingTaskIds)  # the transformers model itself
+    routed = routed or getattr(getattr(draft, "base_model", None), "routes_task_ids", False)  # or its PeftModel
 
-    def generate(self, *args, **kwargs):
+    def generate(*args, **kwargs):
         kwargs.pop(ROUTING_KWARG, None)
-        model = object.__getattribute__(self, "_model")
-        task_ids = object.__getattribute__(self, "_task_ids")
-        routed = isinstance(model.__dict__.get("generate"), _GenerateRoutingTaskIds)  # the transformers model itself
-        routed = routed or getattr(getattr(model, "base_model", None), "routes_task_ids", False)  # or its PeftModel
         if task_ids is not None and routed:
             kwargs["task_ids"] = task_ids
-        return model.generate(*args, **kwargs)
+        return own_generate(*args, **kwargs)
 
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_model"), name)
-
-    def __setattr__(self, name, value):
-        setattr(object.__getattribute__(self, "_model"), name, value)
+    view.__dict__["generate"] = generate
+    return view
 
 
 class _RefuseDataParallel:

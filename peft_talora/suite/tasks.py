@@ -261,13 +261,16 @@ def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Datas
             "(label_map= can map its classes, by name, onto the label words)."
         )
     values = column_values(raw, task.label_column)
-    if class_label and not task.label_map:
+    label_map = dict(task.label_map or {})
+    if class_label and not label_map:
         values = _class_ids_as_spec_ids(feature, spec, values)
-    elif class_label and any(isinstance(key, str) and key in feature.names for key in task.label_map):
-        values = [feature.int2str(v) if is_label_id(v, feature.num_classes) else v for v in values]  # map by name
-    if task.label_map:
-        _check_label_map_is_used(task, values)
-    labels = _label_ids(task, values, class_ids=class_label and not isinstance(next(iter(values), None), str))
+    elif class_label:  # mapped by class: keys may be class names or class ids; every class must end as a label
+        names = feature.names
+        label_map = {(names[k] if is_label_id(k, len(names)) else k): word for k, word in label_map.items()}
+        values = [feature.int2str(v) if is_label_id(v, feature.num_classes) else v for v in values]
+    if label_map:
+        _check_label_map_is_used(task, values, label_map)
+    labels = _label_ids(task, values, label_map)
     return datasets.Dataset.from_dict(
         {"text": ["" if t is None else t for t in texts], "label": labels},
         features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
@@ -290,23 +293,26 @@ def is_label_id(label, num_labels: int) -> bool:
     return isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < num_labels
 
 
-def _map_keys(value) -> list:
-    """The ``label_map`` keys a raw label may be written as: itself, its text, and the int a numeric text is."""
+def _map_keys(value, label_map: Mapping) -> list:
+    """The ``label_map`` keys a raw label may be written as: itself, its text, the int a numeric text is, and the bool
+    a text ``True``/``False`` is (csv/tsv cells are text; a map may be written for the values they spell)."""
     keys = [value, str(value)] if isinstance(value, (str, int)) else []
     if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
         keys.append(int(value.strip()))
+    if isinstance(value, str) and value.strip().casefold() in ("true", "false"):
+        if any(isinstance(key, bool) for key in label_map):  # only then: True == 1 would match an int key
+            keys.append(value.strip().casefold() == "true")
     return keys
 
 
 _INT_TEXT = re.compile(r"[+-]?\d+")
 
 
-def _check_label_map_is_used(task: RegisteredTask, values: Sequence) -> None:
+def _check_label_map_is_used(task: RegisteredTask, values: Sequence, label_map: Mapping) -> None:
     """A ``label_map`` none of whose keys is a value of the label column translates nothing: refused."""
     keys = set(task.label_map)
-    if not any(
-        key in keys for value in set(v for v in values if isinstance(v, (str, int))) for key in _map_keys(value)
-    ):
+    present = set(v for v in values if isinstance(v, (str, int)))
+    if not any(key in label_map for value in present for key in _map_keys(value, label_map)):
         raise ValueError(
             f"Task {task.name!r}: no key of label_map ({_shown(keys)}) is a value of the label column "
             f"{task.label_column!r} (it holds {_shown(sorted(set(map(repr, values)))[:_SHOWN])}); write the keys as "
@@ -314,37 +320,33 @@ def _check_label_map_is_used(task: RegisteredTask, values: Sequence) -> None:
         )
 
 
-def _label_ids(task: RegisteredTask, values: Sequence, class_ids: bool = False) -> list[int]:
-    """Label ids for raw label values: label words (after ``label_map``) first, then int ids into ``label_names``.
-
-    A value is looked up in ``label_map`` as itself, as text and, for numeric text, as an int. An id (an int, or
-    numeric text that is not a label word) where the label words are themselves numbers is refused as ambiguous,
-    unless the values are a ``ClassLabel``'s ids (``class_ids``).
-    """
+def _label_ids(task: RegisteredTask, values: Sequence, label_map: Mapping) -> list[int]:
+    """Label ids for raw label values, after ``label_map`` (see :func:`_map_keys`): ints are ids into
+    ``label_names``; text is a label word, else numeric text is an id too, unless the label words are numbers
+    themselves (then it could be either, and is refused)."""
     spec, column = task.spec, task.label_column
     index = {word: i for i, word in enumerate(spec.label_names)}
     numeric_words = any(_INT_TEXT.fullmatch(word.strip()) for word in spec.label_names)
-    label_map = task.label_map or {}
     ids, bad, ambiguous = [], {}, {}
     for value in values:
-        value = next((label_map[key] for key in _map_keys(value) if key in label_map), value)
+        value = next((label_map[key] for key in _map_keys(value, label_map) if key in label_map), value)
         label = None
         if isinstance(value, str):
             label = index.get(value.strip())
             if label is None and _INT_TEXT.fullmatch(value.strip()):
+                if numeric_words:
+                    ambiguous.setdefault(repr(value), value)
                 value = int(value.strip())  # an id written as text (csv/tsv cells are text)
         if label is None and isinstance(value, int) and not isinstance(value, bool):
             label = value if 0 <= value < spec.num_labels else None
-            if label is not None and numeric_words and not class_ids:
-                ambiguous.setdefault(repr(value), value)
         if label is None:
             bad.setdefault(repr(value), value)
         ids.append(label)
     if ambiguous:
         raise ValueError(
             f"Task {spec.name!r}: the label column {column!r} holds {_shown(ambiguous.values())}, which could be the "
-            f"label word or the id into label_names {list(spec.label_names)}; write the label words as text, or "
-            "give label_map= (e.g. {1: '1'})."
+            f"label word or the id into label_names {list(spec.label_names)}; write the label words, or ids as ints, "
+            "or give label_map= (e.g. {'0': '1'})."
         )
     if bad:
         raise ValueError(
