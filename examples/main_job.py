@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -559,8 +560,10 @@ def parse(argv=None):
             batch_size=4,
             target_val_rows=4,
         )
-        for key, value in tiny.items():
-            if getattr(args, key) == parser.get_default(key):
+        given = sys.argv[1:] if argv is None else list(argv)
+        for key, value in tiny.items():  # flags given on the command line keep their value
+            flags = next(a.option_strings for a in parser._actions if a.dest == key)
+            if not any(arg == flag or arg.startswith(flag + "=") for arg in given for flag in flags):
                 setattr(args, key, value)
     return args
 

@@ -112,3 +112,15 @@ def test_two_tasks_same_input_tiny(tmp_path):
         "two_tasks_same_input.py", "--tiny", "--steps", "2", "--output-dir", str(tmp_path / "toy"), cwd=tmp_path
     )
     assert "adapter saved" in stdout
+
+
+def test_main_job_tiny_budgets_leave_the_flags_given_alone():
+    """``--tiny`` shrinks the budgets a run did not set; a flag given on the command line keeps its value, even the
+    default's."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import main_job
+
+    tiny = main_job.parse(["--tiny", "--steps", "40", "--shots=16"])
+    assert (tiny.steps, tiny.shots, tiny.warmup_steps, tiny.output_dir) == (40, 16, 1, "outputs/main_job_tiny")
+    default = main_job.parse([])
+    assert (default.steps, default.shots, default.output_dir) == (40, 16, "outputs/main_job")
