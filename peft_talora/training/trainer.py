@@ -171,7 +171,29 @@ def _next_token_entropies(logits: torch.Tensor, shift_labels: torch.Tensor) -> t
     return torch.where(counts > 0, means, torch.zeros_like(means))
 
 
-class MultiTaskTrainer(Trainer):
+class TaskColumnAndPenaltyLog:
+    """What every trainer of this package adds to a transformers ``Trainer`` (:class:`MultiTaskTrainer` and the TRL
+    trainers): the task column ``_task_column`` (``None``: none) survives ``remove_unused_columns`` whatever it is
+    called (the collator reads it); each training log gets ``orthogonality_loss`` before any callback, so
+    ``report_to`` loggers get it; and each ``train()`` starts that mean afresh."""
+
+    _task_column: Optional[str] = None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._task_column is not None and self._task_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self._task_column]
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        add_orthogonality_loss(self.model, logs)
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        forget_unlogged_penalties(self.model)
+        return super().train(*args, **kwargs)
+
+
+class MultiTaskTrainer(TaskColumnAndPenaltyLog, Trainer):
     """``transformers.Trainer`` whose training order follows a multi-task sampling strategy.
 
     ``task_sampling``: ``None`` (the stock sampler), ``"proportional"``, ``"temperature"`` or
@@ -206,7 +228,7 @@ class MultiTaskTrainer(Trainer):
             raise ValueError(f"Unknown task_sampling {task_sampling!r}; choose None or one of {list(STRATEGIES)}.")
         self.task_sampling = task_sampling
         self.task_sampling_temperature = task_sampling_temperature
-        self.task_column = task_column
+        self.task_column = self._task_column = task_column
         self.uncertainty_momentum = uncertainty_momentum
         self.uncertainty_refresh_every = uncertainty_refresh_every
         self.task_sampler: Optional[MultiTaskSampler] = None
@@ -216,22 +238,10 @@ class MultiTaskTrainer(Trainer):
         if task_sampling is not None:
             check_task_sampling(self)
 
-    def _set_signature_columns_if_needed(self) -> None:
-        """Keep the task column through ``remove_unused_columns`` whatever it is called: the collator reads it."""
-        super()._set_signature_columns_if_needed()
-        if self.task_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.task_column]
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        """Adds ``orthogonality_loss`` to a training log before any callback, so ``report_to`` loggers get it."""
-        add_orthogonality_loss(self.model, logs)
-        super().log(logs, *args, **kwargs)
-
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``; a run resumed from a checkpoint also gets its task sampler's state back."""
         path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
         self._resuming_from = path or None  # (none found: Trainer raises)
-        forget_unlogged_penalties(self.model)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

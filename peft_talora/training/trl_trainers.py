@@ -40,9 +40,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..multitask import MultiTaskConfig
 from ..peft_patches import adapter_tensors
 from ..talora.model import TALoraModel
-from .callbacks import add_orthogonality_loss, forget_unlogged_penalties
 from .collator import TaskIdEncoder, _encode_task_column
-from .trainer import check_task_sampling, task_sampler
+from .trainer import TaskColumnAndPenaltyLog, check_task_sampling, task_sampler
 
 #: The task-sampling strategies the TRL trainers take (``"uncertainty"`` needs predictions TRL does not expose).
 TRL_TASK_SAMPLING = ("proportional", "temperature")
@@ -136,7 +135,7 @@ def _check_task_column(dataset, name: str, column: str, config: MultiTaskConfig)
             raise ValueError(f"The {name}'s {column!r} column: {error}") from None
 
 
-class _TaskColumnMixin:
+class _TaskColumnMixin(TaskColumnAndPenaltyLog):
     """What the TRL trainers below share; ``_rows_per_example`` is how many collated rows one example gives."""
 
     _rows_per_example = 1
@@ -196,20 +195,6 @@ class _TaskColumnMixin:
     @property
     def _tuner(self):
         return self.accelerator.unwrap_model(self.model).base_model
-
-    def train(self, *args, **kwargs):
-        forget_unlogged_penalties(self.model)
-        return super().train(*args, **kwargs)
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        """Adds ``orthogonality_loss`` to a training log before any callback, so ``report_to`` loggers get it."""
-        add_orthogonality_loss(self.model, logs)
-        super().log(logs, *args, **kwargs)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self._task_column is not None and self._task_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self._task_column]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
