@@ -159,6 +159,9 @@ def test_inside_an_export_the_model_still_routes_and_changes_by_its_real_tasks(m
         assert torch.equal(logits(model, ["c"] * 3), expected["c"])
         with pytest.raises(ValueError, match="needs `task_ids`"):
             logits(model)  # three tasks, whatever the export shows
+        from peft_talora.training.collator import TaskIdEncoder
+
+        assert TaskIdEncoder.from_config(model).encode(["c", "a"]) == [2, 0]  # the data's ids are the real ones
         assert model.add_tasks(["d"]) == [3]
         try:  # TA-LoRA's own add_adapter changes the real configs; PEFT's (MTL-LoRA) would write to the view
             model.add_adapter("other", copy.deepcopy(tuner.peft_config["default"]))

@@ -35,7 +35,9 @@ def _talora_config(source) -> MultiTaskConfig:
     """The multi-task config (TA-LoRA, MTL-LoRA) of a config, a ``PeftModel`` or a tuner (its active adapter)."""
     if isinstance(source, MultiTaskConfig):
         return source
-    configs = getattr(source, "peft_config", None)
+    configs = getattr(getattr(source, "base_model", None), "peft_config", None)  # a PeftModel's tuner: its own
+    if not isinstance(configs, dict):  # configs, not the view of an export running meanwhile (save with tasks=)
+        configs = getattr(source, "peft_config", None)
     if isinstance(configs, dict):
         adapter = getattr(source, "active_adapter", None)
         config = configs.get(adapter) if adapter is not None else None
