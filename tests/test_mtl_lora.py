@@ -146,6 +146,26 @@ def test_layers_that_the_model_lacks_are_refused_before_anything_changes(layers)
     assert not any("other" in n for n, _ in model.named_parameters())
 
 
+def test_a_safe_merge_that_fails_half_way_leaves_no_layer_merged():
+    """``safe_merge`` finds inf in the last layer's update of task 1: the layers merged before it are undone, so
+    task 0 is still served right, by its own update, and can be merged."""
+    from peft_talora.mtl_lora.layer import MTLLoraLayer
+
+    model = perturb(mtl(num_tasks=3))
+    layers = [m for m in model.modules() if isinstance(m, MTLLoraLayer)]
+    weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    before = logits(model, task_ids=[0, 0, 0])
+    with torch.no_grad():
+        layers[-1].mtllora_lambda["default"][0][1].fill_(float("inf"))
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        model.merge_adapter(task=1, safe_merge=True)
+    assert not any(layer.merged for layer in layers) and model.base_model._merged_tasks == {}
+    assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, weights))
+    assert torch.equal(logits(model, task_ids=[0, 0, 0]), before)
+    model.merge_adapter(task=0, safe_merge=True)
+    torch.testing.assert_close(logits(model, task_ids=[0, 0, 0]), before, rtol=1e-5, atol=1e-5)
+
+
 def test_parameter_shapes_and_trainable_count(capsys):
     model = mtl(num_tasks=5, r=2, num_up_projections=4, target_modules=["q_proj", "down_proj"])
     q = model.base_model.model.model.layers[0].self_attn.q_proj

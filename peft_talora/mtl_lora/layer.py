@@ -188,10 +188,20 @@ class MTLLoraLayer(BaseTunerLayer):
     ) -> None:
         """Add one task's update to the base weight, per adapter: ``tasks`` maps adapter name -> task id.
 
-        A single-task adapter needs no entry. ``safe_merge`` checks the merged weight for NaN/inf first.
+        A single-task adapter needs no entry. ``safe_merge`` checks the merged weights for NaN/inf first.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
+        plan = self._merge_plan(adapter_names, tasks)
+        if safe_merge:
+            self.check_merge_is_finite(plan)
+        for name, task in plan:
+            self.get_base_layer().weight.data += self.get_delta_weight(name, task)
+            self.merged_adapters.append(name)
+            self.merged_tasks[name] = task
+
+    def _merge_plan(self, adapter_names: Optional[list[str]], tasks: Optional[dict]) -> list[tuple[str, int]]:
+        """The (adapter, task) pairs a merge would add here: adapters not merged yet, with their task."""
+        plan = []
+        for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.mtllora_A:
                 continue
             task = (tasks or {}).get(name)
@@ -203,21 +213,21 @@ class MTLLoraLayer(BaseTunerLayer):
                         "task=<id or name> to merge_and_unload / merge_adapter."
                     )
                 task = 0
-            base = self.get_base_layer()
-            delta = self.get_delta_weight(name, task)
-            if safe_merge:
-                merged = base.weight.data.clone() + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                base.weight.data = merged
-            else:
-                base.weight.data += delta
-            self.merged_adapters.append(name)
-            self.merged_tasks[name] = task
+            plan.append((name, task))
+        return plan
 
-    def unmerge(self) -> None:
-        """Subtract every merged task's update from the base weight again."""
-        while self.merged_adapters:
+    def check_merge_is_finite(self, plan: list[tuple[str, int]]) -> None:
+        """Raise, changing nothing, if merging ``plan`` would put NaN or inf into the base weight."""
+        merged = self.get_base_layer().weight.detach().clone()
+        for name, task in plan:
+            merged += self.get_delta_weight(name, task)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
+    def unmerge(self, keep: int = 0) -> None:
+        """Subtract the merged tasks' updates from the base weight again, the latest first, all but the first
+        ``keep`` merges (a merge that failed half-way undoes only its own)."""
+        while len(self.merged_adapters) > keep:
             name = self.merged_adapters.pop()
             task = self.merged_tasks.pop(name)
             if name in self.mtllora_A:

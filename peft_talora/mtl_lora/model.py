@@ -267,8 +267,18 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
                 "before merging another task."
             )
         self._check_merge_allowed()
-        for layer in self._layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=names, tasks=tasks)
+        layers = list(self._layers())
+        if safe_merge:  # every layer checked before any changes: a layer holding half a merge would serve other
+            for layer in layers:  # tasks' calls, which the merge record would not refuse
+                layer.check_merge_is_finite(layer._merge_plan(names, tasks))
+        merged_before = [len(layer.merged_adapters) for layer in layers]
+        try:
+            for layer in layers:
+                layer.merge(adapter_names=names, tasks=tasks)
+        except BaseException:  # (out of memory ...) the layers merged so far are taken back
+            for layer, count in zip(layers, merged_before):
+                layer.unmerge(keep=count)
+            raise
         self._merged_tasks.update(tasks)
 
     def unmerge_adapter(self) -> None:
