@@ -302,6 +302,9 @@ def test_label_maps_and_file_cells_give_each_row_its_own_word(own_tasks, tmp_pat
         )
     own_tasks(TaskSpec("my_bools", "Spam?", ["no", "yes"]), flags, label_map={True: "yes", False: "no"})
     assert set(words("my_bools").items()) == {*((t, "yes") for t in spam), *((t, "no") for t in ham)}
+    cased = Dataset.from_dict({"text": spam + ham, "label": [" SPAM"] * 6 + ["Ham"] * 6})  # case and spaces aside
+    own_tasks(TaskSpec("my_cased", "Spam?", ["ham", "spam"]), cased)
+    assert set(words("my_cased").items()) == {*((t, "spam") for t in spam), *((t, "ham") for t in ham)}
     ints = Dataset.from_dict({"text": spam + ham, "label": [1] * 6 + [0] * 6})  # ints are ids, whatever the words
     own_tasks(TaskSpec("my_int_stars", "Stars?", ["1", "2"]), ints)
     assert set(words("my_int_stars").items()) == {*((t, "2") for t in spam), *((t, "1") for t in ham)}

@@ -318,6 +318,14 @@ def test_build_trainer_default_collator_reads_a_task_column_of_another_name_and_
         model, args, train_dataset=data, processing_class=tokenizer, task_column="task", task_sampling="proportional"
     ).train()
     assert any(not torch.equal(before[k], v) for k, v in adapter_state(model).items())
+    text = raw(task_as_names=True)  # prompt/completion text: the default collator tokenises it, so Trainer keeps it
+    text_trainer = build_trainer(talora(), args, train_dataset=text, processing_class=tokenizer)
+    text_trainer.train()
+    assert losses(text_trainer)
+    with pytest.raises(ValueError, match=r"need a tokenizer: pass it as build_trainer\(processing_class=...\)"):
+        build_trainer(talora(), args, train_dataset=text).train()
+    with pytest.raises(ValueError, match=r"the collator has no tokenizer; pass the tokenizer \(build_trainer"):
+        build_trainer(talora(), args, train_dataset=imbalanced()).train()  # tokenised rows: padding needs it
     lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
     trainer = build_trainer(
         lora, args, train_dataset=imbalanced().remove_columns("task_ids"), processing_class=tokenizer

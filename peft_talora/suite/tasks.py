@@ -325,14 +325,14 @@ def _label_ids(task: RegisteredTask, values: Sequence, label_map: Mapping) -> li
     ``label_names``; text is a label word, else numeric text is an id too, unless the label words are numbers
     themselves (then it could be either, and is refused)."""
     spec, column = task.spec, task.label_column
-    index = {word: i for i, word in enumerate(spec.label_names)}
+    index = {word.strip().casefold(): i for i, word in enumerate(spec.label_names)}  # distinct ignoring case
     numeric_words = any(_INT_TEXT.fullmatch(word.strip()) for word in spec.label_names)
     ids, bad, ambiguous = [], {}, {}
     for value in values:
         value = next((label_map[key] for key in _map_keys(value, label_map) if key in label_map), value)
         label = None
         if isinstance(value, str):
-            label = index.get(value.strip())
+            label = index.get(value.strip().casefold())
             if label is None and _INT_TEXT.fullmatch(value.strip()):
                 if numeric_words:
                     ambiguous.setdefault(repr(value), value)

@@ -131,6 +131,11 @@ def _pad_id(tokenizer, pad_token_id: Optional[int]) -> int:
             return tokenizer.pad_token_id
         if tokenizer.eos_token_id is not None:
             return tokenizer.eos_token_id
+    if tokenizer is None:
+        raise ValueError(
+            "No pad token: the collator has no tokenizer; pass the tokenizer (build_trainer(processing_class=...), "
+            "MultiTaskDataCollator(tokenizer=...)) or pad_token_id=."
+        )
     raise ValueError("No pad token: the tokenizer has neither pad_token_id nor eos_token_id; pass pad_token_id=.")
 
 
@@ -161,7 +166,10 @@ def _encode_pairs(tokenizer, prompts, completions, add_eos: bool, max_length: Op
     examples it leaves without a target token are counted in a warning (they would train nothing).
     """
     if tokenizer is None:
-        raise ValueError("Text features (prompt/completion) need a tokenizer: MultiTaskDataCollator(tokenizer=...).")
+        raise ValueError(
+            "Text features (prompt/completion) need a tokenizer: pass it as build_trainer(processing_class=...) or "
+            "MultiTaskDataCollator(tokenizer=...)."
+        )
     prompt_ids = encode_prompts(tokenizer, prompts)
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []

@@ -238,6 +238,13 @@ class MultiTaskTrainer(TaskColumnAndPenaltyLog, Trainer):
         if task_sampling is not None:
             check_task_sampling(self)
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """The task column is kept (the mixin), and text columns where the collator tokenises text itself."""
+        super()._set_signature_columns_if_needed()
+        if isinstance(self.data_collator, MultiTaskDataCollator):
+            text = [c for c in ("prompt", "completion") if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *text]
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``; a run resumed from a checkpoint also gets its task sampler's state back."""
         path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
