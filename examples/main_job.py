@@ -504,7 +504,9 @@ def run(args) -> dict:
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )  # no abbreviations: --tiny must see every flag given by its name
     parser.add_argument("--tiny", action="store_true", help="tiny random model and tiny budgets (smoke test)")
     parser.add_argument("--tasks", nargs="+", default=list(SOURCE_TASKS), help="source tasks")
     parser.add_argument("--targets", nargs="*", default=list(TARGET_TASKS), help="unseen target tasks")

@@ -121,6 +121,8 @@ def test_main_job_tiny_budgets_leave_the_flags_given_alone():
     import main_job
 
     tiny = main_job.parse(["--tiny", "--steps", "40", "--shots=16"])
+    with pytest.raises(SystemExit):  # no abbreviations: --tiny would not see "--step 40" as --steps
+        main_job.parse(["--tiny", "--step", "40"])
     assert (tiny.steps, tiny.shots, tiny.warmup_steps, tiny.output_dir) == (40, 16, 1, "outputs/main_job_tiny")
     default = main_job.parse([])
     assert (default.steps, default.shots, default.output_dir) == (40, 16, "outputs/main_job")

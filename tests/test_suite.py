@@ -305,8 +305,10 @@ def test_label_maps_and_file_cells_give_each_row_its_own_word(own_tasks, tmp_pat
     cased = Dataset.from_dict({"text": spam + ham, "label": [" SPAM"] * 6 + ["Ham"] * 6})  # case and spaces aside
     own_tasks(TaskSpec("my_cased", "Spam?", ["ham", "spam"]), cased)
     assert set(words("my_cased").items()) == {*((t, "spam") for t in spam), *((t, "ham") for t in ham)}
-    ints = Dataset.from_dict({"text": spam + ham, "label": [1] * 6 + [0] * 6})  # ints are ids, whatever the words
-    own_tasks(TaskSpec("my_int_stars", "Stars?", ["1", "2"]), ints)
+    ints = Dataset.from_dict({"text": spam + ham, "label": [2] * 6 + [1] * 6})  # words "1", "2": an int is ambiguous
+    with pytest.raises(ValueError, match=r"holds 2, 1, which could be the label word or the id"):
+        own_tasks(TaskSpec("my_int_stars", "Stars?", ["1", "2"]), ints)  # (the csv of the same labels reads words)
+    own_tasks(TaskSpec("my_int_stars", "Stars?", ["1", "2"]), ints, label_map={1: "1", 2: "2"})
     assert set(words("my_int_stars").items()) == {*((t, "2") for t in spam), *((t, "1") for t in ham)}
 
     with pytest.raises(ValueError, match=r"no key of label_map \('Y'\) is a value of the label column 'label'"):

@@ -324,6 +324,15 @@ def test_build_trainer_default_collator_reads_a_task_column_of_another_name_and_
     assert losses(text_trainer)
     with pytest.raises(ValueError, match=r"need a tokenizer: pass it as build_trainer\(processing_class=...\)"):
         build_trainer(talora(), args, train_dataset=text).train()
+    masked = imbalanced().remove_columns("labels").add_column("prompt_length", [1] * 64)  # the prompt stays masked
+    batch = next(
+        iter(
+            build_trainer(
+                three_task_model(), args, train_dataset=masked, processing_class=tokenizer
+            ).get_train_dataloader()
+        )
+    )
+    assert bool((batch["labels"][:, 0] == -100).all())
     with pytest.raises(ValueError, match=r"the collator has no tokenizer; pass the tokenizer \(build_trainer"):
         build_trainer(talora(), args, train_dataset=imbalanced()).train()  # tokenised rows: padding needs it
     lora = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))

@@ -228,10 +228,11 @@ class MTLLoraLayer(BaseTunerLayer):
         """Subtract the merged tasks' updates from the base weight again, the latest first, all but the first
         ``keep`` merges (a merge that failed half-way undoes only its own)."""
         while len(self.merged_adapters) > keep:
-            name = self.merged_adapters.pop()
-            task = self.merged_tasks.pop(name)
-            if name in self.mtllora_A:
-                self.get_base_layer().weight.data -= self.get_delta_weight(name, task)
+            name = self.merged_adapters[-1]
+            if name in self.mtllora_A:  # computed before the record changes: a failure here leaves both as they were
+                self.get_base_layer().weight.data -= self.get_delta_weight(name, self.merged_tasks[name])
+            self.merged_adapters.pop()
+            self.merged_tasks.pop(name)
 
 
 class Linear(nn.Module, MTLLoraLayer):

@@ -336,7 +336,7 @@ def _draft_model(draft, task_ids):
     """
     view = copy.copy(draft)
     own_generate = draft.generate
-    routed = isinstance(draft.__dict__.get("generate"), _GenerateRoutingTaskIds)  # the transformers model itself
+    routed = isinstance(own_generate, _GenerateRoutingTaskIds)  # the transformers model itself (compiled or not)
     routed = routed or getattr(getattr(draft, "base_model", None), "routes_task_ids", False)  # or its PeftModel
 
     def generate(*args, **kwargs):

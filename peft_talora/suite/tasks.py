@@ -107,7 +107,7 @@ class RegisteredTask:
 _REGISTRY: dict[str, RegisteredTask] = {}
 #: How raw labels are read (csv/tsv as text, ClassLabel names through ``label_map``); in the cache key of the
 #: tasks it changed, so their caches built by an earlier reading are rebuilt.
-LABEL_READING = 2
+LABEL_READING = 3
 
 
 def column_values(dataset: datasets.Dataset, column: str) -> list:
@@ -270,7 +270,7 @@ def _checked_pool(task: RegisteredTask, raw: datasets.Dataset) -> datasets.Datas
         values = [feature.int2str(v) if is_label_id(v, feature.num_classes) else v for v in values]
     if label_map:
         _check_label_map_is_used(task, values, label_map)
-    labels = _label_ids(task, values, label_map)
+    labels = _label_ids(task, values, label_map, class_ids=class_label and not label_map)
     return datasets.Dataset.from_dict(
         {"text": ["" if t is None else t for t in texts], "label": labels},
         features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
@@ -320,10 +320,11 @@ def _check_label_map_is_used(task: RegisteredTask, values: Sequence, label_map: 
         )
 
 
-def _label_ids(task: RegisteredTask, values: Sequence, label_map: Mapping) -> list[int]:
-    """Label ids for raw label values, after ``label_map`` (see :func:`_map_keys`): ints are ids into
-    ``label_names``; text is a label word, else numeric text is an id too, unless the label words are numbers
-    themselves (then it could be either, and is refused)."""
+def _label_ids(task: RegisteredTask, values: Sequence, label_map: Mapping, class_ids: bool = False) -> list[int]:
+    """Label ids for raw label values, after ``label_map`` (see :func:`_map_keys`): text is a label word, else
+    numeric text is an id into ``label_names``, as ints are. Where the label words are numbers themselves, an int,
+    or numeric text that is no label word, could be either and is refused (a ``ClassLabel``'s ids, ``class_ids``,
+    are ids), so a csv and a json of the same labels never read differently."""
     spec, column = task.spec, task.label_column
     index = {word.strip().casefold(): i for i, word in enumerate(spec.label_names)}  # distinct ignoring case
     numeric_words = any(_INT_TEXT.fullmatch(word.strip()) for word in spec.label_names)
@@ -337,6 +338,8 @@ def _label_ids(task: RegisteredTask, values: Sequence, label_map: Mapping) -> li
                 if numeric_words:
                     ambiguous.setdefault(repr(value), value)
                 value = int(value.strip())  # an id written as text (csv/tsv cells are text)
+        elif isinstance(value, int) and not isinstance(value, bool) and numeric_words and not class_ids:
+            ambiguous.setdefault(repr(value), value)
         if label is None and isinstance(value, int) and not isinstance(value, bool):
             label = value if 0 <= value < spec.num_labels else None
         if label is None:
@@ -345,8 +348,8 @@ def _label_ids(task: RegisteredTask, values: Sequence, label_map: Mapping) -> li
     if ambiguous:
         raise ValueError(
             f"Task {spec.name!r}: the label column {column!r} holds {_shown(ambiguous.values())}, which could be the "
-            f"label word or the id into label_names {list(spec.label_names)}; write the label words, or ids as ints, "
-            "or give label_map= (e.g. {'0': '1'})."
+            f"label word or the id into label_names {list(spec.label_names)}; write the label words as text, or give "
+            "label_map= from each raw label to its word (e.g. {0: '1'})."
         )
     if bad:
         raise ValueError(

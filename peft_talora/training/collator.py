@@ -8,9 +8,9 @@
 
 ``Trainer(remove_unused_columns=True)`` (the default) keeps only the columns named in the model's
 ``forward`` signature: ``input_ids``, ``attention_mask``, ``labels`` and ``task_ids`` survive, raw
-text columns such as ``prompt``/``completion``/``prompt_length`` do not. So with ``Trainer``
-tokenise first (:func:`tokenize_for_causal_lm`); the collator's text path is for plain
-``DataLoader`` loops or ``remove_unused_columns=False``.
+text columns such as ``prompt``/``completion``/``prompt_length`` do not. ``MultiTaskTrainer`` (and so
+``build_trainer``) keeps them too when its collator is this one; with a stock ``Trainer`` tokenise
+first (:func:`tokenize_for_causal_lm`) or set ``remove_unused_columns=False``.
 """
 
 from __future__ import annotations

@@ -239,10 +239,11 @@ class MultiTaskTrainer(TaskColumnAndPenaltyLog, Trainer):
             check_task_sampling(self)
 
     def _set_signature_columns_if_needed(self) -> None:
-        """The task column is kept (the mixin), and text columns where the collator tokenises text itself."""
+        """The task column is kept (the mixin), and the columns the package's collator reads: text it tokenises
+        itself, and the ``prompt_length`` that masks tokenised prompts out of the loss."""
         super()._set_signature_columns_if_needed()
         if isinstance(self.data_collator, MultiTaskDataCollator):
-            text = [c for c in ("prompt", "completion") if c not in self._signature_columns]
+            text = [c for c in ("prompt", "completion", "prompt_length") if c not in self._signature_columns]
             self._signature_columns = [*self._signature_columns, *text]
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
