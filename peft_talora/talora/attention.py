@@ -223,26 +223,35 @@ def _identity_rotary(rotary_shape: tuple[int, ...], hidden: torch.Tensor):
 _RUNNING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("talora_running_base_attention", default=False)
 
 
+#: Base attention functions that never read the implementation's name from the config (flash attention does):
+#: under torch.compile they run without ``_RUNNING_BASE``, whose ContextVar would break the graph.
+_NAME_BLIND = ("eager", "sdpa", "flex_attention")
+
+
 class _SiteConfigView:
     """The module's config as it was, except ``_attn_implementation`` routes through TA-LoRA (outside the
     wrapped base attention function, which sees its own name)."""
 
     def __init__(self, config):
-        object.__setattr__(self, "_talora_base_config", config)
+        self.__dict__["_talora_base_config"] = config  # read through __dict__: torch.compile traces it
 
     @property
     def _attn_implementation(self) -> str:
-        base = object.__getattribute__(self, "_talora_base_config")._attn_implementation or "eager"
+        base = self.__dict__["_talora_base_config"]._attn_implementation or "eager"
+        if base in _NAME_BLIND and torch.compiler.is_compiling():  # (see the routed attention)
+            return routed_implementation(base)
         return base if _RUNNING_BASE.get() else routed_implementation(base)
 
     def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_talora_base_config"), name)
+        if "_talora_base_config" not in self.__dict__:  # a copy being built (deepcopy, pickle) asks before it is set
+            raise AttributeError(name)
+        return getattr(self.__dict__["_talora_base_config"], name)
 
     def __setattr__(self, name, value):
-        setattr(object.__getattribute__(self, "_talora_base_config"), name, value)
+        setattr(self.__dict__["_talora_base_config"], name, value)
 
     def __repr__(self):
-        return repr(object.__getattribute__(self, "_talora_base_config"))
+        return repr(self.__dict__["_talora_base_config"])
 
 
 def _eager_attention_of(module: nn.Module) -> Callable:
@@ -274,11 +283,14 @@ def _make_routed_attention(base: str) -> Callable:
             out, weights = module._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
             base_fn = _eager_attention_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-            token = _RUNNING_BASE.set(True)
-            try:
+            if base in _NAME_BLIND and torch.compiler.is_compiling():  # a ContextVar would break a compiled graph
                 out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
-            finally:
-                _RUNNING_BASE.reset(token)
+            else:
+                token = _RUNNING_BASE.set(True)
+                try:
+                    out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+                finally:
+                    _RUNNING_BASE.reset(token)
         site: AttentionSite = module._talora_site
         if routing is None and site.layer < 0:  # the setup probe, through a layer that drops keyword arguments:
             return out, weights  # install_sites counts the layers the routing reached and says so
