@@ -263,8 +263,7 @@ def _selected_adapters(model, save_directory, args, kwargs) -> Optional[list[str
         bound = inspect.signature(PeftModel.save_pretrained).bind(model, save_directory, *args, **kwargs).arguments
     except TypeError:
         return None
-    chosen = bound.get("selected_adapters")
-    selected = list(model.peft_config) if chosen is None else list(chosen)  # [] saves no adapter, as in PEFT
+    selected = _adapters_to_save(model, bound)
     unknown = [name for name in selected if name not in model.peft_config]
     if unknown:
         raise ValueError(
@@ -272,6 +271,12 @@ def _selected_adapters(model, save_directory, args, kwargs) -> Optional[list[str
             f"{list(model.peft_config)}. Nothing was written."
         )
     return selected
+
+
+def _adapters_to_save(model, arguments: dict) -> list[str]:
+    """``selected_adapters`` of a save's bound arguments, or every adapter when not given ([] saves none, as in PEFT)."""
+    chosen = arguments.get("selected_adapters")
+    return list(model.peft_config) if chosen is None else list(chosen)
 
 
 def _saving_atomically(save):
@@ -291,8 +296,7 @@ def _saving_atomically(save):
             arguments = inspect.signature(save).bind(self, save_directory, *args, **kwargs).arguments
         except TypeError:
             return save(self, save_directory, *args, **kwargs)  # PEFT's own error
-        chosen = arguments.get("selected_adapters")
-        selected = list(self.peft_config) if chosen is None else list(chosen)  # [] saves no adapter, as in PEFT
+        selected = _adapters_to_save(self, arguments)
         if _exports_tasks(self) and not self.peft_config:
             raise ValueError(
                 "This model has no adapter left to save (the last one was deleted); add or load an adapter first. "

@@ -74,6 +74,11 @@ def test_training_that_helps_ends_at_the_best_evaluation_and_scores_its_loss_aga
     assert trainer.evaluate()["eval_loss"] == pytest.approx(curve[best_step], rel=1e-6)  # the restored weights
 
 
+def speed(split: str) -> dict:
+    """Trainer's own speed metrics of an evaluation under ``split`` ("eval", "eval_<dataset>")."""
+    return {f"{split}_runtime": 1.0, f"{split}_samples_per_second": 9.0}
+
+
 def test_greater_is_better_metrics_and_a_missing_metric(tmp_path):
     callback = KeepBestCallback()
     args = cpu_training_args(TrainingArguments, tmp_path, metric_for_best_model="accuracy", greater_is_better=True)
@@ -108,52 +113,21 @@ def test_evaluations_of_another_split_are_left_alone_and_a_second_restore_is_war
     class State:
         global_step = 4
 
-    callback.on_evaluate(
-        args,
-        State,
-        None,
-        metrics={"eval_b_loss": 0.1, "eval_b_runtime": 1.0, "eval_b_samples_per_second": 9.0},
-        model=linear,
-    )
+    callback.on_evaluate(args, State, None, metrics={"eval_b_loss": 0.1, **speed("eval_b")}, model=linear)
     assert callback.history == {}  # dataset b: not the metric's
-    callback.on_evaluate(
-        args,
-        State,
-        None,
-        metrics={"eval_a_loss": 0.5, "eval_a_runtime": 1.0, "eval_a_samples_per_second": 9.0},
-        model=linear,
-    )
+    callback.on_evaluate(args, State, None, metrics={"eval_a_loss": 0.5, **speed("eval_a")}, model=linear)
     assert callback.history == {4: 0.5}
     prefixed = KeepBestCallback()  # dataset "a" beside "a_b": eval_a_loss is not eval_a_b_loss
     args_ab = cpu_training_args(TrainingArguments, tmp_path, metric_for_best_model="eval_a_b_loss")
-    prefixed.on_evaluate(
-        args_ab,
-        State,
-        None,
-        metrics={"eval_a_loss": 0.2, "eval_a_runtime": 1.0, "eval_a_samples_per_second": 9.0},
-        model=linear,
-    )
-    prefixed.on_evaluate(
-        args_ab,
-        State,
-        None,
-        metrics={"eval_a_b_loss": 0.3, "eval_a_b_runtime": 1.0, "eval_a_b_samples_per_second": 9.0},
-        model=linear,
-    )
+    prefixed.on_evaluate(args_ab, State, None, metrics={"eval_a_loss": 0.2, **speed("eval_a")}, model=linear)
+    prefixed.on_evaluate(args_ab, State, None, metrics={"eval_a_b_loss": 0.3, **speed("eval_a_b")}, model=linear)
     assert prefixed.history == {4: 0.3}
     with pytest.raises(KeyError, match="needs 'eval_a_loss'"):
-        callback.on_evaluate(
-            args,
-            State,
-            None,
-            metrics={"eval_a_accuracy": 0.5, "eval_a_runtime": 1.0, "eval_a_samples_per_second": 9.0},
-            model=linear,
-        )
+        callback.on_evaluate(args, State, None, metrics={"eval_a_accuracy": 0.5, **speed("eval_a")}, model=linear)
     timed = KeepBestCallback()  # a compute_metrics key ending in "_runtime" comes first and names no split
     timed.on_evaluate(
-        args, State, None, model=linear,
-        metrics={"eval_generation_runtime": 3.0, "eval_a_loss": 0.4, "eval_runtime": 1.0, "eval_samples_per_second": 9.0},
-    )  # fmt: skip
+        args, State, None, metrics={"eval_generation_runtime": 3.0, "eval_a_loss": 0.4, **speed("eval")}, model=linear
+    )
     assert timed.history == {4: 0.4}
     with pytest.warns(UserWarning, match="load_best_model_at_end=True both restore a best point"):
         trained(tmp_path / "both", "A", "A", load_best_model_at_end=True, save_strategy="steps", save_steps=4)

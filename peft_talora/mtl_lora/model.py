@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ..multitask import MultiTaskTunerMixin, check_saved_shape
+from ..multitask import MultiTaskTunerMixin, check_saved_shape, text_config
 from ..multitask.routing import (
     CallRouting,
     TaskRouter,
@@ -104,9 +104,7 @@ class MTLLoraModel(MultiTaskTunerMixin, BaseTuner):
 
         missing = [layer for layer in ([layers] if isinstance(layers, int) else layers) if not adapted(layer)]
         if missing:
-            config = getattr(model, "config", None)
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            count = getattr(text, "num_hidden_layers", None)
+            count = getattr(text_config(model), "num_hidden_layers", None)
             has = f" (it has {count} decoder layers: 0..{count - 1})" if count else ""
             raise ValueError(
                 f"MTLLoraConfig.layers_to_transform names layer(s) {missing}, where this {type(model).__name__} has no "

@@ -11,7 +11,14 @@
 from .config import MultiTaskConfig, TaskList, check_int, check_int_list, check_names, check_number
 from .routing import ROUTING_KWARG, CallRouting, TaskRouter
 from .task_ids import TaskIds, resolve_task_ids, task_index
-from .tuner import MultiTaskTunerMixin, base_model_shape, card_location, check_base_model_shape, check_saved_shape
+from .tuner import (
+    MultiTaskTunerMixin,
+    base_model_shape,
+    card_location,
+    check_base_model_shape,
+    check_saved_shape,
+    text_config,
+)
 
 __all__ = [
     "ROUTING_KWARG",
@@ -31,4 +38,5 @@ __all__ = [
     "check_saved_shape",
     "resolve_task_ids",
     "task_index",
+    "text_config",
 ]

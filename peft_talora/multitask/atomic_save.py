@@ -6,11 +6,11 @@ write does not replace into it (hard links, or copies where links are impossible
 swaps it with ``target`` in one step: Linux's ``renameat2(RENAME_EXCHANGE)``. At every instant
 ``target`` is either the whole old folder or the whole new one; a crash leaves a hidden
 ``.<name>.peft-tmp-<pid>-h<host>-<hex>`` folder beside it, removed by the next save into the same
-target once that process is gone. Files other processes write into ``target`` during the save (the
-other ranks of a distributed ``Trainer`` write their RNG state into a checkpoint folder while the
-main one saves the model) are carried over too, also when they create ``target`` first. Only a save on the same machine (``<host>``: a hash of the host
+target once that process is gone. Only a save on the same machine (``<host>``: a hash of the host
 name) removes it: on a filesystem shared by several nodes a process id says nothing about another
-node's save, which may still be running.
+node's save, which may still be running. Files other processes write into ``target`` during the
+save (the other ranks of a distributed ``Trainer`` write their RNG state into a checkpoint folder
+while the main one saves the model) are carried over too, also when they create ``target`` first.
 
 Two weaker cases, both documented in ``docs/faq.md``:
 

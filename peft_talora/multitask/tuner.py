@@ -179,10 +179,14 @@ class MultiTaskTunerMixin:
         config.task_names = names
         return first, count
 
+    def _export(self) -> Optional[tuple]:
+        """The export of this tuner running in this context: (its configs as shown, adapter -> task ids), or ``None``."""
+        return (_EXPORTS.get() or {}).get(self)
+
     @property
     def _exported_tasks(self) -> dict[str, list[int]]:
         """Adapter name -> the task ids being exported, in this context; empty outside an export."""
-        export = (_EXPORTS.get() or {}).get(self)
+        export = self._export()
         return export[1] if export is not None else {}
 
     def exported_configs(self) -> Optional[Mapping]:
@@ -192,7 +196,7 @@ class MultiTaskTunerMixin:
         save writes the restricted configs; the tuner itself keeps reading ``self.peft_config``, the real
         configs, so routing and every change to the adapters stay consistent with the weights.
         """
-        export = (_EXPORTS.get() or {}).get(self)
+        export = self._export()
         return export[0] if export is not None else None
 
     @contextmanager
@@ -345,7 +349,6 @@ def _saved_adapters(output_dir: str, configs: dict) -> list[str]:
     return found or list(configs)
 
 
-#: Where the model card being written will be loaded from (a folder or a Hub repo id), see :func:`card_location`.
 class _ExportedConfigs(Mapping):
     """Adapter name -> config as an export writes them; read-only, since an adapter added or removed in the
     middle of a save would exist in this view only."""
@@ -375,6 +378,7 @@ _CHANGE_IN_EXPORT = (
 )
 #: The exports running in this context: tuner -> (its configs as the export shows them, adapter -> exported task ids).
 _EXPORTS: ContextVar[Optional[dict]] = ContextVar("peft_talora_exports", default=None)
+#: Where the model card being written will be loaded from (a folder or a Hub repo id), see :func:`card_location`.
 _CARD_LOCATION: ContextVar[Optional[str]] = ContextVar("peft_talora_card_location", default=None)
 #: The adapters the save being carded writes (``selected_adapters``), see :func:`card_location`.
 _CARD_ADAPTERS: ContextVar[Optional[tuple]] = ContextVar("peft_talora_card_adapters", default=None)
@@ -396,10 +400,15 @@ def card_location(location, adapters: Optional[Sequence[str]] = None):
             _CARD_LOCATION.reset(token)
 
 
+def text_config(model):
+    """The text part of a transformers model's config (a multimodal model's language model), or its config."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def base_model_shape(model) -> dict:
     """What an adapter depends on in ``model`` (a transformers model): its type and attention shape."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
     shape = {
         "model_type": getattr(text, "model_type", None),

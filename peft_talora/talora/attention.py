@@ -223,9 +223,14 @@ def _identity_rotary(rotary_shape: tuple[int, ...], hidden: torch.Tensor):
 _RUNNING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("talora_running_base_attention", default=False)
 
 
-#: Base attention functions that never read the implementation's name from the config (flash attention does):
-#: under torch.compile they run without ``_RUNNING_BASE``, whose ContextVar would break the graph.
+#: Base attention functions that never read the implementation's name from the config (flash attention does).
 _NAME_BLIND = ("eager", "sdpa", "flex_attention")
+
+
+def _compiled_without_name(base: str) -> bool:
+    """Whether ``base`` runs inside torch.compile without ``_RUNNING_BASE``, whose ContextVar would break the graph
+    (it needs no name)."""
+    return base in _NAME_BLIND and torch.compiler.is_compiling()
 
 
 class _SiteConfigView:
@@ -238,7 +243,7 @@ class _SiteConfigView:
     @property
     def _attn_implementation(self) -> str:
         base = self.__dict__["_talora_base_config"]._attn_implementation or "eager"
-        if base in _NAME_BLIND and torch.compiler.is_compiling():  # (see the routed attention)
+        if _compiled_without_name(base):
             return routed_implementation(base)
         return base if _RUNNING_BASE.get() else routed_implementation(base)
 
@@ -283,7 +288,7 @@ def _make_routed_attention(base: str) -> Callable:
             out, weights = module._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
             base_fn = _eager_attention_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-            if base in _NAME_BLIND and torch.compiler.is_compiling():  # a ContextVar would break a compiled graph
+            if _compiled_without_name(base):
                 out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
             else:
                 token = _RUNNING_BASE.set(True)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..multitask import MultiTaskTunerMixin, check_saved_shape
+from ..multitask import MultiTaskTunerMixin, check_saved_shape, text_config
 from ..multitask.routing import CallRouting, TaskRouter, refuse_adapted_base
 from ..multitask.task_ids import TaskIds
 from .attention import AttentionSite, PrefixSource, execution_device, install_sites, remove_site
@@ -27,11 +27,6 @@ from .layer import TALoraPromptBank
 #: Training stages (see ``set_training_stage``): the shared ones plus the shared warm-up, where the task part
 #: is off and only the shared prompt and the gates train (every example gets the shared prompt).
 STAGES = ("shared_warmup", *MultiTaskTunerMixin.STAGES)
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class TALoraModel(MultiTaskTunerMixin, nn.Module):
@@ -59,9 +54,9 @@ class TALoraModel(MultiTaskTunerMixin, nn.Module):
         self._frozen_blocks: dict[str, int] = {}  # adapter -> leading task blocks frozen in the "new_tasks" stage
         self.orthogonality_log = RunningMean()  # read by OrthogonalityLogCallback
 
-        text_config = _text_config(model)
-        self._num_layers = text_config.num_hidden_layers
-        self._hidden_size = text_config.hidden_size
+        text = text_config(model)
+        self._num_layers = text.num_hidden_layers
+        self._hidden_size = text.hidden_size
         config = peft_config[adapter_name]
         config.resolve_layers(self._num_layers)  # fail on bad layers before touching the model
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -7,11 +7,17 @@ from typing import Optional
 from transformers import TrainerCallback
 
 
+def _running_penalty(model):
+    """TA-LoRA's running mean of the penalty since the last log (``None`` for other adapters); ``model`` may be
+    wrapped by DDP."""
+    tuner = getattr(getattr(model, "module", model), "base_model", None)
+    return getattr(tuner, "orthogonality_log", None)
+
+
 def add_orthogonality_loss(model, logs: Optional[dict]) -> Optional[float]:
     """Put ``orthogonality_loss`` (TA-LoRA's penalty, mean since the previous log) into a training log
     ``logs`` (one with ``loss``) and return it; ``None`` (nothing added) for other adapters or logs."""
-    tuner = getattr(getattr(model, "module", model), "base_model", None)
-    running = getattr(tuner, "orthogonality_log", None)
+    running = _running_penalty(model)
     if running is None or logs is None or "loss" not in logs:
         return None
     value = running.pop()
@@ -23,8 +29,7 @@ def add_orthogonality_loss(model, logs: Optional[dict]) -> Optional[float]:
 def forget_unlogged_penalties(model) -> None:
     """Drop the penalties added since the last log (a run that ended between logs), so that a new run's first
     ``orthogonality_loss`` is its own steps' mean."""
-    tuner = getattr(getattr(model, "module", model), "base_model", None)
-    running = getattr(tuner, "orthogonality_log", None)
+    running = _running_penalty(model)
     if running is not None:
         running.pop()
 

@@ -228,7 +228,7 @@ class MultiTaskTrainer(TaskColumnAndPenaltyLog, Trainer):
             raise ValueError(f"Unknown task_sampling {task_sampling!r}; choose None or one of {list(STRATEGIES)}.")
         self.task_sampling = task_sampling
         self.task_sampling_temperature = task_sampling_temperature
-        self.task_column = self._task_column = task_column
+        self._task_column = task_column
         self.uncertainty_momentum = uncertainty_momentum
         self.uncertainty_refresh_every = uncertainty_refresh_every
         self.task_sampler: Optional[MultiTaskSampler] = None
@@ -237,6 +237,11 @@ class MultiTaskTrainer(TaskColumnAndPenaltyLog, Trainer):
         self._label_logits_model = self._label_logits_supported = None
         if task_sampling is not None:
             check_task_sampling(self)
+
+    @property
+    def task_column(self) -> str:
+        """The training set's column of task ids or names."""
+        return self._task_column
 
     def _set_signature_columns_if_needed(self) -> None:
         """The task column is kept (the mixin), and the columns the package's collator reads: text it tokenises
